@@ -1,0 +1,1 @@
+"""Server adapters (Flask, FastAPI, Gunicorn, DRUM hooks) over the ``lazy_loading`` handler."""

@@ -1,0 +1,199 @@
+"""What this package remembers on disk under ``<code_dir>/.lazy_loading/``.
+
+* ``manifest.json`` — every file we published (ETag, size, checksum, mtime), so a restart or a
+  second worker can trust an intact local copy instead of fetching it again.
+* ``journal/<id>.json`` — completed ranges of an unfinished multi-part file, so a process killed
+  mid-download resumes with only the missing ranges.
+* ``locks/<id>.lock`` — one lock per target: the single-flight between processes on one host.
+
+All writes are unique-temp-then-``os.replace``; readers never see a torn JSON document.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from .s3io import RemoteObject
+
+logger = logging.getLogger("lazy_loading")
+
+MANIFEST_VERSION = 1
+
+
+def target_id(target: Path) -> str:
+    return hashlib.sha256(os.fsencode(target)).hexdigest()[:24]
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(payload, fh, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        logger.warning("lazy loading: ignoring unreadable %s", path)
+        return None
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    endpoint: str
+    bucket: str
+    key: str
+    etag: str
+    size: int
+    mtime_ns: int
+    version_id: str | None = None
+    checksum: tuple[str, str] | None = None
+    sha256: str | None = None
+    published_at: float = 0.0
+
+    def matches(self, remote: RemoteObject) -> bool:
+        return (self.endpoint, self.bucket, self.key, self.etag, self.size) == (
+            remote.endpoint, remote.bucket, remote.key, remote.etag, remote.size
+        )
+
+    def intact(self, target: Path) -> bool:
+        """Cheap integrity check: same size and mtime as when we published it."""
+        try:
+            st = target.stat()
+        except OSError:
+            return False
+        return st.st_size == self.size and st.st_mtime_ns == self.mtime_ns
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> ManifestEntry:
+        checksum = raw.get("checksum")
+        return cls(**{**raw, "checksum": tuple(checksum) if checksum else None})
+
+
+class Manifest:
+    """The record of published files; safe for concurrent writers on one host."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "manifest.json"
+        self._lock_path = state_dir / "manifest.lock"
+
+    def entries(self) -> dict[str, ManifestEntry]:
+        raw = _read_json(self.path)
+        if not isinstance(raw, dict) or raw.get("version") != MANIFEST_VERSION:
+            return {}
+        entries: dict[str, ManifestEntry] = {}
+        for name, item in (raw.get("files") or {}).items():
+            with contextlib.suppress(TypeError, ValueError):
+                entries[name] = ManifestEntry.from_json(item)
+        return entries
+
+    def lookup(self, target: Path) -> ManifestEntry | None:
+        return self.entries().get(str(target))
+
+    def record(self, target: Path, entry: ManifestEntry | None) -> None:
+        """Add (or with ``None`` drop) one entry under the manifest lock: read, merge, replace."""
+        self._lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self._lock_path), thread_local=False):
+            entries = self.entries()
+            if entry is None:
+                entries.pop(str(target), None)
+            else:
+                entries[str(target)] = entry
+            write_json_atomic(self.path, {
+                "version": MANIFEST_VERSION,
+                "files": {name: asdict(e) for name, e in sorted(entries.items())},
+            })
+
+
+class ResumeJournal:
+    """Completed ranges of one unfinished file, bound to the object version they came from."""
+
+    def __init__(self, state_dir: Path, target: Path, remote: RemoteObject, part_size: int,
+                 temp: Path, done: set[int] | None = None) -> None:
+        self.path = state_dir / "journal" / f"{target_id(target)}.json"
+        self.target = target
+        self.remote = remote
+        self.part_size = part_size
+        self.temp = temp
+        self.done: set[int] = set(done or ())
+        self._lock = threading.Lock()
+
+    def _identity(self) -> dict[str, Any]:
+        r = self.remote
+        return {"target": str(self.target), "endpoint": r.endpoint, "bucket": r.bucket,
+                "key": r.key, "etag": r.etag, "size": r.size, "part_size": self.part_size}
+
+    @classmethod
+    def resume(cls, state_dir: Path, target: Path, remote: RemoteObject,
+               part_size: int) -> ResumeJournal | None:
+        """The journal of an earlier, dead attempt at the same object version, if usable."""
+        probe = cls(state_dir, target, remote, part_size, temp=target)
+        raw = _read_json(probe.path)
+        if not isinstance(raw, dict):
+            return None
+        temp = Path(str(raw.get("temp", "")))
+        same = all(raw.get(k) == v for k, v in probe._identity().items())
+        if not same or temp.parent != target.parent:
+            return None
+        try:
+            if temp.stat().st_size != remote.size:
+                return None
+        except OSError:
+            return None
+        return cls(state_dir, target, remote, part_size, temp=temp,
+                   done={int(i) for i in raw.get("done", [])})
+
+    def mark_done(self, index: int) -> None:
+        with self._lock:
+            self.done.add(index)
+            self._write()
+
+    def adopt(self, temp: Path) -> None:
+        """Move the earlier attempt's temp file to our own name, then record it."""
+        os.replace(self.temp, temp)
+        self.temp = temp
+        with self._lock:
+            self._write()
+
+    def start(self) -> None:
+        with self._lock:
+            self._write()
+
+    def _write(self) -> None:
+        write_json_atomic(self.path, {**self._identity(), "temp": str(self.temp),
+                                      "done": sorted(self.done), "updated": time.time()})
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def target_lock(state_dir: Path, target: Path) -> FileLock:
+    """A non-thread-local lock so it can be taken and released from any thread of the process."""
+    path = state_dir / "locks" / f"{target_id(target)}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path), thread_local=False, is_singleton=False)

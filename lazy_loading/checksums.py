@@ -1,0 +1,111 @@
+"""Integrity digests: S3 full-object checksums and the config's optional SHA-256.
+
+Implemented over ``zlib``/``hashlib`` (CRC32C and CRC64NVME need ``awscrt``, used when present)
+so verification adds no mandatory native dependency.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import zlib
+from typing import Protocol
+
+
+class Digest(Protocol):
+    def update(self, data: bytes | memoryview) -> None: ...
+
+    def digest(self) -> bytes: ...
+
+
+class _Crc32:
+    def __init__(self) -> None:
+        self._value = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._value = zlib.crc32(data, self._value)
+
+    def digest(self) -> bytes:
+        return self._value.to_bytes(4, "big")
+
+
+class _CrtCrc:
+    def __init__(self, name: str, width: int) -> None:
+        from awscrt import checksums
+
+        self._fn = getattr(checksums, name)
+        self._value = 0
+        self._width = width
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._value = self._fn(data, self._value)
+
+    def digest(self) -> bytes:
+        return int(self._value).to_bytes(self._width, "big")
+
+
+def _crt_available() -> bool:
+    try:
+        import awscrt.checksums  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+S3_ALGORITHMS = ("ChecksumCRC64NVME", "ChecksumCRC32C", "ChecksumCRC32", "ChecksumSHA256", "ChecksumSHA1")
+
+
+def new_digest(algorithm: str) -> Digest | None:
+    """A fresh digest for an S3 checksum field name or ``sha256``; ``None`` if unsupported here."""
+    if algorithm == "ChecksumCRC32":
+        return _Crc32()
+    if algorithm in ("ChecksumSHA256", "sha256"):
+        return hashlib.sha256()
+    if algorithm == "ChecksumSHA1":
+        return hashlib.sha1()
+    if algorithm == "ChecksumCRC32C" and _crt_available():
+        return _CrtCrc("crc32c", 4)
+    if algorithm == "ChecksumCRC64NVME" and _crt_available():
+        return _CrtCrc("crc64nvme", 8)
+    return None
+
+
+def encode(algorithm: str, raw: bytes) -> str:
+    """S3 checksums are base64; the config's sha256 is hex."""
+    return raw.hex() if algorithm == "sha256" else base64.b64encode(raw).decode("ascii")
+
+
+def pick_s3_checksum(head: dict[str, object]) -> tuple[str, str] | None:
+    """The strongest full-object checksum in a HeadObject response that we can compute.
+
+    Composite checksums of multipart uploads (``…-N``) are checksums of part checksums and cannot
+    be recomputed without the upload's part boundaries, so they are skipped.
+    """
+    if str(head.get("ChecksumType", "FULL_OBJECT")).upper() != "FULL_OBJECT":
+        return None
+    for algorithm in S3_ALGORITHMS:
+        value = head.get(algorithm)
+        if isinstance(value, str) and value and "-" not in value and new_digest(algorithm):
+            return algorithm, value
+    return None
+
+
+class DigestSet:
+    """Several digests fed by one pass over the data; ``reset`` when a whole-body GET restarts."""
+
+    def __init__(self, algorithms: list[str]) -> None:
+        self.algorithms = [a for a in algorithms if new_digest(a) is not None]
+        self.reset()
+
+    def reset(self) -> None:
+        self._digests: dict[str, Digest] = {a: new_digest(a) for a in self.algorithms}  # type: ignore[misc]
+
+    def __bool__(self) -> bool:
+        return bool(self.algorithms)
+
+    def update(self, data: bytes | memoryview) -> None:
+        for digest in self._digests.values():
+            digest.update(data)
+
+    def encoded(self, algorithm: str) -> str:
+        return encode(algorithm, self._digests[algorithm].digest())

@@ -1,0 +1,116 @@
+"""One boto3 S3 client per repository per process, created lazily and never reused after fork.
+
+A client's pooled sockets are shared with a forked child and yield other processes' bodies, so
+the cache is keyed by PID and also cleared in the child by ``os.register_at_fork``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import boto3
+from botocore.config import Config
+
+from .config import LazyLoadingConfig, LazyLoadingRepository
+from .settings import LazyLoadingSettings
+
+_DEFAULT_REGION = "us-east-1"
+
+
+def describe_endpoint(repository: LazyLoadingRepository) -> str:
+    return repository.endpoint_url or "AWS S3"
+
+
+class S3ClientFactory:
+    """Builds and caches clients; ``get`` is thread-safe and fork-safe."""
+
+    def __init__(
+        self,
+        config: LazyLoadingConfig,
+        settings: LazyLoadingSettings,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self._config = config
+        self._settings = settings
+        self._environ = os.environ if environ is None else environ
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._clients: dict[str, Any] = {}
+        _live_factories.add(self)
+
+    def get(self, repository: LazyLoadingRepository) -> Any:
+        with self._lock:
+            if self._pid != os.getpid():
+                self._forget()
+            client = self._clients.get(repository.repository_id)
+            if client is None:
+                client = self._clients[repository.repository_id] = self._create(repository)
+            return client
+
+    def close(self) -> None:
+        with self._lock:
+            for client in self._clients.values():
+                client.close()
+            self._clients.clear()
+
+    def _forget(self) -> None:
+        # In a forked child: drop the parent's clients without closing their shared sockets.
+        self._clients = {}
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+
+    def _create(self, repository: LazyLoadingRepository) -> Any:
+        creds = self._config.credentials_for(repository)
+        session = boto3.session.Session(
+            aws_access_key_id=creds.aws_access_key_id,
+            aws_secret_access_key=creds.aws_secret_access_key.get_secret_value(),
+            aws_session_token=(
+                creds.aws_session_token.get_secret_value() if creds.aws_session_token else None
+            ),
+            region_name=repository.region or creds.region or self._default_region(repository),
+        )
+        settings = self._settings
+        boto_config = Config(
+            max_pool_connections=settings.max_connections,
+            connect_timeout=min(10.0, settings.stall_timeout),
+            read_timeout=settings.stall_timeout,
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            s3={"addressing_style": "path" if repository.endpoint_url else "auto"},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            tcp_keepalive=True,
+        )
+        return session.client(
+            "s3",
+            endpoint_url=repository.endpoint_url,
+            verify=self._verify(repository),
+            config=boto_config,
+        )
+
+    def _default_region(self, repository: LazyLoadingRepository) -> str | None:
+        env_region = self._environ.get("AWS_REGION") or self._environ.get("AWS_DEFAULT_REGION")
+        if env_region:
+            return env_region
+        return _DEFAULT_REGION if repository.endpoint_url else None
+
+    def _verify(self, repository: LazyLoadingRepository) -> bool | str | None:
+        if not repository.verify_certificate:
+            return False
+        if repository.ca_bundle:
+            return repository.ca_bundle
+        return self._environ.get("AWS_CA_BUNDLE") or None
+
+
+_live_factories: weakref.WeakSet[S3ClientFactory] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for factory in _live_factories:
+        factory._forget()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

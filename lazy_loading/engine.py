@@ -1,0 +1,522 @@
+"""The transfer engine: HEAD everything, plan, then fetch ranges of all files in parallel under
+one connection budget, verify, publish atomically and record what was published.
+
+Scheduling lives here (asyncio on the caller's loop); blocking S3 and file I/O runs in a thread
+pool sized to the connection budget, created per run so nothing survives into a forked child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from filelock import FileLock, Timeout
+
+from .cache import Manifest, ManifestEntry, ResumeJournal, target_lock
+from .checksums import DigestSet
+from .client import S3ClientFactory, describe_endpoint
+from .errors import DownloadError
+from .plan import FileTransfer, effective_part_size, order_for_transfer, split_ranges
+from .progress import DownloadState, ProgressTracker, format_bytes
+from .s3io import (
+    ByteRange,
+    Cancelled,
+    FatalFailure,
+    ObjectChanged,
+    RangeSink,
+    RemoteObject,
+    TransferFailure,
+    TransientFailure,
+    fetch_range,
+    head_object,
+)
+from .settings import LazyLoadingSettings
+
+logger = logging.getLogger("lazy_loading")
+
+T = TypeVar("T")
+
+_BACKOFF_BASE = 0.2
+_BACKOFF_CAP = 8.0
+_CONNECT_ATTEMPTS = 3
+_HASH_READ = 4 * 1024 * 1024
+_LOCK_WAIT_LOG_EVERY = 10.0
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """How one artifact became present."""
+
+    display: str
+    target: Path
+    size: int
+    etag: str
+    status: str  # "fetched" | "resumed" | "cached" | "offline"
+    seconds: float
+    bytes_fetched: int
+
+    def as_dict(self) -> dict[str, object]:
+        return {"path": self.display, "size": self.size, "etag": self.etag,
+                "status": self.status, "seconds": round(self.seconds, 3),
+                "bytes_fetched": self.bytes_fetched}
+
+
+class _FileFailed(Exception):
+    def __init__(self, transfer: FileTransfer, reason: str) -> None:
+        super().__init__(reason)
+        self.transfer, self.reason = transfer, reason
+
+
+def _backoff(attempt: int) -> float:
+    """Full-jitter exponential backoff (AWS architecture blog), attempt counted from 1."""
+    return random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** attempt))
+
+
+class TransferEngine:
+    def __init__(self, transfers: list[FileTransfer], clients: S3ClientFactory,
+                 settings: LazyLoadingSettings, state_dir: Path, tracker: ProgressTracker) -> None:
+        self._transfers = transfers
+        self._clients = clients
+        self._settings = settings
+        self._state_dir = state_dir
+        self._manifest = Manifest(state_dir)
+        self._tracker = tracker
+        self._cancel = threading.Event()
+        self._pool: ThreadPoolExecutor | None = None
+
+    # ----------------------------------------------------------------- orchestration
+    async def run(self) -> list[FileResult]:
+        self._tracker.set_state(DownloadState.PLANNING)
+        self._pool = ThreadPoolExecutor(self._settings.max_connections, "lazy-loading")
+        try:
+            return await self._run()
+        except BaseException:
+            self._cancel.set()
+            raise
+        finally:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    async def _run(self) -> list[FileResult]:
+        failures = await self._head_all()
+        if failures:
+            offline = self._offline_results(failures)
+            if offline is not None:
+                return offline
+            raise DownloadError(
+                f"cannot download {len(failures)} of {len(self._transfers)} lazy-loading files",
+                failures,
+            )
+        transfers = order_for_transfer(self._transfers)
+        await self._to_thread(self._check_free_space, transfers)
+        self._tracker.start(len(transfers), sum(t.size for t in transfers))
+        ticker = asyncio.ensure_future(self._log_progress())
+        tasks = [asyncio.ensure_future(self._materialize(t)) for t in transfers]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            if any(t.done() and not t.cancelled() and t.exception() for t in tasks):
+                self._cancel.set()
+                for task in tasks:
+                    task.cancel()
+                await asyncio.wait(tasks)
+        except BaseException:
+            self._cancel.set()
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(asyncio.wait(tasks))
+            raise
+        finally:
+            ticker.cancel()
+        errors = {
+            t.transfer.display: t.reason
+            for task in tasks
+            if not task.cancelled() and isinstance((t := task.exception()), _FileFailed)
+        }
+        unexpected = [e for task in tasks if not task.cancelled()
+                      and (e := task.exception()) is not None and not isinstance(e, _FileFailed)]
+        if unexpected:
+            raise unexpected[0]
+        if errors:
+            raise DownloadError(f"failed to download {len(errors)} lazy-loading file(s)", errors)
+        return [task.result() for task in tasks]
+
+    async def _to_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    async def _in_pool(self, fn: Callable[..., T], *args: Any) -> T:
+        assert self._pool is not None
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    # ----------------------------------------------------------------- HEAD
+    async def _head_all(self) -> dict[str, str]:
+        results = await asyncio.gather(
+            *(self._in_pool(self._head, t) for t in self._transfers), return_exceptions=True
+        )
+        failures: dict[str, str] = {}
+        self._unreachable = True
+        for transfer, result in zip(self._transfers, results, strict=True):
+            if isinstance(result, BaseException):
+                if not isinstance(result, TransferFailure):
+                    raise result
+                failures[transfer.display] = result.message
+                if not isinstance(result, TransientFailure):
+                    self._unreachable = False
+                continue
+            transfer.remote = result
+            expected = transfer.spec.size
+            if expected is not None and expected != result.size:
+                self._unreachable = False
+                failures[transfer.display] = (
+                    f"files[{transfer.index}].size is {expected} but {result.where} has "
+                    f"{result.size} bytes"
+                )
+        return failures
+
+    def _head(self, transfer: FileTransfer) -> RemoteObject:
+        repo = transfer.repository
+        client = self._clients.get(repo)
+        return self._with_retries(
+            lambda: head_object(client, describe_endpoint(repo), repo.bucket_name,
+                                transfer.spec.remote_path),
+            what=f"HEAD s3://{repo.bucket_name}/{transfer.spec.remote_path}",
+        )
+
+    def _offline_results(self, failures: dict[str, str]) -> list[FileResult] | None:
+        """S3 unreachable but every file intact from an earlier run: serve the local copies."""
+        if not self._unreachable:
+            return None
+        entries = self._manifest.entries()
+        results = []
+        for t in self._transfers:
+            entry = entries.get(str(t.target))
+            if entry is None or not entry.intact(t.target) or (
+                t.spec.sha256 and entry.sha256 != t.spec.sha256
+            ):
+                return None
+            results.append(FileResult(t.display, t.target, entry.size, entry.etag, "offline",
+                                      0.0, 0))
+        logger.warning(
+            "lazy loading: the store is unreachable (%s); using %d intact local copies from an "
+            "earlier download", next(iter(failures.values())), len(results)
+        )
+        return results
+
+    # ----------------------------------------------------------------- retries
+    def _with_retries(self, call: Callable[[], T], what: str,
+                      on_retry: Callable[[], None] | None = None) -> T:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return call()
+            except TransientFailure as exc:
+                limit = _CONNECT_ATTEMPTS if exc.connect_failure else self._settings.max_attempts
+                if attempt >= limit or self._cancel.is_set():
+                    raise
+                delay = _backoff(attempt)
+                logger.warning("lazy loading: %s (attempt %d/%d), retrying in %.1f s",
+                               exc.message, attempt, limit, delay)
+                if on_retry is not None:
+                    on_retry()
+                if self._cancel.wait(delay):
+                    raise Cancelled() from None
+
+    # ----------------------------------------------------------------- one file
+    async def _materialize(self, transfer: FileTransfer) -> FileResult:
+        lock = target_lock(self._state_dir, transfer.target)
+        await self._acquire(lock, transfer)
+        try:
+            for attempt in range(2):
+                remote = transfer.remote
+                assert remote is not None
+                cached = self._cached(transfer, remote)
+                if cached is not None:
+                    return cached
+                try:
+                    return await self._download(transfer, remote)
+                except ObjectChanged as exc:
+                    if attempt == 1:
+                        raise _FileFailed(transfer, f"{exc.message}; changed again after restart") from None
+                    logger.warning("lazy loading: %s; restarting the file", exc.message)
+                    try:
+                        transfer.remote = await self._in_pool(self._head, transfer)
+                    except TransferFailure as head_exc:
+                        raise _FileFailed(transfer, head_exc.message) from None
+                except TransferFailure as exc:
+                    raise _FileFailed(transfer, exc.message) from None
+                except Cancelled:
+                    raise asyncio.CancelledError() from None
+            raise AssertionError("unreachable")
+        finally:
+            lock.release()
+
+    async def _acquire(self, lock: FileLock, transfer: FileTransfer) -> None:
+        """Poll a non-blocking lock so waiting never holds a thread or blocks the loop."""
+        started = last_log = time.monotonic()
+        delay = 0.01
+        while True:
+            try:
+                lock.acquire(timeout=0)
+                return
+            except Timeout:
+                pass
+            now = time.monotonic()
+            if now - last_log >= _LOCK_WAIT_LOG_EVERY:
+                last_log = now
+                logger.info("lazy loading: waiting %.0f s for another process fetching %s",
+                            now - started, transfer.display)
+            await asyncio.sleep(delay)
+            delay = min(0.25, delay * 2)
+
+    def _cached(self, transfer: FileTransfer, remote: RemoteObject) -> FileResult | None:
+        entry = self._manifest.lookup(transfer.target)
+        if entry is None or not entry.matches(remote) or not entry.intact(transfer.target):
+            return None
+        if transfer.spec.sha256 and entry.sha256 != transfer.spec.sha256:
+            return None
+        self._tracker.file_done(skipped_bytes=remote.size)
+        logger.info("lazy loading: cached %s (%s), unchanged in the store",
+                    transfer.display, format_bytes(remote.size))
+        return FileResult(transfer.display, transfer.target, remote.size, remote.etag, "cached",
+                          0.0, 0)
+
+    async def _download(self, transfer: FileTransfer, remote: RemoteObject) -> FileResult:
+        started = time.monotonic()
+        target = transfer.target
+        part_size = effective_part_size(remote.size, self._settings.part_size,
+                                        self._settings.max_connections)
+        ranges = split_ranges(remote.size, part_size)
+        multipart = len(ranges) > 1
+        temp = target.parent / f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
+        journal, fd = await self._to_thread(self._prepare, transfer, remote, part_size,
+                                            multipart, temp)
+        resumed = journal.done if journal is not None else set()
+        try:
+            digests = self._digests(transfer, remote)
+            sink = RangeSink(fd, self._tracker.add_bytes, self._cancel,
+                             digests if digests and not multipart else None)
+            resumed_bytes = sum(r.length for r in ranges if r.index in resumed)
+            if resumed_bytes:
+                self._tracker.add_bytes(resumed_bytes)
+                logger.info("lazy loading: resuming %s, %s already present",
+                            transfer.display, format_bytes(resumed_bytes))
+            todo = [r for r in ranges if r.index not in resumed]
+            client = self._clients.get(transfer.repository)
+            await self._gather_parts([
+                self._in_pool(self._fetch_part, client, remote, r, not multipart, sink, journal)
+                for r in todo
+            ])
+            await self._to_thread(self._finish, transfer, remote, fd, temp, digests,
+                                  not multipart)
+            fd = -1
+        except BaseException:
+            await self._to_thread(self._discard, fd, temp, journal)
+            raise
+        seconds = time.monotonic() - started
+        fetched = sum(r.length for r in todo)
+        entry = ManifestEntry(
+            endpoint=remote.endpoint, bucket=remote.bucket, key=remote.key, etag=remote.etag,
+            size=remote.size, mtime_ns=target.stat().st_mtime_ns, version_id=remote.version_id,
+            checksum=remote.checksum, sha256=transfer.spec.sha256, published_at=time.time(),
+        )
+        await self._to_thread(self._manifest.record, target, entry)
+        if journal is not None:
+            journal.remove()
+        self._tracker.file_done()
+        rate = fetched / seconds / (1024 * 1024) if seconds > 0 else 0.0
+        logger.info("lazy loading: fetched %s (%s) in %.2f s, %.1f MiB/s",
+                    transfer.display, format_bytes(remote.size), seconds, rate)
+        return FileResult(transfer.display, target, remote.size, remote.etag,
+                          "resumed" if resumed else "fetched", seconds, fetched)
+
+    async def _gather_parts(self, futures: list[Awaitable[None]]) -> None:
+        tasks = [asyncio.ensure_future(f) for f in futures]
+        if not tasks:
+            return
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            self._cancel.set()
+            for task in tasks:
+                task.cancel()
+            raise
+
+    def _digests(self, transfer: FileTransfer, remote: RemoteObject) -> DigestSet:
+        """The checksums to verify: S3's full-object checksum and the config's sha256."""
+        algorithms: list[str] = []
+        if self._settings.verify_checksums:
+            if remote.checksum is not None:
+                algorithms.append(remote.checksum[0])
+            if transfer.spec.sha256:
+                algorithms.append("sha256")
+        return DigestSet(algorithms)
+
+    # ----------------------------------------------------------------- blocking steps
+    def _prepare(self, transfer: FileTransfer, remote: RemoteObject, part_size: int,
+                 multipart: bool, temp: Path) -> tuple[ResumeJournal | None, int]:
+        """Under the target lock: adopt a dead attempt's journal, sweep debris, create the temp."""
+        target = transfer.target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        journal = (ResumeJournal.resume(self._state_dir, target, remote, part_size)
+                   if multipart else None)
+        for stale in target.parent.glob(f".{target.name}.*.partial"):
+            if journal is None or stale != journal.temp:
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+                    logger.info("lazy loading: removed leftover %s", stale.name)
+        if journal is not None:
+            journal.adopt(temp)
+        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            if journal is None and remote.size:
+                try:
+                    os.posix_fallocate(fd, 0, remote.size)
+                except OSError as exc:
+                    if exc.errno not in (95, 22):  # EOPNOTSUPP, EINVAL: fall back to a sparse file
+                        raise
+                    os.ftruncate(fd, remote.size)
+            if multipart and journal is None:
+                journal = ResumeJournal(self._state_dir, target, remote, part_size, temp)
+                journal.start()
+        except OSError as exc:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise FatalFailure(f"{target}: cannot create the download file: {exc.strerror}") from None
+        return journal, fd
+
+    def _fetch_part(self, client: Any, remote: RemoteObject, byte_range: ByteRange, whole: bool,
+                    sink: RangeSink, journal: ResumeJournal | None) -> None:
+        written = [0]
+
+        def count(n: int) -> None:
+            written[0] += n
+            sink.on_bytes(n)
+
+        part_sink = RangeSink(sink.fd, count, sink.cancel, sink.digests)
+
+        def undo() -> None:
+            sink.on_bytes(-written[0])
+            written[0] = 0
+            if sink.digests is not None:
+                sink.digests.reset()
+
+        if self._cancel.is_set():
+            raise Cancelled()
+        self._with_retries(lambda: fetch_range(client, remote, byte_range, whole, part_sink),
+                           what=remote.where, on_retry=undo)
+        if journal is not None:
+            journal.mark_done(byte_range.index)
+
+    def _finish(self, transfer: FileTransfer, remote: RemoteObject, fd: int, temp: Path,
+                digests: DigestSet, inline: bool) -> None:
+        """Verify, fsync and atomically rename the temp file onto the target."""
+        try:
+            size = os.fstat(fd).st_size
+            if size != remote.size:
+                raise FatalFailure(f"{remote.where}: wrote {size} bytes, expected {remote.size}")
+            if self._settings.verify_checksums:
+                self._verify(transfer, remote, fd, digests, inline)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, transfer.target)
+        _fsync_dir(transfer.target.parent)
+
+    def _verify(self, transfer: FileTransfer, remote: RemoteObject, fd: int,
+                digests: DigestSet, inline: bool) -> None:
+        """Compare digests; multi-part files are read back once (hot in the page cache)."""
+        if not digests:
+            return
+        if not inline:
+            digests.reset()
+            _hash_fd(fd, remote.size, digests, self._cancel)
+        expected = {}
+        if remote.checksum is not None:
+            expected[remote.checksum[0]] = remote.checksum[1]
+        if transfer.spec.sha256:
+            expected["sha256"] = transfer.spec.sha256
+        for algorithm in digests.algorithms:
+            got = digests.encoded(algorithm)
+            if got != expected[algorithm]:
+                source = f"files[{transfer.index}].sha256" if algorithm == "sha256" else algorithm
+                raise FatalFailure(f"{remote.where}: {source} mismatch: expected "
+                                   f"{expected[algorithm]}, downloaded {got}")
+
+    def _discard(self, fd: int, temp: Path, journal: ResumeJournal | None) -> None:
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        if journal is not None:
+            journal.remove()
+
+    def _check_free_space(self, transfers: list[FileTransfer]) -> None:
+        """Refuse to start when a filesystem cannot hold what must be fetched."""
+        entries = self._manifest.entries()
+        needed: dict[int, tuple[Path, int]] = {}
+        for t in transfers:
+            entry = entries.get(str(t.target))
+            if entry is not None and t.remote is not None and entry.matches(t.remote) \
+                    and entry.intact(t.target):
+                continue
+            anchor = t.target.parent
+            while not anchor.exists():
+                anchor = anchor.parent
+            dev = anchor.stat().st_dev
+            path, total = needed.get(dev, (anchor, 0))
+            needed[dev] = (path, total + t.size)
+        for path, total in needed.values():
+            free = shutil.disk_usage(path).free
+            if total > free:
+                raise DownloadError(
+                    f"not enough free disk space on {path}: the artifacts need "
+                    f"{format_bytes(total)}, {format_bytes(free)} is free"
+                )
+
+    async def _log_progress(self) -> None:
+        interval = self._settings.progress_interval
+        while True:
+            await asyncio.sleep(interval)
+            s = self._tracker.snapshot()
+            eta = f", ETA {s.eta:.0f} s" if s.eta else ""
+            logger.info(
+                "lazy loading: %s of %s (%.0f%%) at %s/s%s, %d/%d files",
+                format_bytes(s.bytes_done), format_bytes(s.bytes_total), s.fraction * 100,
+                format_bytes(s.rate), eta, s.files_done, s.files_total,
+            )
+
+
+def _hash_fd(fd: int, size: int, digests: DigestSet, cancel: threading.Event) -> None:
+    offset = 0
+    while offset < size:
+        if cancel.is_set():
+            raise Cancelled()
+        chunk = os.pread(fd, min(_HASH_READ, size - offset), offset)
+        if not chunk:
+            break
+        digests.update(chunk)
+        offset += len(chunk)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)

@@ -1,0 +1,190 @@
+"""``LazyLoadingHandler``: DRUM's entry point, rebuilt on the verified parallel engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Mapping, MutableMapping
+from pathlib import Path
+
+from . import bridge
+from .client import S3ClientFactory
+from .config import (
+    DATA_ENV,
+    VALUES_FILE_ENV,
+    LazyLoadingConfig,
+    load_config,
+    load_values_file,
+    secret_env_name,
+)
+from .engine import FileResult, TransferEngine
+from .errors import ConfigError, DownloadError, LazyLoadingError
+from .paths import STATE_DIR_NAME, resolve_code_dir, resolve_targets
+from .plan import FileTransfer
+from .progress import (
+    DownloadState,
+    ProgressCallback,
+    ProgressSnapshot,
+    ProgressTracker,
+    format_bytes,
+)
+from .settings import LazyLoadingSettings
+
+logger = logging.getLogger("lazy_loading")
+
+
+class LazyLoadingHandler:
+    """Reads DRUM's lazy-loading contract and makes every artifact present, verified, once.
+
+    ``download_lazy_loading_files()`` is safe from sync code with or without a running event
+    loop; inside a loop prefer ``await download_lazy_loading_files_async()``. After a success,
+    later calls in the same process return at once.
+    """
+
+    def __init__(
+        self,
+        code_dir: str | os.PathLike[str] | None = None,
+        environ: Mapping[str, str] | None = None,
+        *,
+        values_file: str | os.PathLike[str] | None = None,
+        settings: LazyLoadingSettings | None = None,
+        progress_callback: ProgressCallback | None = None,
+    ) -> None:
+        self._environ: Mapping[str, str] = os.environ if environ is None else environ
+        self._code_dir_arg = code_dir
+        self._values_file = values_file
+        self._settings = settings
+        self._tracker = ProgressTracker()
+        if progress_callback is not None:
+            self._tracker.subscribe(progress_callback)
+        self._results: list[FileResult] | None = None
+        self._pid = os.getpid()
+
+    def __repr__(self) -> str:
+        return f"LazyLoadingHandler(code_dir={str(self.code_dir)!r})"
+
+    # ----------------------------------------------------------------- inputs
+    @property
+    def code_dir(self) -> Path:
+        return resolve_code_dir(self._code_dir_arg, self._environ)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.code_dir / STATE_DIR_NAME
+
+    @property
+    def is_lazy_loading_available(self) -> bool:
+        return bool(
+            self._values_file
+            or self._environ.get(VALUES_FILE_ENV)
+            or self._environ.get(DATA_ENV, "").strip()
+        )
+
+    @property
+    def settings(self) -> LazyLoadingSettings:
+        if self._settings is None:
+            self._settings = LazyLoadingSettings.from_environ(self._environ)
+        return self._settings
+
+    def load_config(self) -> LazyLoadingConfig:
+        """Validate everything (config, credentials, paths) without touching the network."""
+        config = load_config(self._environ, self._values_file)
+        if config is None:
+            raise ConfigError(
+                f"lazy loading is not configured: set {DATA_ENV} or {VALUES_FILE_ENV}"
+            )
+        resolve_targets(config.data, self.code_dir, self.settings.allowed_roots)
+        return config
+
+    def subscribe(self, callback: ProgressCallback) -> None:
+        self._tracker.subscribe(callback)
+
+    def progress(self) -> ProgressSnapshot:
+        return self._tracker.snapshot()
+
+    @property
+    def results(self) -> list[FileResult] | None:
+        """Per-file outcomes of the successful download in this process, else ``None``."""
+        return self._results if self._pid == os.getpid() else None
+
+    # ----------------------------------------------------------------- downloads
+    def download_lazy_loading_files(self) -> list[FileResult]:
+        """Blocking entry point (DRUM's name); works inside or outside a running event loop."""
+        if self.results is not None:
+            return self.results
+        return bridge.run_sync(self.download_lazy_loading_files_async)
+
+    async def download_lazy_loading_files_async(self) -> list[FileResult]:
+        """Native async entry point: never blocks the caller's event loop."""
+        if self.results is not None:
+            return self.results
+        if not self.is_lazy_loading_available:
+            logger.debug("lazy loading: not configured, nothing to download")
+            self._results, self._pid = [], os.getpid()
+            return []
+        started = time.monotonic()
+        try:
+            results = await self._download()
+        except LazyLoadingError as exc:
+            self._tracker.set_state(DownloadState.FAILED, str(exc))
+            raise
+        except BaseException as exc:
+            self._tracker.set_state(DownloadState.FAILED, type(exc).__name__)
+            raise
+        self._results, self._pid = results, os.getpid()
+        self._tracker.set_state(DownloadState.DONE)
+        fetched = sum(r.bytes_fetched for r in results)
+        logger.info(
+            "lazy loading: %d files ready in %.2f s (%s fetched, %d from cache)",
+            len(results), time.monotonic() - started, format_bytes(fetched),
+            sum(r.status in ("cached", "offline") for r in results),
+        )
+        return results
+
+    async def _download(self) -> list[FileResult]:
+        self._tracker.set_state(DownloadState.PLANNING)
+        config = load_config(self._environ, self._values_file)
+        assert config is not None
+        settings = self.settings
+        code_dir = self.code_dir
+        targets = resolve_targets(config.data, code_dir, settings.allowed_roots)
+        transfers = [
+            FileTransfer(
+                index=index,
+                spec=spec,
+                repository=config.data.repository(spec.repository_id),
+                target=target,
+                display=_display(target, code_dir),
+            )
+            for index, (spec, target) in enumerate(zip(config.data.files, targets, strict=True))
+        ]
+        clients = S3ClientFactory(config, settings, self._environ)
+        engine = TransferEngine(transfers, clients, settings, code_dir / STATE_DIR_NAME,
+                                self._tracker)
+        try:
+            return await asyncio.wait_for(engine.run(), settings.timeout)
+        except asyncio.TimeoutError:
+            raise DownloadError(
+                f"lazy loading gave up after LAZY_LOADING_TIMEOUT={settings.timeout:g} s"
+            ) from None
+        finally:
+            clients.close()
+
+    # ----------------------------------------------------------------- DRUM compatibility
+    @staticmethod
+    def setup_environment_variables_from_values_file(
+        values_file: str | os.PathLike[str],
+        environ: MutableMapping[str, str] | None = None,
+    ) -> None:
+        """DRUM's helper: turn a values YAML into ``MLOPS_*`` environment variables."""
+        env = os.environ if environ is None else environ
+        data, credentials = load_values_file(values_file)
+        env[DATA_ENV] = data.model_dump_json()
+        for cred_id, cred in credentials.items():
+            env[secret_env_name(cred_id)] = cred.to_env_json()
+
+
+def _display(target: Path, code_dir: Path) -> str:
+    return str(target.relative_to(code_dir)) if target.is_relative_to(code_dir) else str(target)

@@ -1,0 +1,66 @@
+"""Where each artifact lands: resolved against the code dir, and never outside the allowed roots."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from .config import LazyLoadingData
+from .errors import ConfigError
+
+STATE_DIR_NAME = ".lazy_loading"
+
+
+def resolve_code_dir(code_dir: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Path:
+    """``code_dir`` argument, else ``CODE_DIR``, else the current directory; symlinks resolved."""
+    raw = code_dir if code_dir is not None else (environ.get("CODE_DIR") or os.getcwd())
+    return Path(os.path.realpath(os.fspath(raw)))
+
+
+def _is_within(path: Path, root: Path) -> bool:
+    return path != root and path.is_relative_to(root)
+
+
+def resolve_targets(
+    data: LazyLoadingData, code_dir: Path, allowed_roots: Sequence[Path] = ()
+) -> list[Path]:
+    """Resolve every ``localPath`` (symlinks included) and check it stays inside a root.
+
+    ``realpath`` follows every symlink that exists already, so a link planted inside the code
+    dir that points elsewhere is caught, as is ``..`` and an absolute path outside the roots.
+    """
+    roots = [code_dir, *(Path(os.path.realpath(r)) for r in allowed_roots)]
+    state_dir = code_dir / STATE_DIR_NAME
+    targets: list[Path] = []
+    seen: dict[Path, int] = {}
+    for index, item in enumerate(data.files):
+        raw = Path(os.path.expanduser(item.local_path))
+        joined = raw if raw.is_absolute() else code_dir / raw
+        target = Path(os.path.realpath(joined))
+        field = f"files[{index}].localPath {item.local_path!r}"
+        if not any(_is_within(target, root) for root in roots):
+            allowed = ", ".join(str(r) for r in roots)
+            raise ConfigError(
+                f"{field} resolves to {target}, outside the code dir; use a path under {allowed} "
+                "or add its root to LAZY_LOADING_ALLOWED_ROOTS"
+            )
+        if target == state_dir or target.is_relative_to(state_dir):
+            raise ConfigError(f"{field} points into {STATE_DIR_NAME}/, which this package owns")
+        if target.is_dir():
+            raise ConfigError(f"{field} resolves to an existing directory {target}; name a file")
+        if target in seen:
+            raise ConfigError(
+                f"{field} resolves to the same file as files[{seen[target]}]; each file needs "
+                "its own localPath"
+            )
+        seen[target] = index
+        targets.append(target)
+    for target in targets:
+        for parent in target.parents:
+            if parent in seen:
+                raise ConfigError(
+                    f"files[{seen[parent]}].localPath is a file but files[{seen[target]}] needs "
+                    "it to be a directory"
+                )
+    return targets

@@ -1,0 +1,226 @@
+"""Blocking S3 I/O for one request: HEAD an object, or stream one byte range into a file.
+
+These functions run in worker threads; scheduling, retries and cancellation policy live in
+``engine``. Every error they raise is classified (transient, fatal, object changed) and names the
+endpoint, bucket and key, never a credential.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    IncompleteReadError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
+from urllib3.exceptions import HTTPError as Urllib3HTTPError
+
+from .checksums import DigestSet, pick_s3_checksum
+
+READ_SIZE = 1024 * 1024
+
+_RETRYABLE_CODES = {
+    "SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling",
+    "ThrottlingException", "RequestTimeTooSkewed", "TooManyRequests", "BadDigest",
+}
+
+
+@dataclass(frozen=True)
+class RemoteObject:
+    """What HEAD told us; every later GET is pinned to ``etag`` with If-Match."""
+
+    endpoint: str
+    bucket: str
+    key: str
+    size: int
+    etag: str
+    version_id: str | None = None
+    checksum: tuple[str, str] | None = None
+    last_modified: str | None = None
+
+    @property
+    def where(self) -> str:
+        return f"s3://{self.bucket}/{self.key} at {self.endpoint}"
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    index: int
+    start: int
+    end: int  # inclusive, as in HTTP Range
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start + 1
+
+
+class TransferFailure(Exception):
+    """Base for classified request failures."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class TransientFailure(TransferFailure):
+    """Worth retrying: 5xx, throttling, resets, truncated or stalled bodies, lying headers."""
+
+    def __init__(self, message: str, connect_failure: bool = False) -> None:
+        super().__init__(message)
+        self.connect_failure = connect_failure
+
+
+class FatalFailure(TransferFailure):
+    """Retrying cannot help: 400/403/404, unknown host, local I/O errors."""
+
+
+class ObjectChanged(TransferFailure):
+    """If-Match failed: the object was replaced since HEAD; the file must restart from scratch."""
+
+
+class Cancelled(Exception):
+    """Another part failed fatally or the deadline passed; stop reading promptly."""
+
+
+def _status(exc: ClientError) -> tuple[int, str]:
+    meta = exc.response.get("ResponseMetadata", {})
+    code = str(exc.response.get("Error", {}).get("Code", "") or "")
+    return int(meta.get("HTTPStatusCode") or (int(code) if code.isdigit() else 0)), code
+
+
+def classify(exc: BaseException, where: str) -> TransferFailure:
+    """Turn a botocore/urllib3/OS error into one of our failure kinds with a safe message."""
+    if isinstance(exc, TransferFailure):
+        return exc
+    if isinstance(exc, ClientError):
+        status, code = _status(exc)
+        label = f"HTTP {status} {code}".strip() if code and code != str(status) else f"HTTP {status}"
+        if status == 412 or code == "PreconditionFailed":
+            return ObjectChanged(f"{where}: object changed during download ({label})")
+        if status >= 500 or status == 429 or code in _RETRYABLE_CODES:
+            return TransientFailure(f"{where}: {label}")
+        hint = {403: " (check the credentials and bucket policy)",
+                404: " (no such object or bucket)"}.get(status, "")
+        return FatalFailure(f"{where}: {label}{hint}")
+    if isinstance(exc, EndpointConnectionError):
+        reason = str(getattr(exc, "kwargs", {}).get("error", "")) or type(exc).__name__
+        if "Name or service not known" in reason or "nodename nor servname" in reason \
+                or "Temporary failure in name resolution" in reason:
+            return FatalFailure(f"{where}: cannot resolve the endpoint host")
+        return TransientFailure(f"{where}: cannot connect to the endpoint", connect_failure=True)
+    if isinstance(exc, ConnectTimeoutError):
+        return TransientFailure(f"{where}: connect timed out", connect_failure=True)
+    if isinstance(exc, ReadTimeoutError):
+        return TransientFailure(f"{where}: stalled (no bytes within the read timeout)")
+    if isinstance(exc, (ConnectionClosedError, IncompleteReadError, ResponseStreamingError)):
+        return TransientFailure(f"{where}: connection cut mid-body ({type(exc).__name__})")
+    if isinstance(exc, (BotoCoreError, Urllib3HTTPError, ConnectionError, TimeoutError)):
+        return TransientFailure(f"{where}: {type(exc).__name__}")
+    if isinstance(exc, OSError):
+        return FatalFailure(f"{where}: local I/O error: {exc.strerror or exc}")
+    return FatalFailure(f"{where}: unexpected {type(exc).__name__}")
+
+
+def head_object(client: Any, endpoint: str, bucket: str, key: str) -> RemoteObject:
+    """HEAD one object, asking for its full-object checksum too."""
+    where = f"s3://{bucket}/{key} at {endpoint}"
+    try:
+        head = client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+    except Exception as exc:
+        raise classify(exc, where) from None
+    etag = str(head.get("ETag") or "")
+    if not etag:
+        raise TransientFailure(f"{where}: HEAD returned no ETag")
+    return RemoteObject(
+        endpoint=endpoint,
+        bucket=bucket,
+        key=key,
+        size=int(head["ContentLength"]),
+        etag=etag,
+        version_id=head.get("VersionId"),
+        checksum=pick_s3_checksum(head),
+        last_modified=str(head.get("LastModified") or "") or None,
+    )
+
+
+@dataclass
+class RangeSink:
+    """Where a range's bytes go: a file descriptor at an offset, plus optional inline digests."""
+
+    fd: int
+    on_bytes: Callable[[int], None]
+    cancel: threading.Event
+    digests: DigestSet | None = None
+
+
+def fetch_range(client: Any, remote: RemoteObject, byte_range: ByteRange, whole: bool,
+                sink: RangeSink) -> None:
+    """GET one range pinned to the HEAD's ETag and ``pwrite`` it at its offset.
+
+    Lengths and Content-Range are checked against what we asked for: a store that lies is a
+    transient failure, never published. ``whole`` fetches without a Range header (single-part
+    files), which lets us hash the body inline in order.
+    """
+    where = remote.where
+    params: dict[str, Any] = {"Bucket": remote.bucket, "Key": remote.key, "IfMatch": remote.etag}
+    if not whole:
+        params["Range"] = f"bytes={byte_range.start}-{byte_range.end}"
+    body = None
+    try:
+        response = client.get_object(**params)
+        body = response["Body"]
+        _check_headers(response, remote, byte_range, whole, where)
+        offset, written = byte_range.start, 0
+        while written < byte_range.length:
+            if sink.cancel.is_set():
+                raise Cancelled()
+            chunk = body.read(min(READ_SIZE, byte_range.length - written))
+            if not chunk:
+                raise TransientFailure(
+                    f"{where}: body ended after {written} of {byte_range.length} bytes"
+                )
+            view = memoryview(chunk)
+            while view:
+                n = os.pwrite(sink.fd, view, offset)
+                offset += n
+                view = view[n:]
+            if sink.digests is not None:
+                sink.digests.update(chunk)
+            written += len(chunk)
+            sink.on_bytes(len(chunk))
+        if body.read(1):
+            raise TransientFailure(f"{where}: body longer than {byte_range.length} bytes")
+    except (Cancelled, TransferFailure):
+        raise
+    except Exception as exc:
+        raise classify(exc, where) from None
+    finally:
+        if body is not None:
+            body.close()
+
+
+def _check_headers(response: dict[str, Any], remote: RemoteObject, byte_range: ByteRange,
+                   whole: bool, where: str) -> None:
+    length = response.get("ContentLength")
+    if length is not None and int(length) != byte_range.length:
+        raise TransientFailure(
+            f"{where}: Content-Length {length} but {byte_range.length} bytes were requested"
+        )
+    if not whole:
+        expected = f"bytes {byte_range.start}-{byte_range.end}/{remote.size}"
+        got = response.get("ContentRange")
+        if got != expected:
+            raise TransientFailure(f"{where}: Content-Range {got!r}, expected {expected!r}")
+    etag = response.get("ETag")
+    if etag and etag != remote.etag:
+        raise ObjectChanged(f"{where}: ETag changed from {remote.etag} to {etag}")
