@@ -303,7 +303,7 @@ class TransferEngine:
         temp = target.parent / f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
         journal, fd = await self._to_thread(self._prepare, transfer, remote, part_size,
                                             multipart, temp)
-        resumed = journal.done if journal is not None else set()
+        resumed = set(journal.done) if journal is not None else set()
         try:
             digests = self._digests(transfer, remote)
             sink = RangeSink(fd, self._tracker.add_bytes, self._cancel,

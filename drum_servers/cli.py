@@ -1,0 +1,97 @@
+"""``drum-servers``: download artifacts (init containers, manual use)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from lazy_loading import LazyLoadingError, LazyLoadingHandler, ProgressSnapshot
+
+logger = logging.getLogger("drum_servers")
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not verbose:
+        for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "filelock"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _progress_bar() -> tuple[object, object]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="lazy loading",
+               file=sys.stderr)
+
+    def update(snap: ProgressSnapshot) -> None:
+        if bar.total != snap.bytes_total:
+            bar.total = snap.bytes_total
+        bar.n = snap.bytes_done
+        bar.set_postfix_str(f"{snap.files_done}/{snap.files_total} files", refresh=False)
+        bar.refresh()
+
+    return bar, update
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    handler = LazyLoadingHandler(code_dir=args.code_dir, values_file=args.lazy_loading_file)
+    if not handler.is_lazy_loading_available:
+        print("error: lazy loading is not configured: set MLOPS_LAZY_LOADING_DATA or pass "
+              "--lazy-loading-file", file=sys.stderr)
+        return 1
+    bar = None
+    if sys.stderr.isatty() and not args.verbose:
+        bar, update = _progress_bar()
+        handler.subscribe(update)  # type: ignore[arg-type]
+        logging.getLogger("lazy_loading").setLevel(logging.WARNING)
+    try:
+        results = handler.download_lazy_loading_files()
+    except LazyLoadingError as exc:
+        if bar is not None:
+            bar.close()  # type: ignore[attr-defined]
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if bar is not None:
+        bar.close()  # type: ignore[attr-defined]
+    print(f"lazy loading: {len(results)} files ready in {handler.code_dir}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="drum-servers", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="DEBUG logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    download = sub.add_parser(
+        "download", help="fetch every lazy-loading artifact into the code dir, then exit",
+        description="Fetch, verify and publish every lazy-loading artifact (exit 0), or print "
+                    "one line naming what is wrong (exit 1).",
+    )
+    download.add_argument("--lazy-loading-file", default=os.environ.get("LAZY_LOADING_FILE"),
+                          help="DRUM values YAML (default: $LAZY_LOADING_FILE); otherwise "
+                               "$MLOPS_LAZY_LOADING_DATA is used")
+    download.add_argument("--code-dir", default=os.environ.get("CODE_DIR"),
+                          help="model code dir; relative localPaths resolve here "
+                               "(default: $CODE_DIR or the current directory)")
+    download.set_defaults(func=cmd_download)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from drum_servers.embedded_s3 import EmbeddedS3Server
+from tests.faults import FaultInjector
+
+ACCESS_KEY = "AKIATESTACCESSKEY01"
+SECRET_CANARY = "SECRETCANARY-7f3a9c-do-not-print"
+TOKEN_CANARY = "TOKENCANARY-b41e2d-do-not-print"
+
+
+@dataclass
+class S3Store:
+    url: str
+    faults: FaultInjector
+    client: Any
+
+    def bucket(self) -> str:
+        name = f"bkt-{uuid.uuid4().hex[:12]}"
+        self.client.create_bucket(Bucket=name)
+        return name
+
+    def put(self, bucket: str, key: str, body: bytes, **kwargs: Any) -> None:
+        self.client.put_object(Bucket=bucket, Key=key, Body=body, **kwargs)
+
+
+logging.getLogger("werkzeug").setLevel(logging.WARNING)
+
+
+@pytest.fixture(scope="session")
+def _s3_server() -> Iterator[tuple[EmbeddedS3Server, FaultInjector]]:
+    faults = FaultInjector()
+    server = EmbeddedS3Server(middleware=faults).start()
+    yield server, faults
+    faults.stopping.set()
+    server.stop()
+
+
+@pytest.fixture
+def s3(_s3_server: tuple[EmbeddedS3Server, FaultInjector]) -> Iterator[S3Store]:
+    server, faults = _s3_server
+    faults.reset()
+    client = boto3.client("s3", endpoint_url=server.url, aws_access_key_id=ACCESS_KEY,
+                          aws_secret_access_key="setup-only", region_name="us-east-1")
+    yield S3Store(server.url, faults, client)
+    faults.reset()
+
+
+def lazy_env(url: str, bucket: str, files: dict[str, str], *, credential_id: str = "cred-1",
+             extra_file_fields: dict[str, dict[str, Any]] | None = None,
+             **env: str) -> dict[str, str]:
+    """The DRUM environment contract for ``files`` (remote key -> localPath) in one bucket."""
+    data = {
+        "files": [
+            {"remotePath": key, "localPath": local, "repositoryId": "repo-1",
+             **(extra_file_fields or {}).get(key, {})}
+            for key, local in files.items()
+        ],
+        "repositories": [{"repositoryId": "repo-1", "bucketName": bucket,
+                          "credentialId": credential_id, "endpointUrl": url}],
+    }
+    secret_name = "MLOPS_REPOSITORY_SECRET_" + credential_id.upper().replace("-", "_")
+    base = {
+        "PATH": os.environ.get("PATH", ""),
+        "MLOPS_LAZY_LOADING_DATA": json.dumps(data),
+        secret_name: json.dumps({"credentialType": "s3", "awsAccessKeyId": ACCESS_KEY,
+                                 "awsSecretAccessKey": SECRET_CANARY,
+                                 "awsSessionToken": TOKEN_CANARY}),
+        "LAZY_LOADING_PROGRESS_INTERVAL": "0.5",
+    }
+    base.update(env)
+    return base
+
+
+def payload(size: int, seed: int = 0) -> bytes:
+    """Deterministic, non-repeating-ish bytes so misplaced ranges are detected."""
+    import random
+
+    return random.Random(seed).randbytes(size)
+
+
+def no_debris(code_dir: Path) -> list[str]:
+    return [str(p) for p in code_dir.rglob("*.partial")]

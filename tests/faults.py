@@ -1,0 +1,148 @@
+"""A WSGI fault-injection layer around moto's S3 app, with a request/body-byte ledger.
+
+Rules are matched in order against each request (method, key, and whether it is ranged); a rule
+fires ``times`` times (``None`` = forever). Deterministic: no randomness unless a test seeds it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+_SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+             b"<Message>Please reduce your request rate.</Message></Error>")
+_INTERNAL = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code>'
+             b"<Message>We encountered an internal error.</Message></Error>")
+
+
+@dataclass
+class Rule:
+    """One fault. ``action``: status | cut | stall | throttle | bad_range | short."""
+
+    action: str
+    method: str = "GET"
+    key: str | None = None
+    times: int | None = 1
+    status: int = 503
+    after_bytes: int = 0
+    seconds: float = 0.0
+    rate: int = 0  # bytes per second for throttle
+    fired: int = 0
+
+    def matches(self, method: str, key: str) -> bool:
+        if self.times is not None and self.fired >= self.times:
+            return False
+        return self.method == method and (self.key is None or self.key == key)
+
+
+@dataclass
+class Ledger:
+    body_bytes: Counter[str] = field(default_factory=Counter)
+    requests: list[tuple[str, str, str | None, int]] = field(default_factory=list)
+
+    def gets(self, key: str | None = None) -> int:
+        return sum(1 for m, k, _, _ in self.requests if m == "GET" and (key is None or k == key))
+
+
+class FaultInjector:
+    def __init__(self) -> None:
+        self.rules: list[Rule] = []
+        self.ledger = Ledger()
+        self._lock = threading.Lock()
+        self.stopping = threading.Event()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.rules.clear()
+            self.ledger = Ledger()
+
+    def add(self, rule: Rule) -> Rule:
+        with self._lock:
+            self.rules.append(rule)
+        return rule
+
+    def _pick(self, method: str, key: str) -> Rule | None:
+        with self._lock:
+            for rule in self.rules:
+                if rule.matches(method, key):
+                    rule.fired += 1
+                    return rule
+        return None
+
+    def __call__(self, app: WSGIApp) -> WSGIApp:
+        def middleware(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            method = environ["REQUEST_METHOD"]
+            path = environ.get("PATH_INFO", "")
+            parts = path.lstrip("/").split("/", 1)
+            key = parts[1] if len(parts) == 2 else ""
+            rng = environ.get("HTTP_RANGE")
+            rule = self._pick(method, key) if key else None
+            status_holder: list[Any] = []
+            with self._lock:
+                self.ledger.requests.append((method, key, rng, rule.fired if rule else 0))
+            if rule is not None and rule.action == "status":
+                body = _SLOWDOWN if rule.status == 503 else _INTERNAL
+                if rule.status in (403, 404):
+                    body = b""
+                start_response(f"{rule.status} Fault", [("Content-Type", "application/xml"),
+                                                       ("Content-Length", str(len(body)))])
+                return [body] if method != "HEAD" else []
+
+            def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+                if rule is not None and rule.action == "bad_range":
+                    headers = [(h, v) for h, v in headers if h.lower() != "content-range"]
+                    headers.append(("Content-Range", "bytes 0-0/1"))
+                status_holder.append(status)
+                return start_response(status, headers, exc_info)
+
+            result = app(environ, capture)
+            if method != "GET" or not key:
+                return result
+            return self._body(result, key, rule)
+
+        return middleware
+
+    def _body(self, result: Iterable[bytes], key: str, rule: Rule | None) -> Iterator[bytes]:
+        sent = 0
+        try:
+            for chunk in result:
+                if not chunk:
+                    continue
+                if rule is not None and rule.action in ("cut", "stall", "short") \
+                        and sent + len(chunk) > rule.after_bytes:
+                    head = chunk[: max(0, rule.after_bytes - sent)]
+                    if head:
+                        self._count(key, len(head))
+                        yield head
+                    if rule.action == "stall":
+                        deadline = time.monotonic() + rule.seconds
+                        while time.monotonic() < deadline and not self.stopping.is_set():
+                            time.sleep(0.05)
+                    raise ConnectionAbortedError("fault injection: connection cut")
+                if rule is not None and rule.action == "throttle" and rule.rate:
+                    for i in range(0, len(chunk), 65536):
+                        piece = chunk[i:i + 65536]
+                        time.sleep(len(piece) / rule.rate)
+                        if self.stopping.is_set():
+                            raise ConnectionAbortedError("stopping")
+                        self._count(key, len(piece))
+                        sent += len(piece)
+                        yield piece
+                    continue
+                self._count(key, len(chunk))
+                sent += len(chunk)
+                yield chunk
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+
+    def _count(self, key: str, n: int) -> None:
+        with self._lock:
+            self.ledger.body_bytes[key] += n

@@ -1,0 +1,281 @@
+"""The engine against a real S3 server on loopback: correctness, caching, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+
+import pytest
+
+from lazy_loading import DownloadError, LazyLoadingHandler
+from tests.conftest import S3Store, lazy_env, no_debris, payload
+from tests.faults import Rule
+
+MiB = 1024 * 1024
+
+
+def _setup(s3: S3Store, objects: dict[str, bytes], locals_: dict[str, str] | None = None,
+           **env: str) -> tuple[str, dict[str, str]]:
+    bucket = s3.bucket()
+    for key, body in objects.items():
+        s3.put(bucket, key, body)
+    files = locals_ or {key: key for key in objects}
+    return bucket, lazy_env(s3.url, bucket, files, **env)
+
+
+def test_happy_path_nested_dirs_zero_byte_and_multipart(s3: S3Store, tmp_path: Path) -> None:
+    objects = {
+        "models/weights.bin": payload(5 * MiB + 123, seed=1),
+        "models/config/model.json": b'{"bias": 3}',
+        "empty.txt": b"",
+    }
+    _, env = _setup(s3, objects, {"models/weights.bin": "artifacts/deep/w.bin",
+                                  "models/config/model.json": "artifacts/model.json",
+                                  "empty.txt": "e/empty.txt"},
+                    LAZY_LOADING_PART_SIZE="1MiB")
+    results = LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+
+    assert (tmp_path / "artifacts/deep/w.bin").read_bytes() == objects["models/weights.bin"]
+    assert (tmp_path / "artifacts/model.json").read_bytes() == objects["models/config/model.json"]
+    assert (tmp_path / "e/empty.txt").read_bytes() == b""
+    assert {r.status for r in results} == {"fetched"}
+    assert no_debris(tmp_path) == []
+    ranged = [r for m, k, r, _ in s3.faults.ledger.requests if k == "models/weights.bin" and r]
+    assert len(ranged) == 6, "a 5 MiB file at 1 MiB parts is fetched as 6 ranged GETs"
+    assert s3.faults.ledger.gets("empty.txt") == 0, "a zero-byte object needs no GET"
+
+
+def test_second_call_in_process_returns_at_once(s3: S3Store, tmp_path: Path) -> None:
+    _, env = _setup(s3, {"a.bin": payload(1000)})
+    handler = LazyLoadingHandler(code_dir=tmp_path, environ=env)
+    handler.download_lazy_loading_files()
+    before = len(s3.faults.ledger.requests)
+    handler.download_lazy_loading_files()
+    assert len(s3.faults.ledger.requests) == before
+
+
+def test_sync_call_inside_running_loop(s3: S3Store, tmp_path: Path) -> None:
+    _, env = _setup(s3, {"a.bin": payload(3 * MiB, seed=2)}, LAZY_LOADING_PART_SIZE="1MiB")
+
+    async def lifespan_like() -> int:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+        task.cancel()
+        return ticks
+
+    asyncio.run(lifespan_like())
+    assert (tmp_path / "a.bin").read_bytes() == payload(3 * MiB, seed=2)
+
+
+def test_async_api_does_not_block_the_loop(s3: S3Store, tmp_path: Path) -> None:
+    body = payload(4 * MiB, seed=3)
+    _, env = _setup(s3, {"a.bin": body}, LAZY_LOADING_PART_SIZE="1MiB")
+    s3.faults.add(Rule("throttle", key="a.bin", times=None, rate=8 * MiB))
+
+    async def main() -> int:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        task = asyncio.create_task(ticker())
+        await LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files_async()
+        task.cancel()
+        return ticks
+
+    ticks = asyncio.run(main())
+    assert (tmp_path / "a.bin").read_bytes() == body
+    assert ticks >= 10, "the event loop kept running while the download was in progress"
+
+
+def test_exception_propagates_through_bridge_inside_a_loop(s3: S3Store, tmp_path: Path) -> None:
+    bucket, env = _setup(s3, {"present.bin": b"x" * 10})
+    data = json.loads(env["MLOPS_LAZY_LOADING_DATA"])
+    data["files"].append({"remotePath": "missing.bin", "localPath": "m.bin",
+                          "repositoryId": "repo-1"})
+    env["MLOPS_LAZY_LOADING_DATA"] = json.dumps(data)
+
+    async def main() -> None:
+        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+
+    with pytest.raises(DownloadError) as info:
+        asyncio.run(main())
+    assert f"s3://{bucket}/missing.bin" in str(info.value)
+    assert "404" in str(info.value)
+    assert "m.bin" in info.value.failures
+
+
+def test_missing_object_fails_fast_before_any_body_moves(s3: S3Store, tmp_path: Path) -> None:
+    bucket, env = _setup(s3, {"big.bin": payload(4 * MiB)})
+    data = json.loads(env["MLOPS_LAZY_LOADING_DATA"])
+    data["files"].append({"remotePath": "nope/missing.bin", "localPath": "missing.bin",
+                          "repositoryId": "repo-1"})
+    env["MLOPS_LAZY_LOADING_DATA"] = json.dumps(data)
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match=r"nope/missing\.bin.*404"):
+        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert time.monotonic() - started < 5
+    assert s3.faults.ledger.gets() == 0, "no body is transferred when any object is missing"
+    assert not (tmp_path / "big.bin").exists()
+    assert no_debris(tmp_path) == []
+
+
+def test_forbidden_fails_fast_without_retry_storm(s3: S3Store, tmp_path: Path) -> None:
+    _, env = _setup(s3, {"a.bin": payload(2 * MiB)}, LAZY_LOADING_PART_SIZE="1MiB")
+    s3.faults.add(Rule("status", method="GET", key="a.bin", times=None, status=403))
+    with pytest.raises(DownloadError, match="403"):
+        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert s3.faults.ledger.gets("a.bin") <= 2, "403 is not retried"
+    assert not (tmp_path / "a.bin").exists()
+    assert no_debris(tmp_path) == []
+
+
+def test_5xx_bursts_are_retried(s3: S3Store, tmp_path: Path) -> None:
+    body = payload(3 * MiB, seed=5)
+    _, env = _setup(s3, {"a.bin": body}, LAZY_LOADING_PART_SIZE="1MiB")
+    s3.faults.add(Rule("status", method="HEAD", key="a.bin", times=2, status=500))
+    s3.faults.add(Rule("status", method="GET", key="a.bin", times=4, status=503))
+    LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert (tmp_path / "a.bin").read_bytes() == body
+
+
+def test_cut_bodies_are_retried_and_never_published_torn(s3: S3Store, tmp_path: Path) -> None:
+    body = payload(3 * MiB, seed=6)
+    _, env = _setup(s3, {"a.bin": body, "small.bin": b"s" * 5000}, LAZY_LOADING_PART_SIZE="1MiB")
+    s3.faults.add(Rule("cut", key="a.bin", times=3, after_bytes=300_000))
+    s3.faults.add(Rule("cut", key="small.bin", times=2, after_bytes=100))
+    LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert (tmp_path / "a.bin").read_bytes() == body
+    assert (tmp_path / "small.bin").read_bytes() == b"s" * 5000
+
+
+def test_stalled_body_is_detected_and_retried(s3: S3Store, tmp_path: Path) -> None:
+    body = payload(2 * MiB, seed=7)
+    _, env = _setup(s3, {"a.bin": body}, LAZY_LOADING_PART_SIZE="1MiB",
+                    LAZY_LOADING_STALL_TIMEOUT="1")
+    s3.faults.add(Rule("stall", key="a.bin", times=1, after_bytes=1000, seconds=30))
+    started = time.monotonic()
+    LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert (tmp_path / "a.bin").read_bytes() == body
+    assert time.monotonic() - started < 15
+
+
+def test_lying_content_range_is_retried(s3: S3Store, tmp_path: Path) -> None:
+    body = payload(2 * MiB, seed=8)
+    _, env = _setup(s3, {"a.bin": body}, LAZY_LOADING_PART_SIZE="1MiB")
+    s3.faults.add(Rule("bad_range", key="a.bin", times=2))
+    LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert (tmp_path / "a.bin").read_bytes() == body
+
+
+def test_warm_run_fetches_zero_body_bytes(s3: S3Store, tmp_path: Path) -> None:
+    _, env = _setup(s3, {"a.bin": payload(2 * MiB), "b.bin": payload(1000, 2)},
+                    LAZY_LOADING_PART_SIZE="1MiB")
+    LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    s3.faults.ledger.body_bytes.clear()
+    results = LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert {r.status for r in results} == {"cached"}
+    assert sum(s3.faults.ledger.body_bytes.values()) == 0
+
+
+def test_changed_object_is_fetched_again(s3: S3Store, tmp_path: Path) -> None:
+    bucket, env = _setup(s3, {"a.bin": b"version-1"})
+    LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    s3.put(bucket, "a.bin", b"version-2 is longer")
+    results = LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert results[0].status == "fetched"
+    assert (tmp_path / "a.bin").read_bytes() == b"version-2 is longer"
+
+
+def test_locally_modified_file_is_fetched_again(s3: S3Store, tmp_path: Path) -> None:
+    _, env = _setup(s3, {"a.bin": b"original"})
+    LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    (tmp_path / "a.bin").write_bytes(b"tampered!")
+    LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert (tmp_path / "a.bin").read_bytes() == b"original"
+
+
+def test_unreachable_store_falls_back_to_intact_local_copies(
+    s3: S3Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, env = _setup(s3, {"a.bin": b"cached bytes"})
+    LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    offline = dict(env)
+    offline["MLOPS_LAZY_LOADING_DATA"] = env["MLOPS_LAZY_LOADING_DATA"].replace(
+        s3.url, "http://127.0.0.1:9"
+    )
+    with caplog.at_level(logging.WARNING, logger="lazy_loading"):
+        results = LazyLoadingHandler(code_dir=tmp_path, environ=offline).download_lazy_loading_files()
+    assert [r.status for r in results] == ["offline"]
+    assert "unreachable" in caplog.text
+
+
+def test_unreachable_store_without_cache_fails_naming_the_endpoint(tmp_path: Path) -> None:
+    env = lazy_env("http://127.0.0.1:9", "bucket-x", {"a.bin": "a.bin"})
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match=r"127\.0\.0\.1:9"):
+        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert time.monotonic() - started < 10
+
+
+def test_sha256_mismatch_is_never_published(s3: S3Store, tmp_path: Path) -> None:
+    bucket = s3.bucket()
+    s3.put(bucket, "a.bin", b"real bytes")
+    env = lazy_env(s3.url, bucket, {"a.bin": "a.bin"},
+                   extra_file_fields={"a.bin": {"sha256": "0" * 64}})
+    with pytest.raises(DownloadError, match=r"sha256 mismatch"):
+        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert not (tmp_path / "a.bin").exists()
+    assert no_debris(tmp_path) == []
+
+
+def test_sha256_and_s3_checksum_verified(s3: S3Store, tmp_path: Path) -> None:
+    import hashlib
+
+    body = payload(3 * MiB, seed=9)
+    bucket = s3.bucket()
+    s3.put(bucket, "a.bin", body, ChecksumAlgorithm="CRC32")
+    env = lazy_env(s3.url, bucket, {"a.bin": "a.bin"}, LAZY_LOADING_PART_SIZE="1MiB",
+                   extra_file_fields={"a.bin": {"sha256": hashlib.sha256(body).hexdigest()}})
+    LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    manifest = json.loads((tmp_path / ".lazy_loading/manifest.json").read_text())
+    entry = manifest["files"][str(tmp_path / "a.bin")]
+    assert entry["checksum"][0] == "ChecksumCRC32"
+    assert entry["sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_config_size_mismatch_fails_before_transfer(s3: S3Store, tmp_path: Path) -> None:
+    bucket = s3.bucket()
+    s3.put(bucket, "a.bin", b"12345")
+    env = lazy_env(s3.url, bucket, {"a.bin": "a.bin"}, extra_file_fields={"a.bin": {"size": 6}})
+    with pytest.raises(DownloadError, match=r"files\[0\]\.size is 6"):
+        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert s3.faults.ledger.gets() == 0
+
+
+def test_progress_snapshot_and_callback(s3: S3Store, tmp_path: Path) -> None:
+    _, env = _setup(s3, {"a.bin": payload(2 * MiB), "b.bin": payload(10)},
+                    LAZY_LOADING_PART_SIZE="1MiB")
+    seen = []
+    handler = LazyLoadingHandler(code_dir=tmp_path, environ=env, progress_callback=seen.append)
+    handler.download_lazy_loading_files()
+    snap = handler.progress()
+    assert snap.state.value == "done"
+    assert (snap.files_done, snap.files_total) == (2, 2)
+    assert snap.bytes_done == snap.bytes_total == 2 * MiB + 10
+    assert seen and seen[-1].state.value == "done"
