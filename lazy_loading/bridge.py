@@ -145,17 +145,26 @@ def _run_in_os_thread(coro_fn: Callable[..., Awaitable[T]], args: tuple[Any, ...
         start_new_thread(runner, ())
         _wait_native(done)
     else:
+        outer = asyncio.current_task()
         thread = threading.Thread(target=runner, name="lazy-loading-bridge", daemon=True)
         thread.start()
         try:
-            while not done.wait(0.2):
-                pass
+            while not done.wait(0.1):
+                if outer is not None and _cancel_requested(outer):
+                    # asyncio.run turns Ctrl-C into a cancel of the (blocked) main task; honour
+                    # it now instead of after the whole download.
+                    raise asyncio.CancelledError()
         except BaseException:
             _cancel(outcome, done)
             raise
     if outcome.error is not None:
         raise outcome.error
     return outcome.result  # type: ignore[no-any-return]
+
+
+def _cancel_requested(task: asyncio.Task[Any]) -> bool:
+    cancelling = getattr(task, "cancelling", None)  # Python >= 3.11
+    return bool(cancelling()) if cancelling is not None else False
 
 
 def _wait_native(done: threading.Event) -> None:

@@ -95,7 +95,7 @@ class LazyLoadingHandler:
             raise ConfigError(
                 f"lazy loading is not configured: set {DATA_ENV} or {VALUES_FILE_ENV}"
             )
-        resolve_targets(config.data, self.code_dir, self.settings.allowed_roots)
+        resolve_targets(config.data, self.code_dir, self.settings.allowed_roots, config.source)
         return config
 
     def subscribe(self, callback: ProgressCallback) -> None:
@@ -149,7 +149,7 @@ class LazyLoadingHandler:
         assert config is not None
         settings = self.settings
         code_dir = self.code_dir
-        targets = resolve_targets(config.data, code_dir, settings.allowed_roots)
+        targets = resolve_targets(config.data, code_dir, settings.allowed_roots, config.source)
         transfers = [
             FileTransfer(
                 index=index,

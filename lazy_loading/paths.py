@@ -23,7 +23,7 @@ def _is_within(path: Path, root: Path) -> bool:
 
 
 def resolve_targets(
-    data: LazyLoadingData, code_dir: Path, allowed_roots: Sequence[Path] = ()
+    data: LazyLoadingData, code_dir: Path, allowed_roots: Sequence[Path] = (), source: str = ""
 ) -> list[Path]:
     """Resolve every ``localPath`` (symlinks included) and check it stays inside a root.
 
@@ -38,7 +38,7 @@ def resolve_targets(
         raw = Path(os.path.expanduser(item.local_path))
         joined = raw if raw.is_absolute() else code_dir / raw
         target = Path(os.path.realpath(joined))
-        field = f"files[{index}].localPath {item.local_path!r}"
+        field = f"{source}: " * bool(source) + f"files[{index}].localPath {item.local_path!r}"
         if not any(_is_within(target, root) for root in roots):
             allowed = ", ".join(str(r) for r in roots)
             raise ConfigError(
@@ -60,7 +60,7 @@ def resolve_targets(
         for parent in target.parents:
             if parent in seen:
                 raise ConfigError(
-                    f"files[{seen[parent]}].localPath is a file but files[{seen[target]}] needs "
+                    f"{source}: " * bool(source) + f"files[{seen[parent]}].localPath is a file but files[{seen[target]}] needs "
                     "it to be a directory"
                 )
     return targets
