@@ -60,7 +60,8 @@ def resolve_targets(
         for parent in target.parents:
             if parent in seen:
                 raise ConfigError(
-                    f"{source}: " * bool(source) + f"files[{seen[parent]}].localPath is a file but files[{seen[target]}] needs "
-                    "it to be a directory"
+                    f"{source}: " * bool(source)
+                    + f"files[{seen[parent]}].localPath is a file but files[{seen[target]}] "
+                    "needs it to be a directory"
                 )
     return targets

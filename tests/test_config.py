@@ -157,14 +157,14 @@ def test_not_configured_is_a_no_op(tmp_path: Path) -> None:
     assert handler.download_lazy_loading_files() == []
 
 
-VALUES_YAML = """
+VALUES_YAML = f"""
 files:
-  - {remotePath: models/m.bin, localPath: m.bin, repositoryId: repo1}
+  - {{remotePath: models/m.bin, localPath: m.bin, repositoryId: repo1}}
 repositories:
-  - {repositoryId: repo1, bucketName: my-bucket, credentialId: cred1, endpointUrl: "http://127.0.0.1:1"}
+  - {{repositoryId: repo1, bucketName: my-bucket, credentialId: cred1, endpointUrl: "http://127.0.0.1:1"}}
 credentials:
-  - {id: cred1, credentialType: s3, awsAccessKeyId: AKIAX, awsSecretAccessKey: %s}
-""" % SECRET_CANARY
+  - {{id: cred1, credentialType: s3, awsAccessKeyId: AKIAX, awsSecretAccessKey: {SECRET_CANARY}}}
+"""
 
 
 def test_values_file_sets_drum_environment(tmp_path: Path) -> None:

@@ -121,7 +121,7 @@ def test_exception_propagates_through_bridge_inside_a_loop(s3: S3Store, tmp_path
 
 
 def test_missing_object_fails_fast_before_any_body_moves(s3: S3Store, tmp_path: Path) -> None:
-    bucket, env = _setup(s3, {"big.bin": payload(4 * MiB)})
+    _, env = _setup(s3, {"big.bin": payload(4 * MiB)})
     data = json.loads(env["MLOPS_LAZY_LOADING_DATA"])
     data["files"].append({"remotePath": "nope/missing.bin", "localPath": "missing.bin",
                           "repositoryId": "repo-1"})
