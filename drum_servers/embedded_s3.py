@@ -30,7 +30,6 @@ class EmbeddedS3Server:
             app = middleware(app)
         self._server = make_server(host, port, app, threaded=True,
                                    request_handler=MotoRequestHandler)
-        self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="embedded-s3",
                                         daemon=True)
         self.host = host

@@ -29,6 +29,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from .errors import ConfigError
+from .redact import register_secret
 
 DATA_ENV = "MLOPS_LAZY_LOADING_DATA"
 SECRET_ENV_PREFIX = "MLOPS_REPOSITORY_SECRET_"
@@ -162,6 +163,13 @@ class S3Credentials(_Model):
     @classmethod
     def _empty_token_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _register_secrets(self) -> S3Credentials:
+        register_secret(self.aws_secret_access_key.get_secret_value())
+        if self.aws_session_token is not None:
+            register_secret(self.aws_session_token.get_secret_value())
+        return self
 
     def to_env_json(self) -> str:
         """The ``MLOPS_REPOSITORY_SECRET_<ID>`` JSON DRUM expects (reveals the secret on purpose)."""

@@ -1,0 +1,67 @@
+"""Keep secrets out of every log record, including botocore's DEBUG request dumps.
+
+botocore at DEBUG prints request headers (``X-Amz-Security-Token``, ``Authorization``); users
+turn DEBUG on when something breaks, which is exactly when logs get pasted into tickets. A record
+factory sees every record from every logger, so it covers libraries we do not control.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from typing import Any
+
+_MASK = "***"
+_PATTERNS = [
+    re.compile(r"(X-Amz-Security-Token['\"]?\s*[:=]\s*b?['\"]?)[^'\",\s}]+", re.IGNORECASE),
+    re.compile(r"(Signature=)[0-9a-f]{16,}", re.IGNORECASE),
+    re.compile(r"(X-Amz-Signature=)[0-9a-f]{16,}", re.IGNORECASE),
+    re.compile(r"(aws_secret_access_key['\"]?\s*[:=]\s*['\"]?)[^'\",\s}]+", re.IGNORECASE),
+    re.compile(r"(awsSecretAccessKey['\"]?\s*[:=]\s*['\"]?)[^'\",\s}]+"),
+    re.compile(r"(awsSessionToken['\"]?\s*[:=]\s*['\"]?)[^'\",\s}]+"),
+]
+
+_secrets: set[str] = set()
+_lock = threading.Lock()
+_installed = False
+
+
+def register_secret(value: str) -> None:
+    """Mask ``value`` wherever it would appear in a log message from now on."""
+    if len(value) >= 4:
+        with _lock:
+            _secrets.add(value)
+    install()
+
+
+def redact(text: str) -> str:
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, _MASK)
+    for pattern in _PATTERNS:
+        text = pattern.sub(lambda m: m.group(1) + _MASK, text)
+    return text
+
+
+def install() -> None:
+    """Wrap the log record factory once per process (idempotent)."""
+    global _installed
+    with _lock:
+        if _installed:
+            return
+        _installed = True
+        previous = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:
+            return record
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return record
+
+    logging.setLogRecordFactory(factory)

@@ -1,0 +1,93 @@
+"""Several processes on one host, and processes killed mid-download."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import S3Store, lazy_env, no_debris, payload
+from tests.faults import Rule
+
+MiB = 1024 * 1024
+
+
+def _download_cmd(code_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "drum_servers.cli", "download", "--code-dir", str(code_dir)]
+
+
+def test_four_processes_at_once_fetch_each_object_once(s3: S3Store, tmp_path: Path) -> None:
+    bucket = s3.bucket()
+    objects = {f"shard-{i}.bin": payload(3 * MiB + i, seed=i) for i in range(3)}
+    objects["small.json"] = b'{"a": 1}'
+    for key, body in objects.items():
+        s3.put(bucket, key, body)
+    env = lazy_env(s3.url, bucket, {k: f"art/{k}" for k in objects},
+                   LAZY_LOADING_PART_SIZE="1MiB")
+    procs = [subprocess.Popen(_download_cmd(tmp_path), env=env, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    outputs = [p.communicate(timeout=60)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], outputs
+    for key, body in objects.items():
+        assert (tmp_path / "art" / key).read_bytes() == body
+        assert s3.faults.ledger.body_bytes[key] == len(body), f"{key} fetched more than once"
+    assert sum("cached" in out for out in outputs) >= 3, "the other processes reused the file"
+    assert no_debris(tmp_path) == []
+
+
+def test_kill_9_then_resume_fetches_only_missing_ranges(s3: S3Store, tmp_path: Path) -> None:
+    bucket = s3.bucket()
+    body = payload(8 * MiB, seed=42)
+    s3.put(bucket, "big.bin", body)
+    env = lazy_env(s3.url, bucket, {"big.bin": "big.bin"}, LAZY_LOADING_PART_SIZE="1MiB",
+                   LAZY_LOADING_MAX_CONNECTIONS="2")
+    s3.faults.add(Rule("throttle", key="big.bin", times=None, rate=2 * MiB))
+    journal_dir = tmp_path / ".lazy_loading" / "journal"
+    proc = subprocess.Popen(_download_cmd(tmp_path), env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    done: list[int] = []
+    while time.monotonic() < deadline and len(done) < 3:
+        for journal in journal_dir.glob("*.json"):
+            with contextlib.suppress(ValueError, OSError):
+                done = json.loads(journal.read_text())["done"]
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    assert len(done) >= 3, "the first process made progress before it was killed"
+    assert not (tmp_path / "big.bin").exists(), "nothing is published before it is complete"
+    journal = json.loads(next(journal_dir.glob("*.json")).read_text())
+    assert no_debris(tmp_path), "the killed process left its temp file for the resume"
+    manifest = tmp_path / ".lazy_loading" / "manifest.json"
+    assert not manifest.exists() or "big.bin" not in manifest.read_text()
+
+    s3.faults.reset()
+    result = subprocess.run(_download_cmd(tmp_path), env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "big.bin").read_bytes() == body
+    # Count what the second run asked for; the killed run's sockets may still drain bytes.
+    requested = {int(rng.split("=")[1].split("-")[0]) // MiB
+                 for method, key, rng, _ in s3.faults.ledger.requests
+                 if method == "GET" and key == "big.bin" and rng}
+    assert requested == set(range(8)) - set(journal["done"])
+    assert "resuming big.bin" in result.stderr
+    assert no_debris(tmp_path) == []
+    assert list(journal_dir.glob("*.json")) == []
+
+
+def test_temp_files_of_dead_processes_are_removed(s3: S3Store, tmp_path: Path) -> None:
+    bucket = s3.bucket()
+    s3.put(bucket, "a.bin", b"fresh")
+    debris = tmp_path / ".a.bin.99999-deadbeef.partial"
+    debris.write_bytes(b"junk from a crashed run")
+    env = lazy_env(s3.url, bucket, {"a.bin": "a.bin"})
+    result = subprocess.run(_download_cmd(tmp_path), env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert not debris.exists()
+    assert (tmp_path / "a.bin").read_bytes() == b"fresh"

@@ -1,0 +1,60 @@
+"""Canary secrets never appear in logs (DEBUG everywhere), errors, reprs or CLI output."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lazy_loading import DownloadError, LazyLoadingHandler
+from tests.conftest import SECRET_CANARY, TOKEN_CANARY, S3Store, lazy_env
+from tests.faults import Rule
+
+
+def _assert_clean(*texts: str) -> None:
+    for text in texts:
+        assert SECRET_CANARY not in text
+        assert TOKEN_CANARY not in text
+
+
+def test_debug_logs_of_success_and_failure_hold_no_secret(
+    s3: S3Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bucket = s3.bucket()
+    s3.put(bucket, "a.bin", b"a" * 3000)
+    s3.put(bucket, "b.bin", b"b" * 3000)
+    env = lazy_env(s3.url, bucket, {"a.bin": "a.bin", "b.bin": "b.bin"})
+    with caplog.at_level(logging.DEBUG):
+        handler = LazyLoadingHandler(code_dir=tmp_path / "ok", environ=env)
+        handler.download_lazy_loading_files()
+        s3.faults.add(Rule("status", method="GET", key="b.bin", times=None, status=403))
+        failing = LazyLoadingHandler(code_dir=tmp_path / "fail", environ=env)
+        with pytest.raises(DownloadError) as info:
+            failing.download_lazy_loading_files()
+    assert "X-Amz-Security-Token" in caplog.text or "x-amz-security-token" in caplog.text.lower(), \
+        "botocore DEBUG output was captured, so the check below is meaningful"
+    chain = []
+    exc: BaseException | None = info.value
+    while exc is not None:
+        chain.append(f"{exc!s} {exc!r}")
+        exc = exc.__cause__ or exc.__context__
+    _assert_clean(caplog.text, *chain, repr(handler), str(handler.progress()),
+                  json.dumps(failing.progress().as_dict()))
+
+
+def test_cli_verbose_output_holds_no_secret(s3: S3Store, tmp_path: Path) -> None:
+    bucket = s3.bucket()
+    s3.put(bucket, "a.bin", b"a" * 100)
+    env = lazy_env(s3.url, bucket, {"a.bin": "a.bin", "missing.bin": "m.bin"})
+    result = subprocess.run(
+        [sys.executable, "-m", "drum_servers.cli", "-v", "download", "--code-dir", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 1
+    assert "missing.bin" in result.stderr
+    assert "DEBUG" in result.stderr
+    _assert_clean(result.stdout, result.stderr)
