@@ -1,4 +1,4 @@
-"""``drum-servers``: download artifacts (init containers, manual use)."""
+"""``drum-servers``: download artifacts, serve a model under gunicorn, or run the demo."""
 
 from __future__ import annotations
 
@@ -60,8 +60,42 @@ def cmd_download(args: argparse.Namespace) -> int:
         return 1
     if bar is not None:
         bar.close()  # type: ignore[attr-defined]
-    print(f"lazy loading: {len(results)} files ready in {handler.code_dir}", file=sys.stderr)
+    print(f"{len(results)} files ready in {handler.code_dir}", file=sys.stderr)
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Exec gunicorn so it owns the process: its exit code and signal handling are the server's."""
+    from lazy_loading import ConfigError
+
+    from .settings import ServerSettings
+
+    overrides = {"CODE_DIR": args.code_dir, "MAX_WORKERS": args.workers, "ADDRESS": args.address,
+                 "LAZY_LOADING_FILE": args.lazy_loading_file, "LAZY_LOADING_MODE": args.mode,
+                 "DRUM_GUNICORN_WORKER_CLASS": args.worker_class}
+    env = dict(os.environ)
+    env.update({k: str(v) for k, v in overrides.items() if v is not None})
+    try:
+        ServerSettings.from_environ(env)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    conf = ("drum_servers.gunicorn_conf" if args.server == "flask"
+            else "drum_servers.gunicorn_uvicorn_conf")
+    argv = [sys.executable, "-m", "gunicorn", "-c", f"python:{conf}"]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, argv, env)
+    return 1  # not reached
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .demo import run_demo
+
+    code_dir = Path(args.code_dir) if args.code_dir else None
+    return run_demo(args.address, args.server, args.workers, code_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +114,31 @@ def build_parser() -> argparse.ArgumentParser:
                           help="model code dir; relative localPaths resolve here "
                                "(default: $CODE_DIR or the current directory)")
     download.set_defaults(func=cmd_download)
+
+    serve = sub.add_parser(
+        "serve", help="run the model under gunicorn (Flask or FastAPI) with lazy loading",
+        description="Exec gunicorn with the matching deploy config; gunicorn owns the exit code.",
+    )
+    serve.add_argument("--code-dir", default=os.environ.get("CODE_DIR"), required=
+                       not os.environ.get("CODE_DIR"), help="model code dir with custom.py")
+    serve.add_argument("--server", choices=["flask", "fastapi"], default="flask")
+    serve.add_argument("--workers", type=int, help="worker processes (default: $MAX_WORKERS or 1)")
+    serve.add_argument("--address", help="host:port (default: $ADDRESS or 0.0.0.0:8080)")
+    serve.add_argument("--worker-class", choices=["sync", "gevent"],
+                       help="Flask worker class (default: $DRUM_GUNICORN_WORKER_CLASS or sync)")
+    serve.add_argument("--lazy-loading-file", help="DRUM values YAML (default: $LAZY_LOADING_FILE)")
+    serve.add_argument("--mode", choices=["blocking", "background"],
+                       help="readiness mode (default: $LAZY_LOADING_MODE or blocking)")
+    serve.set_defaults(func=cmd_serve)
+
+    demo = sub.add_parser(
+        "demo", help="serve a sample model lazy-loaded from an embedded S3 server on loopback",
+    )
+    demo.add_argument("--address", default=os.environ.get("ADDRESS", "127.0.0.1:8080"))
+    demo.add_argument("--server", choices=["flask", "fastapi"], default="flask")
+    demo.add_argument("--workers", type=int, default=2)
+    demo.add_argument("--code-dir", help="where to put the sample model (default: a temp dir)")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

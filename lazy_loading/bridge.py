@@ -96,7 +96,7 @@ def run_sync(coro_fn: Callable[..., Awaitable[T]], *args: Any, timeout: float | 
     if _running_loop() is None:
         return _run_here(coro_fn, args, timeout, ctx)
     logger.warning(
-        "lazy loading: blocking a running event loop until the download finishes; "
+        "blocking a running event loop until the download finishes; "
         "await download_lazy_loading_files_async() instead"
     )
     return _run_in_os_thread(coro_fn, args, timeout, ctx, native=False)

@@ -58,7 +58,7 @@ def _read_json(path: Path) -> Any:
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
-        logger.warning("lazy loading: ignoring unreadable %s", path)
+        logger.warning("ignoring unreadable %s", path)
         return None
 
 

@@ -209,7 +209,7 @@ class TransferEngine:
             results.append(FileResult(t.display, t.target, entry.size, entry.etag, "offline",
                                       0.0, 0))
         logger.warning(
-            "lazy loading: the store is unreachable (%s); using %d intact local copies from an "
+            "the store is unreachable (%s); using %d intact local copies from an "
             "earlier download", next(iter(failures.values())), len(results)
         )
         return results
@@ -227,7 +227,7 @@ class TransferEngine:
                 if attempt >= limit or self._cancel.is_set():
                     raise
                 delay = _backoff(attempt)
-                logger.warning("lazy loading: %s (attempt %d/%d), retrying in %.1f s",
+                logger.warning("%s (attempt %d/%d), retrying in %.1f s",
                                exc.message, attempt, limit, delay)
                 if on_retry is not None:
                     on_retry()
@@ -250,7 +250,7 @@ class TransferEngine:
                 except ObjectChanged as exc:
                     if attempt == 1:
                         raise _FileFailed(transfer, f"{exc.message}; changed again after restart") from None
-                    logger.warning("lazy loading: %s; restarting the file", exc.message)
+                    logger.warning("%s; restarting the file", exc.message)
                     try:
                         transfer.remote = await self._in_pool(self._head, transfer)
                     except TransferFailure as head_exc:
@@ -276,7 +276,7 @@ class TransferEngine:
             now = time.monotonic()
             if now - last_log >= _LOCK_WAIT_LOG_EVERY:
                 last_log = now
-                logger.info("lazy loading: waiting %.0f s for another process fetching %s",
+                logger.info("waiting %.0f s for another process fetching %s",
                             now - started, transfer.display)
             await asyncio.sleep(delay)
             delay = min(0.25, delay * 2)
@@ -288,7 +288,7 @@ class TransferEngine:
         if transfer.spec.sha256 and entry.sha256 != transfer.spec.sha256:
             return None
         self._tracker.file_done(skipped_bytes=remote.size)
-        logger.info("lazy loading: cached %s (%s), unchanged in the store",
+        logger.info("cached %s (%s), unchanged in the store",
                     transfer.display, format_bytes(remote.size))
         return FileResult(transfer.display, transfer.target, remote.size, remote.etag, "cached",
                           0.0, 0)
@@ -311,7 +311,7 @@ class TransferEngine:
             resumed_bytes = sum(r.length for r in ranges if r.index in resumed)
             if resumed_bytes:
                 self._tracker.add_bytes(resumed_bytes)
-                logger.info("lazy loading: resuming %s, %s already present",
+                logger.info("resuming %s, %s already present",
                             transfer.display, format_bytes(resumed_bytes))
             todo = [r for r in ranges if r.index not in resumed]
             client = self._clients.get(transfer.repository)
@@ -337,7 +337,7 @@ class TransferEngine:
             journal.remove()
         self._tracker.file_done()
         rate = fetched / seconds / (1024 * 1024) if seconds > 0 else 0.0
-        logger.info("lazy loading: fetched %s (%s) in %.2f s, %.1f MiB/s",
+        logger.info("fetched %s (%s) in %.2f s, %.1f MiB/s",
                     transfer.display, format_bytes(remote.size), seconds, rate)
         return FileResult(transfer.display, target, remote.size, remote.etag,
                           "resumed" if resumed else "fetched", seconds, fetched)
@@ -376,7 +376,7 @@ class TransferEngine:
             if journal is None or stale != journal.temp:
                 with contextlib.suppress(OSError):
                     stale.unlink()
-                    logger.info("lazy loading: removed leftover %s", stale.name)
+                    logger.info("removed leftover %s", stale.name)
         if journal is not None:
             journal.adopt(temp)
         fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -495,7 +495,7 @@ class TransferEngine:
             s = self._tracker.snapshot()
             eta = f", ETA {s.eta:.0f} s" if s.eta else ""
             logger.info(
-                "lazy loading: %s of %s (%.0f%%) at %s/s%s, %d/%d files",
+                "%s of %s (%.0f%%) at %s/s%s, %d/%d files",
                 format_bytes(s.bytes_done), format_bytes(s.bytes_total), s.fraction * 100,
                 format_bytes(s.rate), eta, s.files_done, s.files_total,
             )

@@ -121,7 +121,7 @@ class LazyLoadingHandler:
         if self.results is not None:
             return self.results
         if not self.is_lazy_loading_available:
-            logger.debug("lazy loading: not configured, nothing to download")
+            logger.debug("not configured, nothing to download")
             self._results, self._pid = [], os.getpid()
             return []
         started = time.monotonic()
@@ -137,7 +137,7 @@ class LazyLoadingHandler:
         self._tracker.set_state(DownloadState.DONE)
         fetched = sum(r.bytes_fetched for r in results)
         logger.info(
-            "lazy loading: %d files ready in %.2f s (%s fetched, %d from cache)",
+            "%d files ready in %.2f s (%s fetched, %d from cache)",
             len(results), time.monotonic() - started, format_bytes(fetched),
             sum(r.status in ("cached", "offline") for r in results),
         )

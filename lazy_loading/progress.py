@@ -137,7 +137,7 @@ class ProgressTracker:
             try:
                 callback(snap)
             except Exception:
-                logger.exception("lazy loading: progress callback failed")
+                logger.exception("progress callback failed")
 
 
 def format_bytes(count: float) -> str:

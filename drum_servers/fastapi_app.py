@@ -1,0 +1,115 @@
+"""FastAPI adapter: a lifespan that awaits the async download (never the sync bridge, which would
+freeze the loop) and loads the model off the loop; ``create_app()`` for ``uvicorn --factory``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request, Response
+
+from lazy_loading import LazyLoadingError
+
+from . import views
+from .readiness import ReadinessState, current_state
+from .settings import ReadinessMode
+
+logger = logging.getLogger("drum_servers")
+
+Lifespan = Callable[[FastAPI], contextlib.AbstractAsyncContextManager[Any]]
+
+
+def _respond(view: views.View) -> Response:
+    return Response(content=view.body, status_code=view.status,
+                    headers={**view.headers, "content-type": view.content_type})
+
+
+def make_router(state_getter: Callable[[], ReadinessState], prefix: str = "") -> APIRouter:
+    router = APIRouter(prefix=prefix)
+
+    for path, view in views.GET_ROUTES.items():
+        async def get(view: views.ViewFunc = view) -> Response:
+            return _respond(view(state_getter()))
+
+        for variant in {path, path.rstrip("/") or "/"}:
+            router.add_api_route(variant, get, methods=["GET"], include_in_schema=variant == path)
+
+    async def predict(request: Request) -> Response:
+        import anyio.to_thread
+
+        state = state_getter()
+        body = await request.body()
+        view = await anyio.to_thread.run_sync(
+            views.predict, state, body, request.headers.get("content-type"),
+            dict(request.query_params),
+        )
+        return _respond(view)
+
+    for path in views.PREDICT_ROUTES:
+        for variant in (path, path.rstrip("/")):
+            router.add_api_route(variant, predict, methods=["POST"],
+                                 include_in_schema=variant == path)
+    return router
+
+
+async def _prepare_or_exit(state: ReadinessState) -> None:
+    try:
+        await state.prepare_async()
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:
+        state.fail_and_exit(exc)
+
+
+def make_lifespan(code_dir: str | os.PathLike[str] | None = None, *,
+                  mode: ReadinessMode | str | None = None,
+                  inner: Lifespan | None = None) -> Lifespan:
+    """A lifespan that makes the model ready, composed around the user's own ``inner`` one."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[Any]:
+        state = current_state(code_dir, mode)
+        app.state.drum_servers = state
+        task: asyncio.Task[None] | None = None
+        if state.mode is ReadinessMode.BACKGROUND:
+            task = asyncio.create_task(_prepare_or_exit(state))
+        else:
+            try:
+                await state.prepare_async()
+            except LazyLoadingError as exc:
+                state.fail(exc)
+                logger.error("%s", exc)
+                raise
+        try:
+            if inner is None:
+                yield None
+            else:
+                async with inner(app) as value:
+                    yield value
+        finally:
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+
+    return lifespan
+
+
+lifespan = make_lifespan()
+
+
+def create_app(code_dir: str | os.PathLike[str] | None = None, *,
+               mode: ReadinessMode | str | None = None, url_prefix: str | None = None) -> FastAPI:
+    """``uvicorn --factory drum_servers.fastapi_app:create_app``."""
+    app = FastAPI(title="drum-servers", lifespan=make_lifespan(code_dir, mode=mode))
+
+    def state() -> ReadinessState:
+        return current_state(code_dir, mode)
+
+    prefix = state().settings.url_prefix if url_prefix is None else url_prefix.rstrip("/")
+    app.include_router(make_router(state, prefix))
+    return app

@@ -1,0 +1,68 @@
+"""Flask adapter: ``create_app()`` for ``gunicorn 'drum_servers.flask_app:create_app()'``, and
+``init_app(app)`` to add the DRUM routes and lazy loading to an existing Flask app."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from flask import Blueprint, Flask, Response, request
+
+from lazy_loading import LazyLoadingError
+
+from . import views
+from .readiness import ReadinessState, current_state
+from .settings import ReadinessMode
+
+logger = logging.getLogger("drum_servers")
+
+
+def _respond(view: views.View) -> Response:
+    return Response(view.body, status=view.status, content_type=view.content_type,
+                    headers=view.headers)
+
+
+def init_app(app: Flask, code_dir: str | os.PathLike[str] | None = None, *,
+             mode: ReadinessMode | str | None = None, url_prefix: str | None = None,
+             ) -> ReadinessState:
+    """Register the routes and make the model ready (now, or in the background)."""
+    state = current_state(code_dir, mode)
+    prefix = state.settings.url_prefix if url_prefix is None else url_prefix.rstrip("/")
+    blueprint = Blueprint("drum_servers", __name__, url_prefix=prefix or None)
+
+    for path, view in views.GET_ROUTES.items():
+        def get(view: views.ViewFunc = view) -> Response:
+            return _respond(view(state))
+
+        blueprint.add_url_rule(path, f"get_{path.strip('/') or 'root'}", get,
+                               methods=["GET"], strict_slashes=False)
+
+    def predict() -> Response:
+        return _respond(views.predict(state, request.get_data(cache=False),
+                                      request.headers.get("Content-Type"),
+                                      request.args.to_dict()))
+
+    for path in views.PREDICT_ROUTES:
+        blueprint.add_url_rule(path, f"post_{path.strip('/')}", predict, methods=["POST"],
+                               strict_slashes=False)
+    app.register_blueprint(blueprint)
+    app.extensions["drum_servers"] = state
+
+    if state.mode is ReadinessMode.BACKGROUND:
+        state.start_background_thread()
+    else:
+        try:
+            state.prepare()
+        except LazyLoadingError as exc:
+            state.fail(exc)
+            logger.error("%s", exc)
+            raise
+    return state
+
+
+def create_app(code_dir: str | os.PathLike[str] | None = None, *,
+               mode: ReadinessMode | str | None = None, url_prefix: str | None = None) -> Flask:
+    """An app factory: ``gunicorn 'drum_servers.flask_app:create_app()'``."""
+    app = Flask("drum_servers")
+    init_app(app, code_dir, mode=mode, url_prefix=url_prefix)
+    return app

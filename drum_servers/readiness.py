@@ -1,0 +1,212 @@
+"""One readiness state per process: download, then load the model, then serve.
+
+Every adapter (Flask, FastAPI, Gunicorn hooks, the CLI) goes through the same ``ReadinessState``
+so a download done by ``post_fork`` is not repeated by the app, and ``/health/`` tells one story.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import threading
+import time
+from collections.abc import Mapping
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from lazy_loading import LazyLoadingError, LazyLoadingHandler
+
+from .model import ModelHooks
+from .settings import ReadinessMode, ServerSettings
+
+logger = logging.getLogger("drum_servers")
+
+
+class Phase(str, Enum):
+    STARTING = "starting"
+    DOWNLOADING = "downloading"
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class ModelNotReady(Exception):
+    """Raised to the web layer when a prediction arrives before the model is loaded."""
+
+
+class ReadinessState:
+    """Owns the handler, the model, and the phase of this process."""
+
+    def __init__(self, settings: ServerSettings, environ: Mapping[str, str] | None = None) -> None:
+        self.settings = settings
+        self.code_dir = Path(os.path.realpath(settings.code_dir))
+        self.handler = LazyLoadingHandler(code_dir=self.code_dir, environ=environ)
+        self.phase = Phase.STARTING
+        self.error: str | None = None
+        self.model: Any = None
+        self.hooks: ModelHooks | None = None
+        self.pid = os.getpid()
+        self._lock = threading.Lock()
+        self._started = time.monotonic()
+        self._ready_after: float | None = None
+        self._background: threading.Thread | None = None
+
+    @property
+    def mode(self) -> ReadinessMode:
+        return self.settings.mode
+
+    @property
+    def ready(self) -> bool:
+        return self.phase is Phase.READY
+
+    # ----------------------------------------------------------------- steps
+    def download(self) -> None:
+        """Make every artifact present (a no-op once done in this process)."""
+        if self.handler.results is None:
+            self._set(Phase.DOWNLOADING)
+        self.handler.download_lazy_loading_files()
+
+    async def download_async(self) -> None:
+        if self.handler.results is None:
+            self._set(Phase.DOWNLOADING)
+        await self.handler.download_lazy_loading_files_async()
+
+    def load_model(self) -> None:
+        """Run the user's ``init`` and ``load_model`` exactly once per process."""
+        with self._lock:
+            if self.phase is Phase.READY:
+                return
+            self._set(Phase.LOADING)
+            hooks = ModelHooks.load(self.code_dir)
+            hooks.init()
+            self.model = hooks.load_model()
+            self.hooks = hooks
+            self._ready_after = time.monotonic() - self._started
+            self._set(Phase.READY)
+        logger.info("model ready in %.2f s (pid %d)", self._ready_after, os.getpid())
+
+    def prepare(self) -> None:
+        """Blocking path: download, then load (sync servers and worker hooks)."""
+        if self.ready:
+            return
+        self.download()
+        self.load_model()
+
+    async def prepare_async(self) -> None:
+        """Async path: await the download, load the model off the event loop."""
+        import anyio.to_thread
+
+        if self.ready:
+            return
+        await self.download_async()
+        await anyio.to_thread.run_sync(self.load_model)
+
+    def fail(self, exc: BaseException) -> None:
+        self.error = str(exc) if isinstance(exc, LazyLoadingError) else f"{type(exc).__name__}: {exc}"
+        self._set(Phase.FAILED)
+
+    def _set(self, phase: Phase) -> None:
+        if phase is not self.phase:
+            logger.info("%s -> %s", self.phase.value, phase.value)
+        self.phase = phase
+
+    # ----------------------------------------------------------------- background mode
+    def start_background_thread(self) -> None:
+        """Background mode for threaded servers: prepare in a thread, exit the process on failure."""
+        if self._background is not None or self.ready:
+            return
+
+        def run() -> None:
+            try:
+                self.prepare()
+            except BaseException as exc:
+                self.fail_and_exit(exc)
+
+        self._background = threading.Thread(target=run, name="drum-servers-prepare", daemon=True)
+        self._background.start()
+
+    def fail_and_exit(self, exc: BaseException) -> None:
+        """Background failure: one clear line, ``/health/`` shows it briefly, then exit non-zero.
+
+        Exit code 3 is gunicorn's "worker failed to boot", which stops the whole server instead
+        of respawning a worker that would fail the same way; the orchestrator then restarts it.
+        """
+        self.fail(exc)
+        if isinstance(exc, LazyLoadingError):
+            logger.error("%s", self.error)
+        else:
+            logger.error("model failed to load", exc_info=exc)
+        delay = self.settings.failure_exit_delay
+        logger.error("exiting in %.0f s", delay)
+        timer = threading.Timer(delay, os._exit, (3,))
+        timer.daemon = True
+        timer.start()
+
+    # ----------------------------------------------------------------- views
+    def health(self) -> tuple[int, dict[str, Any]]:
+        if self.ready:
+            return 200, {"status": "ready"}
+        body: dict[str, Any] = {"status": self.phase.value}
+        body["progress"] = self.handler.progress().as_dict()
+        if self.error:
+            body["error"] = self.error
+        return 503, body
+
+    def info(self) -> dict[str, Any]:
+        from importlib.metadata import PackageNotFoundError, version
+
+        def pkg(name: str) -> str | None:
+            try:
+                return version(name)
+            except PackageNotFoundError:
+                return None
+
+        results = self.handler.results or []
+        return {
+            "status": self.phase.value,
+            "mode": self.mode.value,
+            "pid": os.getpid(),
+            "model": {
+                "code_dir": str(self.code_dir),
+                "custom_module": self.hooks.module.__file__ if self.hooks else None,
+                "ready_after_seconds": (None if self._ready_after is None
+                                        else round(self._ready_after, 3)),
+            },
+            "artifacts": [r.as_dict() for r in results],
+            "versions": {
+                "drum-lazy-loading": pkg("drum-lazy-loading"),
+                "python": platform.python_version(),
+                "boto3": pkg("boto3"),
+                "flask": pkg("flask"),
+                "fastapi": pkg("fastapi"),
+                "gunicorn": pkg("gunicorn"),
+                "uvicorn": pkg("uvicorn"),
+            },
+        }
+
+
+_state: ReadinessState | None = None
+_state_lock = threading.Lock()
+
+
+def current_state(code_dir: str | os.PathLike[str] | None = None,
+                  mode: ReadinessMode | str | None = None) -> ReadinessState:
+    """The process's state, created on first use from the environment (new after a fork)."""
+    global _state
+    with _state_lock:
+        wanted = Path(os.path.realpath(code_dir)) if code_dir is not None else None
+        if _state is None or _state.pid != os.getpid() or (
+            wanted is not None and wanted != _state.code_dir
+        ):
+            settings = ServerSettings.from_environ(code_dir=code_dir, mode=mode)
+            _state = ReadinessState(settings)
+        return _state
+
+
+def reset_state() -> None:
+    """Forget the process's state (tests and embedding)."""
+    global _state
+    with _state_lock:
+        _state = None

@@ -1,0 +1,70 @@
+"""The DRUM routes as framework-free functions; Flask and FastAPI only translate I/O."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from lazy_loading.redact import redact
+
+from .readiness import ReadinessState
+from .unstructured import decode_body, encode_result, parse_content_type
+
+logger = logging.getLogger("drum_servers")
+
+RETRY_AFTER_SECONDS = 5
+
+
+@dataclass(frozen=True)
+class View:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> View:
+    return View(status, json.dumps(payload).encode(), "application/json", headers or {})
+
+
+def ping(state: ReadinessState) -> View:
+    return _json(200, {"message": "OK"})
+
+
+def health(state: ReadinessState) -> View:
+    status, body = state.health()
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else {}
+    return _json(status, body, headers)
+
+
+def info(state: ReadinessState) -> View:
+    return _json(200, state.info())
+
+
+def predict(state: ReadinessState, body: bytes, content_type: str | None,
+            query: Mapping[str, str]) -> View:
+    """Call ``score_unstructured``; 503 before ready, 500 with a short message on a hook error."""
+    if not state.ready or state.hooks is None:
+        return _json(503, {"message": f"model not ready: {state.phase.value}"},
+                     {"Retry-After": str(RETRY_AFTER_SECONDS)})
+    mimetype, charset = parse_content_type(content_type)
+    data = decode_body(body, mimetype, charset)
+    try:
+        result = state.hooks.score_unstructured(
+            state.model, data, mimetype=mimetype, charset=charset, query=dict(query)
+        )
+        response = encode_result(result)
+    except Exception as exc:
+        logger.exception("score_unstructured failed")
+        message = redact(str(exc)).splitlines()[0][:200] if str(exc) else ""
+        return _json(500, {"message": f"ERROR: {type(exc).__name__}: {message}".rstrip(": ")})
+    return View(200, response.body, response.content_type)
+
+
+ViewFunc = Callable[[ReadinessState], View]
+
+GET_ROUTES: dict[str, ViewFunc] = {"/": ping, "/ping/": ping, "/health/": health, "/info/": info}
+PREDICT_ROUTES = ("/predictUnstructured/", "/predictionsUnstructured/")
