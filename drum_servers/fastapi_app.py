@@ -15,6 +15,7 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from lazy_loading import LazyLoadingError
 
 from . import views
+from .logs import ensure_logging
 from .readiness import ReadinessState, current_state
 from .settings import ReadinessMode
 
@@ -105,6 +106,7 @@ lifespan = make_lifespan()
 def create_app(code_dir: str | os.PathLike[str] | None = None, *,
                mode: ReadinessMode | str | None = None, url_prefix: str | None = None) -> FastAPI:
     """``uvicorn --factory drum_servers.fastapi_app:create_app``."""
+    ensure_logging()
     app = FastAPI(title="drum-servers", lifespan=make_lifespan(code_dir, mode=mode))
 
     def state() -> ReadinessState:

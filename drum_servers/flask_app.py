@@ -11,6 +11,7 @@ from flask import Blueprint, Flask, Response, request
 from lazy_loading import LazyLoadingError
 
 from . import views
+from .logs import ensure_logging
 from .readiness import ReadinessState, current_state
 from .settings import ReadinessMode
 
@@ -63,6 +64,7 @@ def init_app(app: Flask, code_dir: str | os.PathLike[str] | None = None, *,
 def create_app(code_dir: str | os.PathLike[str] | None = None, *,
                mode: ReadinessMode | str | None = None, url_prefix: str | None = None) -> Flask:
     """An app factory: ``gunicorn 'drum_servers.flask_app:create_app()'``."""
+    ensure_logging()
     app = Flask("drum_servers")
     init_app(app, code_dir, mode=mode, url_prefix=url_prefix)
     return app

@@ -1,0 +1,167 @@
+"""Real servers from ``deploy/`` configs, real HTTP, a real S3 server on loopback."""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from drum_servers.demo import prepare_code_dir, sample_model, upload_sample
+from tests.conftest import SECRET_CANARY, TOKEN_CANARY, S3Store, lazy_env
+from tests.faults import Rule
+from tests.servers import WORKERS, RunningServer, start_server
+
+DIM = 256 * 1024  # 2 MiB of weights: several ranged parts at 1 MiB
+FILES = {"sample/model.json": "artifacts/model.json", "sample/weights.bin": "artifacts/weights.bin"}
+KINDS = list(WORKERS)
+
+
+def _expected(x: list[float]) -> float:
+    objects = sample_model(DIM)
+    weights = struct.unpack(f"<{DIM}d", objects["sample/weights.bin"])
+    return sum(a * b for a, b in zip(x, weights, strict=False)) + 0.5
+
+
+@pytest.fixture
+def model_env(s3: S3Store, tmp_path: Path) -> tuple[Path, dict[str, str], str]:
+    bucket = s3.bucket()
+    s3.client.delete_bucket(Bucket=bucket)
+    upload_sample(s3.url, bucket, DIM)
+    code_dir = prepare_code_dir(tmp_path / "code")
+    env = lazy_env(s3.url, bucket, FILES, LAZY_LOADING_PART_SIZE="1MiB")
+    return code_dir, env, bucket
+
+
+@pytest.fixture
+def servers() -> Iterator[list[RunningServer]]:
+    running: list[RunningServer] = []
+    yield running
+    for server in running:
+        server.stop()
+
+
+def _no_secret(*texts: str) -> None:
+    for text in texts:
+        assert SECRET_CANARY not in text and TOKEN_CANARY not in text
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_server_loads_after_download_and_serves_predictions(
+    kind: str, s3: S3Store, model_env: tuple[Path, dict[str, str], str],
+    servers: list[RunningServer], tmp_path: Path,
+) -> None:
+    code_dir, env, _ = model_env
+    server = start_server(kind, code_dir, env, tmp_path / "server.log")
+    servers.append(server)
+    server.wait_ready()
+
+    assert server.get("/ping/").json() == {"message": "OK"}
+    assert server.get("/ping").status_code == 200
+    assert server.get("/").json() == {"message": "OK"}
+    pids = set()
+    for i in range(40):
+        x = [float(i), 1.0, -2.0, 0.25 * i]
+        resp = server.post("/predictUnstructured/", json={"x": x})
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["content-type"].startswith("application/json")
+        body = resp.json()
+        assert body["prediction"] == pytest.approx(_expected(x))
+        pids.add(body["pid"])
+    assert server.post("/predictionsUnstructured", json={"x": [1.0]}).status_code == 200
+
+    weights = len(sample_model(DIM)["sample/weights.bin"])
+    assert s3.faults.ledger.body_bytes["sample/weights.bin"] == weights, \
+        "the weights are fetched once in total, not once per worker"
+    time.sleep(0.5)
+    log = server.log()
+    assert log.count("model ready in") == WORKERS[kind], log
+    info = server.get("/info/").json()
+    assert {a["path"] for a in info["artifacts"]} == set(FILES.values())
+    _no_secret(log, json.dumps(info), server.get("/health/").text)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_missing_object_stops_the_server_non_zero(
+    kind: str, s3: S3Store, model_env: tuple[Path, dict[str, str], str],
+    servers: list[RunningServer], tmp_path: Path,
+) -> None:
+    code_dir, env, bucket = model_env
+    data = json.loads(env["MLOPS_LAZY_LOADING_DATA"])
+    data["files"].append({"remotePath": "sample/missing.bin", "localPath": "artifacts/m.bin",
+                          "repositoryId": "repo-1"})
+    env["MLOPS_LAZY_LOADING_DATA"] = json.dumps(data)
+    server = start_server(kind, code_dir, env, tmp_path / "server.log")
+    servers.append(server)
+    code = server.wait_exit(60)
+    log = server.log()
+    assert code != 0, log
+    assert f"s3://{bucket}/sample/missing.bin" in log
+    assert "model ready" not in log
+    _no_secret(log)
+
+
+@pytest.mark.parametrize("kind", ["gunicorn-flask-sync", "uvicorn-fastapi", "gunicorn-fastapi"])
+def test_background_mode_answers_ping_while_downloading(
+    kind: str, s3: S3Store, model_env: tuple[Path, dict[str, str], str],
+    servers: list[RunningServer], tmp_path: Path,
+) -> None:
+    code_dir, env, _ = model_env
+    env["LAZY_LOADING_MODE"] = "background"
+    s3.faults.add(Rule("throttle", key="sample/weights.bin", times=None, rate=256 * 1024))
+    server = start_server(kind, code_dir, env, tmp_path / "server.log")
+    servers.append(server)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            ping = server.get("/ping/", timeout=1.0)
+            break
+        except Exception:
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.05)
+    assert ping.status_code == 200
+    health = server.get("/health/")
+    assert health.status_code == 503
+    assert health.json()["status"] in ("starting", "downloading", "loading")
+    assert "progress" in health.json()
+    early = server.post("/predictUnstructured/", json={"x": [1.0]})
+    assert early.status_code == 503
+    assert early.headers["retry-after"]
+    for _ in range(5):
+        started = time.monotonic()
+        assert server.get("/ping/").status_code == 200
+        assert time.monotonic() - started < 1.0
+    server.wait_ready(60)
+    assert server.post("/predictUnstructured/", json={"x": [1.0]}).status_code == 200
+
+
+@pytest.mark.parametrize("kind", ["gunicorn-flask-sync", "uvicorn-fastapi"])
+def test_background_failure_reports_then_exits_non_zero(
+    kind: str, s3: S3Store, model_env: tuple[Path, dict[str, str], str],
+    servers: list[RunningServer], tmp_path: Path,
+) -> None:
+    code_dir, env, _ = model_env
+    env["LAZY_LOADING_MODE"] = "background"
+    data = json.loads(env["MLOPS_LAZY_LOADING_DATA"])
+    data["files"][0]["remotePath"] = "sample/missing.json"
+    env["MLOPS_LAZY_LOADING_DATA"] = json.dumps(data)
+    server = start_server(kind, code_dir, env, tmp_path / "server.log")
+    servers.append(server)
+    saw_error = False
+    deadline = time.monotonic() + 30
+    while server.proc.poll() is None and time.monotonic() < deadline:
+        try:
+            resp = server.get("/health/", timeout=1.0)
+            if resp.status_code == 503 and resp.json().get("error"):
+                assert "sample/missing.json" in resp.json()["error"]
+                _no_secret(resp.text)
+                saw_error = True
+        except Exception:
+            pass
+        time.sleep(0.1)
+    assert saw_error, server.log()
+    assert server.wait_exit(30) != 0
+    assert "sample/missing.json" in server.log()
