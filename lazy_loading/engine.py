@@ -16,8 +16,8 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,6 +42,7 @@ from .s3io import (
     fetch_range,
     head_object,
 )
+from .scheduler import PriorityPool
 from .settings import LazyLoadingSettings
 
 logger = logging.getLogger("lazy_loading")
@@ -94,20 +95,30 @@ class TransferEngine:
         self._manifest = Manifest(state_dir)
         self._tracker = tracker
         self._cancel = threading.Event()
-        self._pool: ThreadPoolExecutor | None = None
+        self._sinks: set[RangeSink] = set()
+        self._pool: PriorityPool | None = None
 
     # ----------------------------------------------------------------- orchestration
     async def run(self) -> list[FileResult]:
         self._tracker.set_state(DownloadState.PLANNING)
-        self._pool = ThreadPoolExecutor(self._settings.max_connections, "lazy-loading")
+        self._pool = PriorityPool(self._settings.max_connections)
+        pool = self._pool
         try:
-            return await self._run()
+            results = await self._run()
         except BaseException:
-            self._cancel.set()
+            self._cancel_all()
+            pool.shutdown(wait=False)
             raise
         finally:
-            self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+        # Join the idle threads so none is alive if the caller forks next (gunicorn master).
+        await self._to_thread(pool.shutdown, True)
+        return results
+
+    def _cancel_all(self) -> None:
+        self._cancel.set()
+        for sink in list(self._sinks):
+            sink.abort()
 
     async def _run(self) -> list[FileResult]:
         failures = await self._head_all()
@@ -127,12 +138,12 @@ class TransferEngine:
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             if any(t.done() and not t.cancelled() and t.exception() for t in tasks):
-                self._cancel.set()
+                self._cancel_all()
                 for task in tasks:
                     task.cancel()
                 await asyncio.wait(tasks)
         except BaseException:
-            self._cancel.set()
+            self._cancel_all()
             for task in tasks:
                 task.cancel()
             with contextlib.suppress(BaseException):
@@ -156,14 +167,15 @@ class TransferEngine:
     async def _to_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
-    async def _in_pool(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _in_pool(self, priority: tuple[int, ...], fn: Callable[..., T], *args: Any) -> T:
         assert self._pool is not None
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        return await asyncio.wrap_future(self._pool.submit(priority, fn, *args))
 
     # ----------------------------------------------------------------- HEAD
     async def _head_all(self) -> dict[str, str]:
         results = await asyncio.gather(
-            *(self._in_pool(self._head, t) for t in self._transfers), return_exceptions=True
+            *(self._in_pool((-1, t.index), self._head, t) for t in self._transfers),
+            return_exceptions=True,
         )
         failures: dict[str, str] = {}
         self._unreachable = True
@@ -191,7 +203,7 @@ class TransferEngine:
         return self._with_retries(
             lambda: head_object(client, describe_endpoint(repo), repo.bucket_name,
                                 transfer.spec.remote_path),
-            what=f"HEAD s3://{repo.bucket_name}/{transfer.spec.remote_path}",
+            self._cancel,
         )
 
     def _offline_results(self, failures: dict[str, str]) -> list[FileResult] | None:
@@ -215,7 +227,7 @@ class TransferEngine:
         return results
 
     # ----------------------------------------------------------------- retries
-    def _with_retries(self, call: Callable[[], T], what: str,
+    def _with_retries(self, call: Callable[[], T], cancel: threading.Event,
                       on_retry: Callable[[], None] | None = None) -> T:
         attempt = 0
         while True:
@@ -224,14 +236,14 @@ class TransferEngine:
                 return call()
             except TransientFailure as exc:
                 limit = _CONNECT_ATTEMPTS if exc.connect_failure else self._settings.max_attempts
-                if attempt >= limit or self._cancel.is_set():
+                if attempt >= limit or cancel.is_set():
                     raise
                 delay = _backoff(attempt)
                 logger.warning("%s (attempt %d/%d), retrying in %.1f s",
                                exc.message, attempt, limit, delay)
                 if on_retry is not None:
                     on_retry()
-                if self._cancel.wait(delay):
+                if cancel.wait(delay):
                     raise Cancelled() from None
 
     # ----------------------------------------------------------------- one file
@@ -252,7 +264,7 @@ class TransferEngine:
                         raise _FileFailed(transfer, f"{exc.message}; changed again after restart") from None
                     logger.warning("%s; restarting the file", exc.message)
                     try:
-                        transfer.remote = await self._in_pool(self._head, transfer)
+                        transfer.remote = await self._in_pool((-1, transfer.index), self._head, transfer)
                     except TransferFailure as head_exc:
                         raise _FileFailed(transfer, head_exc.message) from None
                 except TransferFailure as exc:
@@ -304,10 +316,13 @@ class TransferEngine:
         journal, fd = await self._to_thread(self._prepare, transfer, remote, part_size,
                                             multipart, temp)
         resumed = set(journal.done) if journal is not None else set()
+        digests = self._digests(transfer, remote)
+        sink = RangeSink(fd, self._tracker.add_bytes, threading.Event(),
+                         digests if digests and not multipart else None)
+        self._sinks.add(sink)
+        if self._cancel.is_set():
+            sink.abort()
         try:
-            digests = self._digests(transfer, remote)
-            sink = RangeSink(fd, self._tracker.add_bytes, self._cancel,
-                             digests if digests and not multipart else None)
             resumed_bytes = sum(r.length for r in ranges if r.index in resumed)
             if resumed_bytes:
                 self._tracker.add_bytes(resumed_bytes)
@@ -315,16 +330,15 @@ class TransferEngine:
                             transfer.display, format_bytes(resumed_bytes))
             todo = [r for r in ranges if r.index not in resumed]
             client = self._clients.get(transfer.repository)
-            await self._gather_parts([
-                self._in_pool(self._fetch_part, client, remote, r, not multipart, sink, journal)
-                for r in todo
-            ])
+            await self._run_parts(client, remote, todo, not multipart, sink, journal)
             await self._to_thread(self._finish, transfer, remote, fd, temp, digests,
                                   not multipart)
             fd = -1
         except BaseException:
             await self._to_thread(self._discard, fd, temp, journal)
             raise
+        finally:
+            self._sinks.discard(sink)
         seconds = time.monotonic() - started
         fetched = sum(r.length for r in todo)
         entry = ManifestEntry(
@@ -342,16 +356,23 @@ class TransferEngine:
         return FileResult(transfer.display, target, remote.size, remote.etag,
                           "resumed" if resumed else "fetched", seconds, fetched)
 
-    async def _gather_parts(self, futures: list[Awaitable[None]]) -> None:
-        tasks = [asyncio.ensure_future(f) for f in futures]
-        if not tasks:
-            return
+    async def _run_parts(self, client: Any, remote: RemoteObject, todo: list[ByteRange],
+                         whole: bool, sink: RangeSink, journal: ResumeJournal | None) -> None:
+        """Fetch the ranges in the shared pool; on any failure stop this file's other parts and
+        wait until no thread can still write to its descriptor."""
+        assert self._pool is not None
+        futures = [
+            self._pool.submit((r.index, -remote.size), self._fetch_part, client, remote, r, whole,
+                              sink, journal)
+            for r in todo
+        ]
         try:
-            await asyncio.gather(*tasks)
+            await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         except BaseException:
-            self._cancel.set()
-            for task in tasks:
-                task.cancel()
+            sink.abort()
+            for future in futures:
+                future.cancel()
+            await asyncio.get_running_loop().run_in_executor(None, wait_futures, futures)
             raise
 
     def _digests(self, transfer: FileTransfer, remote: RemoteObject) -> DigestSet:
@@ -406,7 +427,7 @@ class TransferEngine:
             written[0] += n
             sink.on_bytes(n)
 
-        part_sink = RangeSink(sink.fd, count, sink.cancel, sink.digests)
+        part_sink = sink.with_counter(count)
 
         def undo() -> None:
             sink.on_bytes(-written[0])
@@ -414,10 +435,10 @@ class TransferEngine:
             if sink.digests is not None:
                 sink.digests.reset()
 
-        if self._cancel.is_set():
+        if sink.cancel.is_set():
             raise Cancelled()
         self._with_retries(lambda: fetch_range(client, remote, byte_range, whole, part_sink),
-                           what=remote.where, on_retry=undo)
+                           sink.cancel, on_retry=undo)
         if journal is not None:
             journal.mark_done(byte_range.index)
 

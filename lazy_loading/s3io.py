@@ -7,10 +7,12 @@ endpoint, bucket and key, never a credential.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from botocore.exceptions import (
@@ -153,14 +155,55 @@ def head_object(client: Any, endpoint: str, bucket: str, key: str) -> RemoteObje
     )
 
 
-@dataclass
+@dataclass(eq=False)
 class RangeSink:
-    """Where a range's bytes go: a file descriptor at an offset, plus optional inline digests."""
+    """Where a file's bytes go: a descriptor written at offsets, plus optional inline digests.
+
+    ``abort`` closes every body being read so threads blocked in a socket read stop at once
+    instead of after the stall timeout.
+    """
 
     fd: int
     on_bytes: Callable[[int], None]
     cancel: threading.Event
     digests: DigestSet | None = None
+    _bodies: set[Any] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def track(self, body: Any) -> None:
+        with self._lock:
+            self._bodies.add(body)
+            if self.cancel.is_set():
+                _interrupt(body)
+
+    def untrack(self, body: Any) -> None:
+        with self._lock:
+            self._bodies.discard(body)
+
+    def abort(self) -> None:
+        self.cancel.set()
+        with self._lock:
+            for body in self._bodies:
+                _interrupt(body)
+
+    def with_counter(self, on_bytes: Callable[[int], None]) -> RangeSink:
+        """The same sink (shared cancel, bodies, digests) reporting bytes to ``on_bytes``."""
+        return RangeSink(self.fd, on_bytes, self.cancel, self.digests, self._bodies, self._lock)
+
+
+def _interrupt(body: Any) -> None:
+    """Wake a thread blocked reading ``body`` by shutting its socket down.
+
+    A 1 MiB read from a slow store can block for seconds, and ``body.close()`` from another
+    thread would wait for the reader's buffer lock. ``shutdown`` works on a duplicate of the
+    descriptor; callers hold the sink lock, so the reader cannot close it meanwhile.
+    """
+    try:
+        fd = body._raw_stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    with contextlib.suppress(OSError), socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.shutdown(socket.SHUT_RDWR)
 
 
 def fetch_range(client: Any, remote: RemoteObject, byte_range: ByteRange, whole: bool,
@@ -177,8 +220,11 @@ def fetch_range(client: Any, remote: RemoteObject, byte_range: ByteRange, whole:
         params["Range"] = f"bytes={byte_range.start}-{byte_range.end}"
     body = None
     try:
+        if sink.cancel.is_set():
+            raise Cancelled()
         response = client.get_object(**params)
         body = response["Body"]
+        sink.track(body)
         _check_headers(response, remote, byte_range, whole, where)
         offset, written = byte_range.start, 0
         while written < byte_range.length:
@@ -203,9 +249,12 @@ def fetch_range(client: Any, remote: RemoteObject, byte_range: ByteRange, whole:
     except (Cancelled, TransferFailure):
         raise
     except Exception as exc:
+        if sink.cancel.is_set():
+            raise Cancelled() from None
         raise classify(exc, where) from None
     finally:
         if body is not None:
+            sink.untrack(body)
             body.close()
 
 

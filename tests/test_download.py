@@ -279,3 +279,59 @@ def test_progress_snapshot_and_callback(s3: S3Store, tmp_path: Path) -> None:
     assert (snap.files_done, snap.files_total) == (2, 2)
     assert snap.bytes_done == snap.bytes_total == 2 * MiB + 10
     assert seen and seen[-1].state.value == "done"
+
+
+def test_object_replaced_mid_download_restarts_cleanly(s3: S3Store, tmp_path: Path) -> None:
+    import threading
+
+    v1, v2 = payload(4 * MiB, seed=11), payload(4 * MiB + 7, seed=12)
+    bucket, env = _setup(s3, {"a.bin": v1}, LAZY_LOADING_PART_SIZE="1MiB",
+                         LAZY_LOADING_MAX_CONNECTIONS="1")
+    s3.faults.add(Rule("throttle", key="a.bin", times=2, rate=4 * MiB))
+    replaced = threading.Timer(0.3, lambda: s3.put(bucket, "a.bin", v2))
+    replaced.start()
+    results = LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    replaced.join()
+    assert (tmp_path / "a.bin").read_bytes() == v2, "never a mix of two versions"
+    assert results[0].etag == s3.client.head_object(Bucket=bucket, Key="a.bin")["ETag"]
+    assert no_debris(tmp_path) == []
+
+
+def test_first_fatal_error_cancels_the_rest_promptly(s3: S3Store, tmp_path: Path) -> None:
+    _, env = _setup(s3, {"big.bin": payload(8 * MiB), "bad.bin": payload(2 * MiB, 1)},
+                    LAZY_LOADING_PART_SIZE="1MiB", LAZY_LOADING_MAX_CONNECTIONS="4")
+    s3.faults.add(Rule("throttle", key="big.bin", times=None, rate=256 * 1024))
+    s3.faults.add(Rule("status", method="GET", key="bad.bin", times=None, status=403))
+    started = time.monotonic()
+    with pytest.raises(DownloadError) as info:
+        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert time.monotonic() - started < 8, "did not wait for the 8 MiB file at 1 MiB/s"
+    assert list(info.value.failures) == ["bad.bin"]
+    assert not (tmp_path / "big.bin").exists()
+    assert no_debris(tmp_path) == []
+
+
+def test_overall_deadline(s3: S3Store, tmp_path: Path) -> None:
+    _, env = _setup(s3, {"a.bin": payload(4 * MiB)}, LAZY_LOADING_PART_SIZE="1MiB",
+                    LAZY_LOADING_TIMEOUT="1")
+    s3.faults.add(Rule("throttle", key="a.bin", times=None, rate=128 * 1024))
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match="LAZY_LOADING_TIMEOUT=1 s"):
+        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert time.monotonic() - started < 5
+    assert not (tmp_path / "a.bin").exists()
+    assert no_debris(tmp_path) == []
+
+
+def test_not_enough_disk_space_fails_before_any_body(
+    s3: S3Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+    from collections import namedtuple
+
+    _, env = _setup(s3, {"a.bin": payload(2 * MiB)})
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * MiB, 9 * MiB, 1 * MiB))
+    with pytest.raises(DownloadError, match=r"not enough free disk space .* need 2\.0 MiB"):
+        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert s3.faults.ledger.gets() == 0
