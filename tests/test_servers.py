@@ -165,3 +165,21 @@ def test_background_failure_reports_then_exits_non_zero(
     assert saw_error, server.log()
     assert server.wait_exit(30) != 0
     assert "sample/missing.json" in server.log()
+
+
+@pytest.mark.parametrize("kind", ["gunicorn-flask-sync", "gunicorn-fastapi", "uvicorn-fastapi"])
+def test_load_model_error_shows_the_users_traceback_and_fails(
+    kind: str, model_env: tuple[Path, dict[str, str], str], servers: list[RunningServer],
+    tmp_path: Path,
+) -> None:
+    code_dir, env, _ = model_env
+    custom = code_dir / "custom.py"
+    custom.write_text(custom.read_text().replace(
+        "    artifacts = Path(code_dir)", "    _users_helper()\n    artifacts = Path(code_dir)"
+    ) + "\n\ndef _users_helper():\n    raise RuntimeError('weights are corrupt')\n")
+    server = start_server(kind, code_dir, env, tmp_path / "server.log")
+    servers.append(server)
+    code = server.wait_exit(60)
+    log = server.log()
+    assert code != 0, log
+    assert "Traceback" in log and "_users_helper" in log and "weights are corrupt" in log
