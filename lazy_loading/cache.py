@@ -1,6 +1,6 @@
 """What this package remembers on disk under ``<code_dir>/.lazy_loading/``.
 
-* ``manifest.json`` — every file we published (ETag, size, checksum, mtime), so a restart or a
+* ``manifest/<id>.json`` — every file we published (ETag, size, checksum, mtime), so a restart or a
   second worker can trust an intact local copy instead of fetching it again.
 * ``journal/<id>.json`` — completed ranges of an unfinished multi-part file, so a process killed
   mid-download resumes with only the missing ranges.
@@ -36,14 +36,17 @@ def target_id(target: Path) -> str:
     return hashlib.sha256(os.fsencode(target)).hexdigest()[:24]
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
+def write_json_atomic(path: Path, payload: Any, durable: bool = False) -> None:
+    """Unique temp file, then ``os.replace``. Not fsynced unless ``durable``: a record lost in a
+    power cut only costs a re-download, and fsyncs per record would dominate small files."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(payload, fh, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -95,38 +98,37 @@ class ManifestEntry:
 
 
 class Manifest:
-    """The record of published files; safe for concurrent writers on one host."""
+    """The record of published files: one small JSON document per target.
+
+    One document per target (rather than one shared file) keeps every write O(1) and free of
+    read-merge-write contention; the per-target lock already serializes writers of a target.
+    """
 
     def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / "manifest.json"
-        self._lock_path = state_dir / "manifest.lock"
+        self.dir = state_dir / "manifest"
 
-    def entries(self) -> dict[str, ManifestEntry]:
-        raw = _read_json(self.path)
-        if not isinstance(raw, dict) or raw.get("version") != MANIFEST_VERSION:
-            return {}
-        entries: dict[str, ManifestEntry] = {}
-        for name, item in (raw.get("files") or {}).items():
-            with contextlib.suppress(TypeError, ValueError):
-                entries[name] = ManifestEntry.from_json(item)
-        return entries
+    def _path(self, target: Path) -> Path:
+        return self.dir / f"{target_id(target)}.json"
 
     def lookup(self, target: Path) -> ManifestEntry | None:
-        return self.entries().get(str(target))
+        raw = _read_json(self._path(target))
+        if not isinstance(raw, dict) or raw.get("version") != MANIFEST_VERSION \
+                or raw.get("target") != str(target):
+            return None
+        try:
+            return ManifestEntry.from_json(raw["entry"])
+        except (KeyError, TypeError, ValueError):
+            return None
 
     def record(self, target: Path, entry: ManifestEntry | None) -> None:
-        """Add (or with ``None`` drop) one entry under the manifest lock: read, merge, replace."""
-        self._lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self._lock_path), thread_local=False):
-            entries = self.entries()
-            if entry is None:
-                entries.pop(str(target), None)
-            else:
-                entries[str(target)] = entry
-            write_json_atomic(self.path, {
-                "version": MANIFEST_VERSION,
-                "files": {name: asdict(e) for name, e in sorted(entries.items())},
-            })
+        """Publish (or with ``None`` forget) the entry of one target, atomically."""
+        if entry is None:
+            with contextlib.suppress(FileNotFoundError):
+                self._path(target).unlink()
+            return
+        write_json_atomic(self._path(target), {
+            "version": MANIFEST_VERSION, "target": str(target), "entry": asdict(entry),
+        }, durable=False)
 
 
 class ResumeJournal:

@@ -210,10 +210,9 @@ class TransferEngine:
         """S3 unreachable but every file intact from an earlier run: serve the local copies."""
         if not self._unreachable:
             return None
-        entries = self._manifest.entries()
         results = []
         for t in self._transfers:
-            entry = entries.get(str(t.target))
+            entry = self._manifest.lookup(t.target)
             if entry is None or not entry.intact(t.target) or (
                 t.spec.sha256 and entry.sha256 != t.spec.sha256
             ):
@@ -488,10 +487,9 @@ class TransferEngine:
 
     def _check_free_space(self, transfers: list[FileTransfer]) -> None:
         """Refuse to start when a filesystem cannot hold what must be fetched."""
-        entries = self._manifest.entries()
         needed: dict[int, tuple[Path, int]] = {}
         for t in transfers:
-            entry = entries.get(str(t.target))
+            entry = self._manifest.lookup(t.target)
             if entry is not None and t.remote is not None and entry.matches(t.remote) \
                     and entry.intact(t.target):
                 continue

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -253,8 +254,9 @@ def test_sha256_and_s3_checksum_verified(s3: S3Store, tmp_path: Path) -> None:
     env = lazy_env(s3.url, bucket, {"a.bin": "a.bin"}, LAZY_LOADING_PART_SIZE="1MiB",
                    extra_file_fields={"a.bin": {"sha256": hashlib.sha256(body).hexdigest()}})
     LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
-    manifest = json.loads((tmp_path / ".lazy_loading/manifest.json").read_text())
-    entry = manifest["files"][str(tmp_path / "a.bin")]
+    from lazy_loading.cache import Manifest
+
+    entry = asdict(Manifest(tmp_path / ".lazy_loading").lookup(tmp_path / "a.bin"))
     assert entry["checksum"][0] == "ChecksumCRC32"
     assert entry["sha256"] == hashlib.sha256(body).hexdigest()
 
