@@ -105,6 +105,7 @@ def run_candidate(kind: str, python: Path, sc: Scenario, store: NginxStore, targ
             "source_root": str(data_root)}
     env = {**os.environ, **lazy_env(store.url, files), "BENCH_SPEC": json.dumps(spec),
            "LAZY_LOADING_PROGRESS_INTERVAL": "3600"}
+    settle()
     store.reset_log()
     out = subprocess.run([str(python), str(HERE / "candidate.py"), kind], env=env, text=True,
                          capture_output=True, timeout=1800)
@@ -113,6 +114,12 @@ def run_candidate(kind: str, python: Path, sc: Scenario, store: NginxStore, targ
     result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
     result["body_bytes"] = sum(store.body_bytes().values())
     return result
+
+
+def settle() -> None:
+    """Flush the previous run's dirty pages so no candidate pays for another's write-back."""
+    os.sync()
+    time.sleep(0.5)
 
 
 def rotate(items: list[str], by: int) -> Iterator[str]:
@@ -133,6 +140,7 @@ def gunicorn_scenario(sc: Scenario, store: NginxStore, work: Path) -> dict[str, 
     env = {**os.environ, **lazy_env(store.url, files), "CODE_DIR": str(code),
            "LAZY_LOADING_PROGRESS_INTERVAL": "3600"}
     # One process, cold.
+    settle()
     store.reset_log()
     started = time.perf_counter()
     _sh(sys.executable, "-m", "drum_servers.cli", "download", "--code-dir", str(code), env=env)
@@ -140,6 +148,7 @@ def gunicorn_scenario(sc: Scenario, store: NginxStore, work: Path) -> dict[str, 
     shutil.rmtree(code / "artifacts")
     shutil.rmtree(code / ".lazy_loading")
     # Four workers, cold.
+    settle()
     store.reset_log()
     log = work / "gunicorn.log"
     from store import _free_port

@@ -2,7 +2,7 @@
 
 * ``manifest/<id>.json`` — every file we published (ETag, size, checksum, mtime), so a restart or a
   second worker can trust an intact local copy instead of fetching it again.
-* ``journal/<id>.json`` — completed ranges of an unfinished multi-part file, so a process killed
+* ``journal/<id>.log`` — completed ranges of an unfinished multi-part file, so a process killed
   mid-download resumes with only the missing ranges.
 * ``locks/<id>.lock`` — one lock per target: the single-flight between processes on one host.
 
@@ -36,14 +36,14 @@ def target_id(target: Path) -> str:
     return hashlib.sha256(os.fsencode(target)).hexdigest()[:24]
 
 
-def write_json_atomic(path: Path, payload: Any, durable: bool = False) -> None:
+def write_atomic(path: Path, data: bytes, durable: bool = False) -> None:
     """Unique temp file, then ``os.replace``. Not fsynced unless ``durable``: a record lost in a
     power cut only costs a re-download, and fsyncs per record would dominate small files."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, sort_keys=True)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
             if durable:
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -52,6 +52,10 @@ def write_json_atomic(path: Path, payload: Any, durable: bool = False) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def write_json_atomic(path: Path, payload: Any, durable: bool = False) -> None:
+    write_atomic(path, json.dumps(payload, sort_keys=True).encode(), durable)
 
 
 def _read_json(path: Path) -> Any:
@@ -120,7 +124,7 @@ class Manifest:
         except (KeyError, TypeError, ValueError):
             return None
 
-    def record(self, target: Path, entry: ManifestEntry | None) -> None:
+    def record(self, target: Path, entry: ManifestEntry | None, durable: bool = False) -> None:
         """Publish (or with ``None`` forget) the entry of one target, atomically."""
         if entry is None:
             with contextlib.suppress(FileNotFoundError):
@@ -128,37 +132,56 @@ class Manifest:
             return
         write_json_atomic(self._path(target), {
             "version": MANIFEST_VERSION, "target": str(target), "entry": asdict(entry),
-        }, durable=False)
+        }, durable=durable)
 
 
 class ResumeJournal:
-    """Completed ranges of one unfinished file, bound to the object version they came from."""
+    """Completed ranges of one unfinished file, bound to the object version they came from.
+
+    Stored as a JSON header line followed by one line per finished part, each appended with a
+    single ``write``: no temp-and-rename per part, and a torn last line is ignored on resume.
+    """
 
     def __init__(self, state_dir: Path, target: Path, remote: RemoteObject, part_size: int,
                  temp: Path, done: set[int] | None = None) -> None:
-        self.path = state_dir / "journal" / f"{target_id(target)}.json"
+        self.path = state_dir / "journal" / f"{target_id(target)}.log"
         self.target = target
         self.remote = remote
         self.part_size = part_size
         self.temp = temp
         self.done: set[int] = set(done or ())
         self._lock = threading.Lock()
+        self._fd = -1
 
     def _identity(self) -> dict[str, Any]:
         r = self.remote
         return {"target": str(self.target), "endpoint": r.endpoint, "bucket": r.bucket,
                 "key": r.key, "etag": r.etag, "size": r.size, "part_size": self.part_size}
 
+    @staticmethod
+    def read(path: Path) -> tuple[dict[str, Any], set[int]] | None:
+        """Header and finished part indexes of a journal file, or ``None`` if unusable."""
+        try:
+            lines = path.read_text(encoding="utf-8").split("\n")
+            header = json.loads(lines[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        if not isinstance(header, dict):
+            return None
+        done = {int(line) for line in lines[1:] if line.strip().isdigit()}
+        return header, done
+
     @classmethod
     def resume(cls, state_dir: Path, target: Path, remote: RemoteObject,
                part_size: int) -> ResumeJournal | None:
         """The journal of an earlier, dead attempt at the same object version, if usable."""
         probe = cls(state_dir, target, remote, part_size, temp=target)
-        raw = _read_json(probe.path)
-        if not isinstance(raw, dict):
+        found = cls.read(probe.path)
+        if found is None:
             return None
-        temp = Path(str(raw.get("temp", "")))
-        same = all(raw.get(k) == v for k, v in probe._identity().items())
+        header, done = found
+        temp = Path(str(header.get("temp", "")))
+        same = all(header.get(k) == v for k, v in probe._identity().items())
         if not same or temp.parent != target.parent:
             return None
         try:
@@ -166,30 +189,38 @@ class ResumeJournal:
                 return None
         except OSError:
             return None
-        return cls(state_dir, target, remote, part_size, temp=temp,
-                   done={int(i) for i in raw.get("done", [])})
+        return cls(state_dir, target, remote, part_size, temp=temp, done=done)
+
+    def start(self) -> None:
+        """(Re)write the header and the parts done so far, then append from here on."""
+        with self._lock:
+            self._close()
+            header = json.dumps({**self._identity(), "temp": str(self.temp),
+                                 "started": time.time()}, sort_keys=True)
+            body = "".join(f"{i}\n" for i in sorted(self.done))
+            write_atomic(self.path, f"{header}\n{body}".encode())
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
 
     def mark_done(self, index: int) -> None:
         with self._lock:
             self.done.add(index)
-            self._write()
+            if self._fd >= 0:
+                os.write(self._fd, f"{index}\n".encode())
 
     def adopt(self, temp: Path) -> None:
         """Move the earlier attempt's temp file to our own name, then record it."""
         os.replace(self.temp, temp)
         self.temp = temp
-        with self._lock:
-            self._write()
+        self.start()
 
-    def start(self) -> None:
-        with self._lock:
-            self._write()
-
-    def _write(self) -> None:
-        write_json_atomic(self.path, {**self._identity(), "temp": str(self.temp),
-                                      "done": sorted(self.done), "updated": time.time()})
+    def _close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def remove(self) -> None:
+        with self._lock:
+            self._close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 

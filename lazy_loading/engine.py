@@ -345,7 +345,7 @@ class TransferEngine:
             size=remote.size, mtime_ns=target.stat().st_mtime_ns, version_id=remote.version_id,
             checksum=remote.checksum, sha256=transfer.spec.sha256, published_at=time.time(),
         )
-        await self._to_thread(self._manifest.record, target, entry)
+        await self._to_thread(self._manifest.record, target, entry, self._settings.fsync)
         if journal is not None:
             journal.remove()
         self._tracker.file_done()
@@ -443,18 +443,20 @@ class TransferEngine:
 
     def _finish(self, transfer: FileTransfer, remote: RemoteObject, fd: int, temp: Path,
                 digests: DigestSet, inline: bool) -> None:
-        """Verify, fsync and atomically rename the temp file onto the target."""
+        """Verify, optionally fsync, and atomically rename the temp file onto the target."""
         try:
             size = os.fstat(fd).st_size
             if size != remote.size:
                 raise FatalFailure(f"{remote.where}: wrote {size} bytes, expected {remote.size}")
             if self._settings.verify_checksums:
                 self._verify(transfer, remote, fd, digests, inline)
-            os.fsync(fd)
+            if self._settings.fsync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(temp, transfer.target)
-        _fsync_dir(transfer.target.parent)
+        if self._settings.fsync:
+            _fsync_dir(transfer.target.parent)
 
     def _verify(self, transfer: FileTransfer, remote: RemoteObject, fd: int,
                 digests: DigestSet, inline: bool) -> None:

@@ -40,6 +40,7 @@ class LazyLoadingSettings(BaseModel):
     allowed_roots: tuple[Path, ...] = ()
     progress_interval: float = Field(5.0, gt=0)
     verify_checksums: bool = True
+    fsync: bool = False
 
     @field_validator("part_size", mode="before")
     @classmethod

@@ -337,3 +337,19 @@ def test_not_enough_disk_space_fails_before_any_body(
     with pytest.raises(DownloadError, match=r"not enough free disk space .* need 2\.0 MiB"):
         LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
     assert s3.faults.ledger.gets() == 0
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_fsync_only_when_asked(
+    s3: S3Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable: bool
+) -> None:
+    import os
+
+    calls: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd))[1])
+    _, env = _setup(s3, {"a.bin": payload(2 * MiB)}, LAZY_LOADING_PART_SIZE="1MiB",
+                    LAZY_LOADING_FSYNC=str(durable).lower())
+    LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert (tmp_path / "a.bin").stat().st_size == 2 * MiB
+    assert (len(calls) >= 3) if durable else (calls == [])

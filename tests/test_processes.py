@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -11,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from lazy_loading.cache import ResumeJournal
 from tests.conftest import S3Store, lazy_env, no_debris, payload
 from tests.faults import Rule
 
@@ -52,15 +51,18 @@ def test_kill_9_then_resume_fetches_only_missing_ranges(s3: S3Store, tmp_path: P
     deadline = time.monotonic() + 30
     done: list[int] = []
     while time.monotonic() < deadline and len(done) < 3:
-        for journal in journal_dir.glob("*.json"):
-            with contextlib.suppress(ValueError, OSError):
-                done = json.loads(journal.read_text())["done"]
+        for path in journal_dir.glob("*.log"):
+            found = ResumeJournal.read(path)
+            if found is not None:
+                done = sorted(found[1])
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
     assert len(done) >= 3, "the first process made progress before it was killed"
     assert not (tmp_path / "big.bin").exists(), "nothing is published before it is complete"
-    journal = json.loads(next(journal_dir.glob("*.json")).read_text())
+    found = ResumeJournal.read(next(journal_dir.glob("*.log")))
+    assert found is not None
+    journal_done = found[1]
     assert no_debris(tmp_path), "the killed process left its temp file for the resume"
     from lazy_loading.cache import Manifest
 
@@ -75,10 +77,10 @@ def test_kill_9_then_resume_fetches_only_missing_ranges(s3: S3Store, tmp_path: P
     requested = {int(rng.split("=")[1].split("-")[0]) // MiB
                  for method, key, rng, _ in s3.faults.ledger.requests
                  if method == "GET" and key == "big.bin" and rng}
-    assert requested == set(range(8)) - set(journal["done"])
+    assert requested == set(range(8)) - journal_done
     assert "resuming big.bin" in result.stderr
     assert no_debris(tmp_path) == []
-    assert list(journal_dir.glob("*.json")) == []
+    assert list(journal_dir.glob("*.log")) == []
 
 
 def test_temp_files_of_dead_processes_are_removed(s3: S3Store, tmp_path: Path) -> None:
