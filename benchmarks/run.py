@@ -119,7 +119,7 @@ def run_candidate(kind: str, python: Path, sc: Scenario, store: NginxStore, targ
 def settle() -> None:
     """Flush the previous run's dirty pages so no candidate pays for another's write-back."""
     os.sync()
-    time.sleep(0.5)
+    time.sleep(float(os.environ.get("BENCH_SETTLE", "0.5")))
 
 
 def rotate(items: list[str], by: int) -> Iterator[str]:

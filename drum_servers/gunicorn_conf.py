@@ -23,6 +23,9 @@ max_requests = _settings.max_requests
 max_requests_jitter = _settings.max_requests_jitter
 backlog = _settings.backlog
 preload_app = False
+# gunicorn >= 27 opens a control socket under $HOME; containers often have a read-only root and
+# no home. Older versions ignore the setting.
+control_socket_disable = True
 accesslog = "-"
 errorlog = "-"
 loglevel = "info"
@@ -49,7 +52,7 @@ logconfig_dict = {
 }
 
 __all__ = [
-    "accesslog", "backlog", "bind", "errorlog", "graceful_timeout", "keepalive", "logconfig_dict",
+    "accesslog", "backlog", "bind", "control_socket_disable", "errorlog", "graceful_timeout", "keepalive", "logconfig_dict",
     "loglevel", "max_requests", "max_requests_jitter", "on_starting", "post_fork", "preload_app",
     "timeout", "worker_class", "worker_connections", "workers", "wsgi_app",
 ]
