@@ -52,7 +52,8 @@ logconfig_dict = {
 }
 
 __all__ = [
-    "accesslog", "backlog", "bind", "control_socket_disable", "errorlog", "graceful_timeout", "keepalive", "logconfig_dict",
-    "loglevel", "max_requests", "max_requests_jitter", "on_starting", "post_fork", "preload_app",
-    "timeout", "worker_class", "worker_connections", "workers", "wsgi_app",
+    "accesslog", "backlog", "bind", "control_socket_disable", "errorlog", "graceful_timeout",
+    "keepalive", "logconfig_dict", "loglevel", "max_requests", "max_requests_jitter",
+    "on_starting", "post_fork", "preload_app", "timeout", "worker_class", "worker_connections",
+    "workers", "wsgi_app",
 ]
