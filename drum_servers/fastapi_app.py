@@ -33,8 +33,9 @@ def make_router(state_getter: Callable[[], ReadinessState], prefix: str = "") ->
     router = APIRouter(prefix=prefix)
 
     for path, view in views.GET_ROUTES.items():
-        async def get(view: views.ViewFunc = view) -> Response:
-            return _respond(view(state_getter()))
+        async def get(request: Request, view: views.ViewFunc = view, path: str = path) -> Response:
+            return _respond(views.handle(path, lambda: view(state_getter()),
+                                         request.headers.get("x-request-id")))
 
         for variant in {path, path.rstrip("/") or "/"}:
             router.add_api_route(variant, get, methods=["GET"], include_in_schema=variant == path)
@@ -44,10 +45,13 @@ def make_router(state_getter: Callable[[], ReadinessState], prefix: str = "") ->
 
         state = state_getter()
         body = await request.body()
+
+        def call() -> views.View:
+            return views.predict(state, body, request.headers.get("content-type"),
+                                 dict(request.query_params))
+
         view = await anyio.to_thread.run_sync(
-            views.predict, state, body, request.headers.get("content-type"),
-            dict(request.query_params),
-        )
+            views.handle, "predict", call, request.headers.get("x-request-id"))
         return _respond(view)
 
     for path in views.PREDICT_ROUTES:

@@ -32,16 +32,20 @@ def init_app(app: Flask, code_dir: str | os.PathLike[str] | None = None, *,
     blueprint = Blueprint("drum_servers", __name__, url_prefix=prefix or None)
 
     for path, view in views.GET_ROUTES.items():
-        def get(view: views.ViewFunc = view) -> Response:
-            return _respond(view(state))
+        def get(view: views.ViewFunc = view, path: str = path) -> Response:
+            return _respond(views.handle(path, lambda: view(state),
+                                         request.headers.get("X-Request-ID")))
 
         blueprint.add_url_rule(path, f"get_{path.strip('/') or 'root'}", get,
                                methods=["GET"], strict_slashes=False)
 
     def predict() -> Response:
-        return _respond(views.predict(state, request.get_data(cache=False),
-                                      request.headers.get("Content-Type"),
-                                      request.args.to_dict()))
+        return _respond(views.handle(
+            "predict",
+            lambda: views.predict(state, request.get_data(cache=False),
+                                  request.headers.get("Content-Type"), request.args.to_dict()),
+            request.headers.get("X-Request-ID"),
+        ))
 
     for path in views.PREDICT_ROUTES:
         blueprint.add_url_rule(path, f"post_{path.strip('/')}", predict, methods=["POST"],

@@ -7,6 +7,8 @@ the worker class and app in ``gunicorn_uvicorn_conf``.
 from __future__ import annotations
 
 from drum_servers.gunicorn_hooks import on_starting, post_fork
+from drum_servers.logs import ACCESS_LOG_FORMAT, logging_config
+from drum_servers.metrics import mark_process_dead
 from drum_servers.settings import ServerSettings
 
 _settings = ServerSettings.from_environ()
@@ -29,31 +31,17 @@ control_socket_disable = True
 accesslog = "-"
 errorlog = "-"
 loglevel = "info"
-logconfig_dict = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "root": {"level": "INFO", "handlers": ["console"]},
-    "loggers": {
-        "gunicorn.error": {"level": "INFO", "handlers": ["error_console"], "propagate": False},
-        "gunicorn.access": {"level": "INFO", "handlers": ["console"], "propagate": False},
-        "botocore": {"level": "WARNING"},
-        "urllib3": {"level": "WARNING"},
-        "filelock": {"level": "WARNING"},
-    },
-    "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": "generic",
-                    "stream": "ext://sys.stdout"},
-        "error_console": {"class": "logging.StreamHandler", "formatter": "generic",
-                          "stream": "ext://sys.stderr"},
-    },
-    "formatters": {
-        "generic": {"format": "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"},
-    },
-}
+logconfig_dict = logging_config()
+access_log_format = ACCESS_LOG_FORMAT
+
+
+def child_exit(server: object, worker: object) -> None:
+    mark_process_dead(worker.pid)  # type: ignore[attr-defined]
+
 
 __all__ = [
-    "accesslog", "backlog", "bind", "control_socket_disable", "errorlog", "graceful_timeout",
-    "keepalive", "logconfig_dict", "loglevel", "max_requests", "max_requests_jitter",
-    "on_starting", "post_fork", "preload_app", "timeout", "worker_class", "worker_connections",
-    "workers", "wsgi_app",
+    "access_log_format", "accesslog", "backlog", "bind", "child_exit", "control_socket_disable",
+    "errorlog", "graceful_timeout", "keepalive", "logconfig_dict", "loglevel", "max_requests",
+    "max_requests_jitter", "on_starting", "post_fork", "preload_app", "timeout", "worker_class",
+    "worker_connections", "workers", "wsgi_app",
 ]

@@ -18,6 +18,7 @@ from typing import Any
 
 from lazy_loading import LazyLoadingError, LazyLoadingHandler
 
+from . import metrics
 from .model import ModelHooks
 from .settings import ReadinessMode, ServerSettings
 
@@ -64,14 +65,18 @@ class ReadinessState:
     # ----------------------------------------------------------------- steps
     def download(self) -> None:
         """Make every artifact present (a no-op once done in this process)."""
-        if self.handler.results is None:
-            self._set(Phase.DOWNLOADING)
-        self.handler.download_lazy_loading_files()
+        if self.handler.results is not None:
+            return
+        self._set(Phase.DOWNLOADING)
+        results = self.handler.download_lazy_loading_files()
+        metrics.record_download(results, self.handler.progress())
 
     async def download_async(self) -> None:
-        if self.handler.results is None:
-            self._set(Phase.DOWNLOADING)
-        await self.handler.download_lazy_loading_files_async()
+        if self.handler.results is not None:
+            return
+        self._set(Phase.DOWNLOADING)
+        results = await self.handler.download_lazy_loading_files_async()
+        metrics.record_download(results, self.handler.progress())
 
     def load_model(self) -> None:
         """Run the user's ``init`` and ``load_model`` exactly once per process."""
@@ -111,6 +116,7 @@ class ReadinessState:
         if phase is not self.phase:
             logger.info("%s -> %s", self.phase.value, phase.value)
         self.phase = phase
+        metrics.set_ready(phase is Phase.READY)
 
     # ----------------------------------------------------------------- background mode
     def start_background_thread(self) -> None:

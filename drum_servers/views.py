@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from lazy_loading.redact import redact
 
+from . import metrics as _metrics
+from .logs import request_id
 from .readiness import ReadinessState
 from .unstructured import decode_body, encode_result, parse_content_type
 
@@ -64,7 +67,25 @@ def predict(state: ReadinessState, body: bytes, content_type: str | None,
     return View(200, response.body, response.content_type)
 
 
+def metrics(state: ReadinessState) -> View:
+    rendered = _metrics.render()
+    if rendered is None:
+        return _json(404, {"message": "metrics are off: install the 'metrics' extra"})
+    body, content_type = rendered
+    return View(200, body, content_type)
+
+
+def handle(route: str, call: Callable[[], View], incoming_request_id: str | None) -> View:
+    """Run one view: time it, count it, and tag the response with an ``X-Request-ID``."""
+    started = time.perf_counter()
+    view = call()
+    _metrics.record_request(route, view.status, time.perf_counter() - started)
+    view.headers["X-Request-ID"] = request_id(incoming_request_id)
+    return view
+
+
 ViewFunc = Callable[[ReadinessState], View]
 
-GET_ROUTES: dict[str, ViewFunc] = {"/": ping, "/ping/": ping, "/health/": health, "/info/": info}
+GET_ROUTES: dict[str, ViewFunc] = {"/": ping, "/ping/": ping, "/health/": health, "/info/": info,
+                                   "/metrics": metrics}
 PREDICT_ROUTES = ("/predictUnstructured/", "/predictionsUnstructured/")

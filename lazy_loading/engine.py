@@ -244,6 +244,7 @@ class TransferEngine:
                 if attempt >= limit or cancel.is_set():
                     raise
                 delay = _backoff(attempt)
+                self._tracker.retry()
                 logger.warning("%s (attempt %d/%d), retrying in %.1f s",
                                exc.message, attempt, limit, delay)
                 if on_retry is not None:

@@ -34,6 +34,7 @@ class ProgressSnapshot:
     eta: float | None
     elapsed: float
     error: str | None = None
+    retries: int = 0
 
     @property
     def fraction(self) -> float:
@@ -49,6 +50,7 @@ class ProgressSnapshot:
             "rate_bytes_per_second": round(self.rate, 1),
             "eta_seconds": None if self.eta is None else round(self.eta, 1),
             "elapsed_seconds": round(self.elapsed, 3),
+            "retries": self.retries,
             "error": self.error,
         }
 
@@ -75,6 +77,7 @@ class ProgressTracker:
         self._samples: deque[tuple[float, int]] = deque()
         self._last_notify = 0.0
         self._error: str | None = None
+        self._retries = 0
 
     def subscribe(self, callback: ProgressCallback) -> None:
         self._subscribers.append(callback)
@@ -95,6 +98,10 @@ class ProgressTracker:
         with self._lock:
             self._bytes_done += count
         self._notify(force=False)
+
+    def retry(self) -> None:
+        with self._lock:
+            self._retries += 1
 
     def file_done(self, skipped_bytes: int = 0) -> None:
         """A file finished; ``skipped_bytes`` counts bytes satisfied from cache or resume."""
@@ -123,6 +130,7 @@ class ProgressTracker:
                 eta=0.0 if remaining == 0 else eta,
                 elapsed=now - self._started,
                 error=self._error,
+                retries=self._retries,
             )
 
     def _notify(self, force: bool) -> None:

@@ -206,3 +206,26 @@ def test_missing_custom_py_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.
     with pytest.raises(ConfigError, match=r"custom\.py not found"):
         create_app()
     reset_state()
+
+
+def test_request_id_is_echoed_or_generated(client: _Client) -> None:
+    raw = client._client
+    if client.kind == "flask":
+        given = raw.get("/ping/", headers={"X-Request-ID": "abc-123"}).headers["X-Request-ID"]
+        fresh = raw.get("/ping/", headers={"X-Request-ID": "bad id with spaces"}).headers[
+            "X-Request-ID"]
+    else:
+        given = raw.get("/ping/", headers={"X-Request-ID": "abc-123"}).headers["x-request-id"]
+        fresh = raw.get("/ping/", headers={"X-Request-ID": "bad id with spaces"}).headers[
+            "x-request-id"]
+    assert given == "abc-123"
+    assert fresh != "bad id with spaces" and len(fresh) == 32
+
+
+def test_metrics_endpoint_counts_requests_and_readiness(client: _Client) -> None:
+    client.post("/predictUnstructured/", b"{}", "application/json")
+    raw = client._client.get("/metrics")
+    text = (raw.data if client.kind == "flask" else raw.content).decode()
+    assert raw.status_code == 200
+    assert "drum_servers_ready 1.0" in text
+    assert 'drum_servers_requests_total{route="predict",status="200"}' in text
