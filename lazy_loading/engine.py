@@ -322,6 +322,8 @@ class TransferEngine:
         journal, fd = await self._to_thread(self._prepare, transfer, remote, part_size,
                                             multipart, temp)
         resumed = set(journal.done) if journal is not None else set()
+        logger.info("fetching %s (%s) from %s", transfer.display, format_bytes(remote.size),
+                    remote.where)
         digests = self._digests(transfer, remote)
         sink = RangeSink(fd, self._tracker.add_bytes, threading.Event(),
                          digests if digests and not multipart else None)
