@@ -25,6 +25,7 @@ from botocore.exceptions import (
     IncompleteReadError,
     ReadTimeoutError,
     ResponseStreamingError,
+    SSLError,
 )
 from botocore.response import StreamingBody
 from urllib3.exceptions import HTTPError as Urllib3HTTPError
@@ -116,6 +117,11 @@ def classify(exc: BaseException, where: str) -> TransferFailure:
         hint = {403: " (check the credentials and bucket policy)",
                 404: " (no such object or bucket)"}.get(status, "")
         return FatalFailure(f"{where}: {label}{hint}")
+    if isinstance(exc, SSLError):
+        reason = str(getattr(exc, "kwargs", {}).get("error", "")) or "handshake failed"
+        hint = ("; set caBundle on the repository or AWS_CA_BUNDLE, or verifyCertificate: false"
+                if "CERTIFICATE_VERIFY_FAILED" in reason or "certificate" in reason.lower() else "")
+        return FatalFailure(f"{where}: TLS error: {_first_line(reason)}{hint}")
     if isinstance(exc, EndpointConnectionError):
         reason = str(getattr(exc, "kwargs", {}).get("error", "")) or type(exc).__name__
         if "Name or service not known" in reason or "nodename nor servname" in reason \
@@ -133,6 +139,10 @@ def classify(exc: BaseException, where: str) -> TransferFailure:
     if isinstance(exc, OSError):
         return FatalFailure(f"{where}: local I/O error: {exc.strerror or exc}")
     return FatalFailure(f"{where}: unexpected {type(exc).__name__}")
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    return text.strip().splitlines()[0][:limit] if text.strip() else ""
 
 
 def head_object(client: Any, endpoint: str, bucket: str, key: str) -> RemoteObject:
