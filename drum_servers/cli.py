@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 from lazy_loading import LazyLoadingError, LazyLoadingHandler, ProgressSnapshot
 
+from .signals import sigterm_exits
+
 logger = logging.getLogger("drum_servers")
 
 
@@ -52,7 +54,8 @@ def cmd_download(args: argparse.Namespace) -> int:
         handler.subscribe(update)  # type: ignore[arg-type]
         logging.getLogger("lazy_loading").setLevel(logging.WARNING)
     try:
-        results = handler.download_lazy_loading_files()
+        with sigterm_exits():
+            results = handler.download_lazy_loading_files()
     except LazyLoadingError as exc:
         if bar is not None:
             bar.close()  # type: ignore[attr-defined]

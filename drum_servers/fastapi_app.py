@@ -18,6 +18,7 @@ from . import views
 from .logs import ensure_logging
 from .readiness import ReadinessState, current_state
 from .settings import ReadinessMode
+from .signals import sigterm_cancels
 
 logger = logging.getLogger("drum_servers")
 
@@ -84,7 +85,7 @@ def make_lifespan(code_dir: str | os.PathLike[str] | None = None, *,
             task = asyncio.create_task(_prepare_or_exit(state))
         else:
             try:
-                await state.prepare_async()
+                await sigterm_cancels(state.prepare_async())
             except LazyLoadingError as exc:
                 state.fail(exc)
                 logger.error("%s", exc)

@@ -20,6 +20,7 @@ from lazy_loading import LazyLoadingError
 
 from .readiness import current_state
 from .settings import ReadinessMode
+from .signals import sigterm_exits
 
 logger = logging.getLogger("drum_servers")
 
@@ -29,7 +30,8 @@ def on_starting(server: Any) -> None:
     if state.mode is ReadinessMode.BACKGROUND or not state.handler.is_lazy_loading_available:
         return
     try:
-        state.download()
+        with sigterm_exits():
+            state.download()
     except LazyLoadingError as exc:
         server.log.error("%s", exc)
         sys.exit(1)
@@ -40,7 +42,8 @@ def post_fork(server: Any, worker: Any) -> None:
     if state.mode is ReadinessMode.BACKGROUND:
         return
     try:
-        state.download()
+        with sigterm_exits():
+            state.download()
     except LazyLoadingError as exc:
         server.log.error("worker %s: %s", worker.pid, exc)
         raise

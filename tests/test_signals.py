@@ -1,0 +1,67 @@
+"""SIGTERM during a download: the process exits within seconds, non-zero, and leaves no temp files."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from drum_servers.demo import prepare_code_dir
+from tests.conftest import S3Store, lazy_env, no_debris, payload
+from tests.faults import Rule
+from tests.servers import ROOT, free_port
+
+MiB = 1024 * 1024
+
+
+def _argv(kind: str, code_dir: Path) -> tuple[list[str], dict[str, str]]:
+    py = sys.executable
+    port = free_port()
+    if kind == "cli":
+        return [py, "-m", "drum_servers.cli", "download", "--code-dir", str(code_dir)], {}
+    if kind == "gunicorn-master":
+        return [py, "-m", "gunicorn", "-c", str(ROOT / "deploy/gunicorn.conf.py")], {
+            "ADDRESS": f"127.0.0.1:{port}"}
+    return [py, "-m", "uvicorn", "--factory", "drum_servers.fastapi_app:create_app",
+            "--host", "127.0.0.1", "--port", str(port)], {}
+
+
+@pytest.mark.parametrize("kind", ["cli", "gunicorn-master", "uvicorn-lifespan"])
+def test_sigterm_mid_download_exits_promptly_and_cleans_up(
+    kind: str, s3: S3Store, tmp_path: Path
+) -> None:
+    bucket = s3.bucket()
+    s3.put(bucket, "big.bin", payload(8 * MiB, seed=3))
+    code_dir = prepare_code_dir(tmp_path / "code")
+    env = lazy_env(s3.url, bucket, {"big.bin": "artifacts/big.bin"},
+                   LAZY_LOADING_PART_SIZE="1MiB", LAZY_LOADING_MAX_CONNECTIONS="2",
+                   CODE_DIR=str(code_dir), PYTHONUNBUFFERED="1")
+    s3.faults.add(Rule("throttle", key="big.bin", times=None, rate=512 * 1024))
+    argv, extra = _argv(kind, code_dir)
+    log = tmp_path / "out.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, env={**env, **extra}, stdout=out, stderr=subprocess.STDOUT,
+                                cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 30
+        while not no_debris(code_dir):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        time.sleep(0.3)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(15)
+        elapsed = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert code != 0, log.read_text()
+    assert elapsed < 5, f"took {elapsed:.1f} s to stop"
+    assert no_debris(code_dir) == [], "temp files removed"
+    assert not (code_dir / "artifacts" / "big.bin").exists()
+    assert list((code_dir / ".lazy_loading" / "journal").glob("*")) == []
