@@ -257,22 +257,32 @@ def _parse_json(source: str, text: str) -> object:
         ) from None
 
 
+# Credentials read from (and scrubbed out of) ``os.environ`` stay here, in process memory: forked
+# gunicorn workers inherit them, while model code and subprocesses no longer see them.
+_scrubbed: dict[str, str] = {}
+
+
 def _credentials_from_env(
-    data: LazyLoadingData, environ: Mapping[str, str], known: Mapping[str, S3Credentials]
+    data: LazyLoadingData, environ: Mapping[str, str], known: Mapping[str, S3Credentials],
+    scrub: bool,
 ) -> dict[str, S3Credentials]:
     credentials = dict(known)
+    from_os = environ is os.environ
     for index, repo in enumerate(data.repositories):
         cred_id = repo.credential_id
         if cred_id in credentials:
             continue
         names = [secret_env_name(cred_id), SECRET_ENV_PREFIX + cred_id.upper()]
-        name = next((n for n in names if n in environ), None)
+        name = next((n for n in names if n in environ or (from_os and n in _scrubbed)), None)
+        if name is not None and from_os and scrub and name in os.environ:
+            _scrubbed[name] = os.environ.pop(name)
         if name is None:
             raise ConfigError(
                 f"{names[0]} is not set (credential {cred_id!r} of repositories[{index}]); set it "
                 'to JSON {"credentialType": "s3", "awsAccessKeyId": ..., "awsSecretAccessKey": ...}'
             )
-        payload = _parse_json(name, environ[name])
+        raw = environ[name] if name in environ else _scrubbed[name]
+        payload = _parse_json(name, raw)
         if not isinstance(payload, Mapping):
             raise ConfigError(f"{name}: expected a JSON object with credentialType and keys")
         credentials[cred_id] = _validate(S3Credentials, name, payload)
@@ -303,12 +313,14 @@ def load_values_file(path: str | os.PathLike[str]) -> tuple[LazyLoadingData, dic
 
 
 def load_config(
-    environ: Mapping[str, str] | None = None, values_file: str | os.PathLike[str] | None = None
+    environ: Mapping[str, str] | None = None, values_file: str | os.PathLike[str] | None = None,
+    scrub_env: bool = False,
 ) -> LazyLoadingConfig | None:
     """Load and validate the configuration, or return ``None`` when lazy loading is not set up.
 
     A values file (argument or ``LAZY_LOADING_FILE``) wins over ``MLOPS_LAZY_LOADING_DATA``;
-    credentials missing from the file are looked up in the environment.
+    credentials missing from the file are looked up in the environment. With ``scrub_env``,
+    credential variables read from ``os.environ`` are removed from it (kept in memory).
     """
     env = os.environ if environ is None else environ
     values_file = values_file or env.get(VALUES_FILE_ENV) or None
@@ -320,5 +332,5 @@ def load_config(
         data, known, source = _validate(LazyLoadingData, DATA_ENV, payload), {}, DATA_ENV
     else:
         return None
-    credentials = _credentials_from_env(data, env, known)
+    credentials = _credentials_from_env(data, env, known, scrub_env)
     return LazyLoadingConfig(data=data, credentials=credentials, source=source)

@@ -90,7 +90,7 @@ class LazyLoadingHandler:
 
     def load_config(self) -> LazyLoadingConfig:
         """Validate everything (config, credentials, paths) without touching the network."""
-        config = load_config(self._environ, self._values_file)
+        config = load_config(self._environ, self._values_file, self.settings.scrub_env)
         if config is None:
             raise ConfigError(
                 f"lazy loading is not configured: set {DATA_ENV} or {VALUES_FILE_ENV}"
@@ -145,7 +145,7 @@ class LazyLoadingHandler:
 
     async def _download(self) -> list[FileResult]:
         self._tracker.set_state(DownloadState.PLANNING)
-        config = load_config(self._environ, self._values_file)
+        config = load_config(self._environ, self._values_file, self.settings.scrub_env)
         assert config is not None
         settings = self.settings
         code_dir = self.code_dir

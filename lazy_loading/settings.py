@@ -41,6 +41,7 @@ class LazyLoadingSettings(BaseModel):
     progress_interval: float = Field(5.0, gt=0)
     verify_checksums: bool = True
     fsync: bool = False
+    scrub_env: bool = True
 
     @field_validator("part_size", mode="before")
     @classmethod

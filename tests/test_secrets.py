@@ -58,3 +58,51 @@ def test_cli_verbose_output_holds_no_secret(s3: S3Store, tmp_path: Path) -> None
     assert "missing.bin" in result.stderr
     assert "DEBUG" in result.stderr
     _assert_clean(result.stdout, result.stderr)
+
+
+def test_credentials_are_scrubbed_from_the_environment_but_survive_fork(
+    s3: S3Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import multiprocessing
+    import os
+
+    from lazy_loading import config as config_module
+
+    bucket = s3.bucket()
+    s3.put(bucket, "a.bin", b"a" * 100)
+    env = lazy_env(s3.url, bucket, {"a.bin": "a.bin"}, credential_id="scrub-me")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(config_module, "_scrubbed", {})
+    LazyLoadingHandler(code_dir=tmp_path / "one").download_lazy_loading_files()
+    assert "MLOPS_REPOSITORY_SECRET_SCRUB_ME" not in os.environ
+    child = subprocess.run([sys.executable, "-c", "import os; print(sorted(os.environ))"],
+                           capture_output=True, text=True, timeout=30)
+    assert "MLOPS_REPOSITORY_SECRET" not in child.stdout
+
+    def in_forked_worker(queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+        results = LazyLoadingHandler(code_dir=tmp_path / "two").download_lazy_loading_files()
+        queue.put(results[0].status)
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=in_forked_worker, args=(queue,))
+    proc.start()
+    proc.join(30)
+    assert proc.exitcode == 0
+    assert queue.get(timeout=5) == "fetched"
+
+
+def test_scrubbing_can_be_turned_off(
+    s3: S3Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    bucket = s3.bucket()
+    s3.put(bucket, "a.bin", b"a")
+    env = lazy_env(s3.url, bucket, {"a.bin": "a.bin"}, credential_id="keep-me",
+                   LAZY_LOADING_SCRUB_ENV="false")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    LazyLoadingHandler(code_dir=tmp_path).download_lazy_loading_files()
+    assert "MLOPS_REPOSITORY_SECRET_KEEP_ME" in os.environ
