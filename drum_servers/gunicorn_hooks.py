@@ -27,6 +27,7 @@ logger = logging.getLogger("drum_servers")
 
 def on_starting(server: Any) -> None:
     state = current_state()
+    state.clear_ready_markers()
     if state.mode is ReadinessMode.BACKGROUND or not state.handler.is_lazy_loading_available:
         return
     try:

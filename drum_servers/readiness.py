@@ -6,6 +6,7 @@ so a download done by ``post_fork`` is not repeated by the app, and ``/health/``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -90,6 +91,7 @@ class ReadinessState:
             self.hooks = hooks
             self._ready_after = time.monotonic() - self._started
             self._set(Phase.READY)
+            self._mark_ready()
         logger.info("model ready in %.2f s (pid %d)", self._ready_after, os.getpid())
 
     def prepare(self) -> None:
@@ -150,10 +152,43 @@ class ReadinessState:
         timer.daemon = True
         timer.start()
 
+    # ----------------------------------------------------------------- sibling workers
+    @property
+    def _ready_dir(self) -> Path:
+        return self.handler.state_dir / "ready"
+
+    def clear_ready_markers(self) -> None:
+        """Master, before forking: forget markers of an earlier run (pids get reused)."""
+        for marker in self._ready_dir.glob("*"):
+            with contextlib.suppress(OSError):
+                marker.unlink()
+
+    def _mark_ready(self) -> None:
+        if self.settings.workers > 1:
+            with contextlib.suppress(OSError):
+                self._ready_dir.mkdir(parents=True, exist_ok=True)
+                (self._ready_dir / str(os.getpid())).touch()
+
+    def workers_ready(self) -> int:
+        """Live sibling workers (this one included) whose model is loaded."""
+        count = 0
+        for marker in self._ready_dir.glob("*"):
+            if marker.name.isdigit() and _alive(int(marker.name)):
+                count += 1
+        return count
+
     # ----------------------------------------------------------------- views
     def health(self) -> tuple[int, dict[str, Any]]:
+        """Ready when this process is, and, under several workers, when all of them are: a
+        balancer that saw 200 must not then meet a sibling worker still loading."""
         if self.ready:
-            return 200, {"status": "ready"}
+            expected = self.settings.workers
+            if expected <= 1:
+                return 200, {"status": "ready"}
+            ready = self.workers_ready()
+            if ready >= expected:
+                return 200, {"status": "ready"}
+            return 503, {"status": "loading", "workers_ready": ready, "workers": expected}
         body: dict[str, Any] = {"status": self.phase.value}
         body["progress"] = self.handler.progress().as_dict()
         if self.error:
@@ -191,6 +226,16 @@ class ReadinessState:
                 "uvicorn": pkg("uvicorn"),
             },
         }
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 _state: ReadinessState | None = None
