@@ -1,0 +1,106 @@
+"""Property-based tests (hypothesis) over the range planner and the config parser."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lazy_loading import ConfigError
+from lazy_loading.config import load_config
+from lazy_loading.plan import effective_part_size, split_ranges
+from tests.conftest import SECRET_CANARY
+
+MiB = 1024 * 1024
+
+
+@given(size=st.integers(0, 10**12), part=st.integers(1, 5 * 1024 * MiB))
+def test_ranges_tile_the_object_exactly(size: int, part: int) -> None:
+    if size // part > 100_000:
+        part = -(-size // 100_000)
+    ranges = split_ranges(size, part)
+    assert sum(r.length for r in ranges) == size
+    position = 0
+    for index, r in enumerate(ranges):
+        assert r.index == index
+        assert r.start == position
+        assert 1 <= r.length <= part
+        position = r.end + 1
+    assert position == size
+
+
+@given(size=st.integers(0, 10**12), part=st.integers(MiB, 5 * 1024 * MiB),
+       connections=st.integers(1, 256))
+def test_effective_part_size_stays_within_bounds(size: int, part: int, connections: int) -> None:
+    effective = effective_part_size(size, part, connections)
+    assert effective <= part
+    assert effective >= min(part, 4 * MiB)
+
+
+CREDENTIAL = json.dumps({"credentialType": "s3", "awsAccessKeyId": "AKIA",
+                         "awsSecretAccessKey": SECRET_CANARY})
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    max_leaves=20,
+)
+
+FIELDS = ["remotePath", "localPath", "repositoryId", "sha256", "size", "bucketName",
+          "credentialId", "endpointUrl", "verifyCertificate", "endpointURL", "remote_path"]
+
+
+def _valid() -> dict[str, Any]:
+    return {
+        "files": [{"remotePath": "k", "localPath": "a/b.bin", "repositoryId": "r"}],
+        "repositories": [{"repositoryId": "r", "bucketName": "bkt", "credentialId": "c",
+                          "endpointUrl": "http://127.0.0.1:9"}],
+    }
+
+
+@st.composite
+def mutated_documents(draw: st.DrawFn) -> Any:
+    doc = _valid()
+    for _ in range(draw(st.integers(1, 4))):
+        section = draw(st.sampled_from(["files", "repositories"]))
+        target = doc[section][0]
+        field = draw(st.sampled_from(FIELDS))
+        if draw(st.booleans()):
+            target.pop(field, None)
+        else:
+            target[field] = draw(json_values)
+    if draw(st.booleans()):
+        doc[draw(st.sampled_from(["files", "repositories"]))] = draw(json_values)
+    return doc
+
+
+def _check(payload: str) -> None:
+    env = {"MLOPS_LAZY_LOADING_DATA": payload, "MLOPS_REPOSITORY_SECRET_C": CREDENTIAL}
+    try:
+        load_config(env)
+    except ConfigError as exc:
+        message = str(exc)
+        assert "\n" not in message
+        assert SECRET_CANARY not in message
+        assert message.startswith("MLOPS_")
+
+
+@settings(max_examples=300, deadline=None)
+@given(doc=mutated_documents())
+def test_parser_never_crashes_on_mutated_documents(doc: Any) -> None:
+    _check(json.dumps(doc))
+
+
+@settings(max_examples=200, deadline=None)
+@given(doc=json_values)
+def test_parser_never_crashes_on_arbitrary_json(doc: Any) -> None:
+    _check(json.dumps(doc))
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=st.text(max_size=60))
+def test_parser_never_crashes_on_arbitrary_text(text: str) -> None:
+    _check(text)
