@@ -226,3 +226,51 @@ def test_settings_parse_sizes_and_roots() -> None:
     assert s.part_size == 8 * 1024 * 1024
     assert s.allowed_roots == (Path("/a"), Path("/b"))
     assert s.timeout == 30
+
+
+CLI_CASES = ["malformed json", "unknown repositoryId", "dot-dot escape", "case-variant key",
+             "missing credential env", "credential missing a field", "duplicate target",
+             "credentials in endpoint"]
+
+
+@pytest.mark.parametrize("case", CLI_CASES)
+def test_cli_bad_input_is_one_line_exit_1_and_no_network(
+    case: str, tmp_path: Path, s3: Any
+) -> None:
+    import subprocess
+    import sys
+
+    env = dict(next(c[1] for c in CASES if c[0] == case))
+    data = env["MLOPS_LAZY_LOADING_DATA"]
+    if data.startswith("{") and "endpointUrl" in data and "127.0.0.1:1" in data:
+        env["MLOPS_LAZY_LOADING_DATA"] = data.replace("http://127.0.0.1:1", s3.url)
+    result = subprocess.run(
+        [sys.executable, "-m", "drum_servers.cli", "download", "--code-dir", str(tmp_path)],
+        env={**env, "PATH": os.environ["PATH"]}, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert SECRET_CANARY not in result.stderr + result.stdout
+    assert s3.faults.ledger.requests == [], "nothing is sent for a bad config"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("text", ["", "- a\n", "files: [unclosed"])
+def test_cli_bad_values_file(text: str, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    values = tmp_path / "values.yaml"
+    values.write_text(text)
+    code = tmp_path / "code"
+    code.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "drum_servers.cli", "download", "--code-dir", str(code),
+         "--lazy-loading-file", str(values)],
+        env={"PATH": os.environ["PATH"]}, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert str(values) in result.stderr
+    assert list(code.iterdir()) == []

@@ -1,0 +1,67 @@
+"""Disk full: the pre-check refuses before any byte moves; a full disk mid-download is a clear
+error with nothing half-written. Uses a small tmpfs, so it needs root (skipped otherwise)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lazy_loading import DownloadError, LazyLoadingHandler
+from tests.conftest import S3Store, lazy_env, no_debris, payload
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs here: {result.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_free_space_precheck_refuses_before_any_byte(
+    s3: S3Store, small_disk: Path
+) -> None:
+    bucket = s3.bucket()
+    s3.put(bucket, "a.bin", payload(2 * MiB, 1))
+    s3.put(bucket, "b.bin", payload(2 * MiB, 2))
+    env = lazy_env(s3.url, bucket, {"a.bin": "a.bin", "b.bin": "b.bin"})
+    with pytest.raises(DownloadError, match=r"not enough free disk space on .*small"):
+        LazyLoadingHandler(code_dir=small_disk, environ=env).download_lazy_loading_files()
+    assert s3.faults.ledger.gets() == 0
+    assert not (small_disk / "a.bin").exists() and not (small_disk / "b.bin").exists()
+
+
+def test_disk_full_mid_download_is_clear_and_leaves_nothing_half_written(
+    s3: S3Store, small_disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = s3.bucket()
+    s3.put(bucket, "a.bin", payload(2 * MiB, 1))
+    s3.put(bucket, "b.bin", payload(2 * MiB, 2))
+    (small_disk / "keep.txt").write_text("unrelated file")
+    env = lazy_env(s3.url, bucket, {"a.bin": "a.bin", "b.bin": "b.bin"},
+                   LAZY_LOADING_PART_SIZE="1MiB")
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda p: real(p)._replace(free=1 << 40))  # pre-check says yes
+    with pytest.raises(DownloadError, match=r"No space left on device"):
+        LazyLoadingHandler(code_dir=small_disk, environ=env).download_lazy_loading_files()
+    assert (small_disk / "keep.txt").read_text() == "unrelated file"
+    assert no_debris(small_disk) == []
+    published = [p for p in ("a.bin", "b.bin") if (small_disk / p).exists()]
+    for name in published:
+        assert (small_disk / name).read_bytes() == payload(2 * MiB, 1 if name == "a.bin" else 2)
