@@ -23,7 +23,7 @@ _INTERNAL = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError<
 
 @dataclass
 class Rule:
-    """One fault. ``action``: status | cut | stall | throttle | bad_range | short."""
+    """One fault. ``action``: status | cut | stall | throttle | bad_range | bad_length."""
 
     action: str
     method: str = "GET"
@@ -98,6 +98,10 @@ class FaultInjector:
                 if rule is not None and rule.action == "bad_range":
                     headers = [(h, v) for h, v in headers if h.lower() != "content-range"]
                     headers.append(("Content-Range", "bytes 0-0/1"))
+                if rule is not None and rule.action == "bad_length":
+                    length = next(int(v) for h, v in headers if h.lower() == "content-length")
+                    headers = [(h, v) for h, v in headers if h.lower() != "content-length"]
+                    headers.append(("Content-Length", str(max(0, length - 10))))
                 status_holder.append(status)
                 return start_response(status, headers, exc_info)
 

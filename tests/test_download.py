@@ -353,3 +353,55 @@ def test_fsync_only_when_asked(
     LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
     assert (tmp_path / "a.bin").stat().st_size == 2 * MiB
     assert (len(calls) >= 3) if durable else (calls == [])
+
+
+def test_lying_content_length_is_retried_never_published(s3: S3Store, tmp_path: Path) -> None:
+    body = payload(2 * MiB, seed=13)
+    _, env = _setup(s3, {"a.bin": body, "s.bin": b"x" * 500}, LAZY_LOADING_PART_SIZE="1MiB")
+    s3.faults.add(Rule("bad_length", key="a.bin", times=2))
+    s3.faults.add(Rule("bad_length", key="s.bin", times=1))
+    LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert (tmp_path / "a.bin").read_bytes() == body
+    assert (tmp_path / "s.bin").read_bytes() == b"x" * 500
+
+
+def test_slow_store_keeps_reporting_progress(s3: S3Store, tmp_path: Path) -> None:
+    body = payload(4 * MiB, seed=14)
+    _, env = _setup(s3, {"a.bin": body}, LAZY_LOADING_PART_SIZE="1MiB",
+                    LAZY_LOADING_MAX_CONNECTIONS="2", LAZY_LOADING_STALL_TIMEOUT="1")
+    s3.faults.add(Rule("throttle", key="a.bin", times=None, rate=1 * MiB))
+    seen: list[int] = []
+    handler = LazyLoadingHandler(code_dir=tmp_path, environ=env,
+                                 progress_callback=lambda s: seen.append(s.bytes_done))
+    handler.download_lazy_loading_files()
+    assert (tmp_path / "a.bin").read_bytes() == body
+    assert handler.progress().retries == 0, "a slow but steady store is not a stall"
+    assert len(set(seen)) >= 4 and seen == sorted(seen)
+
+
+def test_cut_bodies_at_random_offsets_repeatedly(s3: S3Store, tmp_path: Path) -> None:
+    import random
+
+    rng = random.Random(1234)
+    body = payload(4 * MiB, seed=15)
+    _, env = _setup(s3, {"a.bin": body}, LAZY_LOADING_PART_SIZE="1MiB",
+                    LAZY_LOADING_MAX_ATTEMPTS="20")
+    for _ in range(8):
+        s3.faults.add(Rule("cut", key="a.bin", times=1, after_bytes=rng.randrange(1, MiB)))
+    handler = LazyLoadingHandler(code_dir=tmp_path, environ=env)
+    handler.download_lazy_loading_files()
+    assert (tmp_path / "a.bin").read_bytes() == body
+    assert handler.progress().retries == 8
+
+
+def test_unknown_host_is_fatal_and_names_the_endpoint() -> None:
+    from botocore.exceptions import EndpointConnectionError
+
+    from lazy_loading.s3io import FatalFailure, classify
+
+    exc = EndpointConnectionError(
+        endpoint_url="http://nowhere.invalid:9000/b/k",
+        error="[Errno -2] Name or service not known")
+    failure = classify(exc, "s3://b/k at http://nowhere.invalid:9000")
+    assert isinstance(failure, FatalFailure)
+    assert "nowhere.invalid:9000" in failure.message and "resolve" in failure.message
