@@ -38,6 +38,36 @@ class S3Store:
 logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
 
+class _CanaryWatch(logging.Handler):
+    """Sees every record of every test at DEBUG (botocore's included), fully formatted."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.leaks: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = self.format(record)
+        if SECRET_CANARY in text or TOKEN_CANARY in text:
+            self.leaks.append(text[:300])
+
+
+@pytest.fixture(autouse=True)
+def _no_secret_in_any_log() -> Iterator[None]:
+    """Every test, whatever it does, must not let a canary secret reach a log record."""
+    root = logging.getLogger()
+    watch = _CanaryWatch()
+    watch.setFormatter(logging.Formatter("%(name)s %(message)s"))
+    previous = root.level
+    root.addHandler(watch)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        root.removeHandler(watch)
+        root.setLevel(previous)
+    assert watch.leaks == [], f"secret in a log record: {watch.leaks[0]}"
+
+
 @pytest.fixture(scope="session")
 def _s3_server() -> Iterator[tuple[EmbeddedS3Server, FaultInjector]]:
     faults = FaultInjector()
