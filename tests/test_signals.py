@@ -23,6 +23,14 @@ def _argv(kind: str, code_dir: Path) -> tuple[list[str], dict[str, str]]:
     port = free_port()
     if kind == "cli":
         return [py, "-m", "drum_servers.cli", "download", "--code-dir", str(code_dir)], {}
+    if kind == "post-fork-hook":
+        # The worker hook as gunicorn calls it, in a process of its own (the master's prefetch
+        # would otherwise leave the worker nothing to download).
+        script = ("import logging, types\n"
+                  "from drum_servers.gunicorn_hooks import post_fork\n"
+                  "server = types.SimpleNamespace(log=logging.getLogger('gunicorn.error'))\n"
+                  "post_fork(server, types.SimpleNamespace(pid=0))\n")
+        return [py, "-c", script], {}
     if kind == "gunicorn-master":
         return [py, "-m", "gunicorn", "-c", str(ROOT / "deploy/gunicorn.conf.py")], {
             "ADDRESS": f"127.0.0.1:{port}"}
@@ -30,7 +38,7 @@ def _argv(kind: str, code_dir: Path) -> tuple[list[str], dict[str, str]]:
             "--host", "127.0.0.1", "--port", str(port)], {}
 
 
-@pytest.mark.parametrize("kind", ["cli", "gunicorn-master", "uvicorn-lifespan"])
+@pytest.mark.parametrize("kind", ["cli", "gunicorn-master", "post-fork-hook", "uvicorn-lifespan"])
 def test_sigterm_mid_download_exits_promptly_and_cleans_up(
     kind: str, s3: S3Store, tmp_path: Path
 ) -> None:
