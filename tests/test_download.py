@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -58,48 +60,41 @@ def test_second_call_in_process_returns_at_once(s3: S3Store, tmp_path: Path) -> 
     assert len(s3.faults.ledger.requests) == before
 
 
+async def _ticks_during(call: Callable[[], object]) -> int:
+    """How often a 10 ms ticker on the same loop ran while ``call`` (sync or async) ran."""
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    result = call()
+    if inspect.isawaitable(result):
+        await result
+    task.cancel()
+    return ticks
+
+
 def test_sync_call_inside_running_loop(s3: S3Store, tmp_path: Path) -> None:
-    _, env = _setup(s3, {"a.bin": payload(3 * MiB, seed=2)}, LAZY_LOADING_PART_SIZE="1MiB")
-
-    async def lifespan_like() -> int:
-        ticks = 0
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                ticks += 1
-                await asyncio.sleep(0.01)
-
-        task = asyncio.create_task(ticker())
-        await asyncio.sleep(0)
-        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
-        task.cancel()
-        return ticks
-
-    asyncio.run(lifespan_like())
-    assert (tmp_path / "a.bin").read_bytes() == payload(3 * MiB, seed=2)
+    body = payload(3 * MiB, seed=2)
+    _, env = _setup(s3, {"a.bin": body}, LAZY_LOADING_PART_SIZE="1MiB")
+    s3.faults.add(Rule("throttle", key="a.bin", times=None, rate=8 * MiB))
+    handler = LazyLoadingHandler(code_dir=tmp_path, environ=env)
+    ticks = asyncio.run(_ticks_during(handler.download_lazy_loading_files))
+    assert (tmp_path / "a.bin").read_bytes() == body
+    assert ticks <= 2, "the sync bridge blocks the caller's loop (hence the async API)"
 
 
 def test_async_api_does_not_block_the_loop(s3: S3Store, tmp_path: Path) -> None:
     body = payload(4 * MiB, seed=3)
     _, env = _setup(s3, {"a.bin": body}, LAZY_LOADING_PART_SIZE="1MiB")
     s3.faults.add(Rule("throttle", key="a.bin", times=None, rate=8 * MiB))
-
-    async def main() -> int:
-        ticks = 0
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                ticks += 1
-                await asyncio.sleep(0.01)
-
-        task = asyncio.create_task(ticker())
-        await LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files_async()
-        task.cancel()
-        return ticks
-
-    ticks = asyncio.run(main())
+    handler = LazyLoadingHandler(code_dir=tmp_path, environ=env)
+    ticks = asyncio.run(_ticks_during(handler.download_lazy_loading_files_async))
     assert (tmp_path / "a.bin").read_bytes() == body
     assert ticks >= 10, "the event loop kept running while the download was in progress"
 
