@@ -6,12 +6,19 @@ the worker class and app in ``gunicorn_uvicorn_conf``.
 
 from __future__ import annotations
 
+import contextlib
+
 from drum_servers.gunicorn_hooks import on_starting, post_fork
 from drum_servers.logs import ACCESS_LOG_FORMAT, logging_config
 from drum_servers.metrics import mark_process_dead
 from drum_servers.settings import ServerSettings
 
 _settings = ServerSettings.from_environ()
+
+# Import the app module once in the master so forked workers share it instead of each paying
+# for the import (the app itself is still created per worker).
+with contextlib.suppress(ImportError):
+    import drum_servers.flask_app  # noqa: F401
 
 wsgi_app = "drum_servers.flask_app:create_app()"
 bind = [_settings.address]

@@ -3,9 +3,12 @@
 * ``on_starting`` (master, before any fork): download everything. The engine creates its
   client, thread pool and event loop per call and closes them, so nothing leaks into workers.
   A failure logs one line and exits 1 before a single worker starts.
-* ``post_fork`` (each worker): make sure the files are present — a manifest check and a HEAD per
-  object, no body — so a worker recycled by ``max_requests`` or a crash never re-downloads. A
-  failure *raises* (gunicorn then stops non-zero); ``sys.exit(1)`` here would respawn forever.
+* ``post_fork`` (each worker): make sure the files are present. When the master's download is
+  complete and every file is still intact (manifest ETag, size, mtime) that costs no request at
+  all, and every worker, recycled ones included, serves the version the master verified;
+  otherwise the worker runs the download itself (a HEAD per object, bodies only for what is
+  missing). A failure *raises* (gunicorn then stops non-zero); ``sys.exit(1)`` here would
+  respawn forever.
 
 In background mode both hooks step aside: the app downloads while ``/ping/`` already answers.
 """

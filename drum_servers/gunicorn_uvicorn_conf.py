@@ -6,6 +6,7 @@ fails to start; gunicorn stops non-zero instead.
 
 from __future__ import annotations
 
+import drum_servers.fastapi_app  # noqa: F401  (imported once in the master, shared by forks)
 from drum_servers.gunicorn_conf import *  # noqa: F403
 from drum_servers.gunicorn_conf import __all__ as _base
 

@@ -41,10 +41,11 @@ class ModelNotReady(Exception):
 class ReadinessState:
     """Owns the handler, the model, and the phase of this process."""
 
-    def __init__(self, settings: ServerSettings, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(self, settings: ServerSettings, environ: Mapping[str, str] | None = None,
+                 handler: LazyLoadingHandler | None = None) -> None:
         self.settings = settings
         self.code_dir = Path(os.path.realpath(settings.code_dir))
-        self.handler = LazyLoadingHandler(code_dir=self.code_dir, environ=environ)
+        self.handler = handler or LazyLoadingHandler(code_dir=self.code_dir, environ=environ)
         self.phase = Phase.STARTING
         self.error: str | None = None
         self.model: Any = None
@@ -65,15 +66,16 @@ class ReadinessState:
 
     # ----------------------------------------------------------------- steps
     def download(self) -> None:
-        """Make every artifact present (a no-op once done in this process)."""
-        if self.handler.results is not None:
+        """Make every artifact present (a no-op once done in this process or, for a forked
+        worker, once done by its master with every file still intact)."""
+        if self.handler.results is not None or self.handler.adopt_parent_download():
             return
         self._set(Phase.DOWNLOADING)
         results = self.handler.download_lazy_loading_files()
         metrics.record_download(results, self.handler.progress())
 
     async def download_async(self) -> None:
-        if self.handler.results is not None:
+        if self.handler.results is not None or self.handler.adopt_parent_download():
             return
         self._set(Phase.DOWNLOADING)
         results = await self.handler.download_lazy_loading_files_async()
@@ -248,11 +250,14 @@ def current_state(code_dir: str | os.PathLike[str] | None = None,
     global _state
     with _state_lock:
         wanted = Path(os.path.realpath(code_dir)) if code_dir is not None else None
-        if _state is None or _state.pid != os.getpid() or (
-            wanted is not None and wanted != _state.code_dir
-        ):
-            settings = ServerSettings.from_environ(code_dir=code_dir, mode=mode)
-            _state = ReadinessState(settings)
+        if _state is not None and wanted is not None and wanted != _state.code_dir:
+            _state = None
+        if _state is None:
+            _state = ReadinessState(ServerSettings.from_environ(code_dir=code_dir, mode=mode))
+        elif _state.pid != os.getpid():
+            # A forked worker: fresh phase and model, but the master's handler (and with it the
+            # download it verified) carries over.
+            _state = ReadinessState(_state.settings, handler=_state.handler)
         return _state
 
 

@@ -10,6 +10,7 @@ from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
 from . import bridge
+from .cache import Manifest
 from .client import S3ClientFactory
 from .config import (
     DATA_ENV,
@@ -108,6 +109,26 @@ class LazyLoadingHandler:
     def results(self) -> list[FileResult] | None:
         """Per-file outcomes of the successful download in this process, else ``None``."""
         return self._results if self._pid == os.getpid() else None
+
+    def adopt_parent_download(self) -> bool:
+        """In a forked child: take over the parent's completed download if every file is still
+        exactly what the parent published (manifest ETag, size and mtime), without any request.
+
+        Workers forked by a gunicorn master that just verified everything gain nothing from
+        asking S3 again, and a worker recycled hours later must serve the same version as its
+        siblings rather than whatever the bucket holds now.
+        """
+        if self._results is None or self._pid == os.getpid():
+            return False
+        manifest = Manifest(self.state_dir)
+        for result in self._results:
+            entry = manifest.lookup(result.target)
+            if entry is None or entry.etag != result.etag or not entry.intact(result.target):
+                return False
+        self._pid = os.getpid()
+        logger.info("%d files verified by the parent process are intact; no request needed",
+                    len(self._results))
+        return True
 
     # ----------------------------------------------------------------- downloads
     def download_lazy_loading_files(self) -> list[FileResult]:

@@ -130,3 +130,34 @@ def test_kill_9_at_random_moments_never_corrupts(s3: S3Store, tmp_path: Path) ->
         assert (tmp_path / "m" / key).read_bytes() == body
     assert no_debris(tmp_path) == []
     assert list((tmp_path / ".lazy_loading" / "journal").glob("*")) == []
+
+
+def test_forked_child_adopts_the_parents_download_without_requests(
+    s3: S3Store, tmp_path: Path
+) -> None:
+    import multiprocessing
+
+    from lazy_loading import LazyLoadingHandler
+
+    bucket = s3.bucket()
+    s3.put(bucket, "a.bin", b"verified by the parent")
+    env = lazy_env(s3.url, bucket, {"a.bin": "a.bin"})
+    handler = LazyLoadingHandler(code_dir=tmp_path, environ=env)
+    handler.download_lazy_loading_files()
+    before = len(s3.faults.ledger.requests)
+
+    def child(queue: multiprocessing.Queue, tamper: bool) -> None:  # type: ignore[type-arg]
+        if tamper:
+            (tmp_path / "a.bin").write_bytes(b"changed on disk!!!!!!!")
+        queue.put(handler.adopt_parent_download())
+
+    ctx = multiprocessing.get_context("fork")
+    outcomes = []
+    for tamper in (False, True):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=child, args=(queue, tamper))
+        proc.start()
+        proc.join(30)
+        outcomes.append(queue.get(timeout=5))
+    assert outcomes == [True, False]
+    assert len(s3.faults.ledger.requests) == before

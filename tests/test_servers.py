@@ -76,6 +76,8 @@ def test_server_loads_after_download_and_serves_predictions(
     weights = len(sample_model(DIM)["sample/weights.bin"])
     assert s3.faults.ledger.body_bytes["sample/weights.bin"] == weights, \
         "the weights are fetched once in total, not once per worker"
+    heads = [k for m, k, _, _ in s3.faults.ledger.requests if m == "HEAD"]
+    assert sorted(heads) == sorted(FILES), "workers reuse the master's verified download"
     time.sleep(0.5)
     log = server.log()
     assert log.count("model ready in") == WORKERS[kind], log
@@ -211,7 +213,7 @@ def test_json_logs_and_metrics_aggregated_across_gunicorn_workers(
                     (("route", "predict"), ("status", "200")))] == 30
     artifacts = sum(len(body) for body in sample_model(DIM).values())
     assert samples[("lazy_loading_body_bytes_total", ())] == artifacts
-    assert samples[("lazy_loading_files_total", (("status", "cached"),))] == 3 * 2
+    assert samples[("lazy_loading_files_total", (("status", "fetched"),))] == 2
     records = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
     ours = [r for r in records if r.get("logger") in ("drum_servers", "lazy_loading")]
     assert sum("model ready" in r["message"] for r in ours) == 3
