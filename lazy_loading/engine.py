@@ -97,6 +97,7 @@ class TransferEngine:
         self._cancel = threading.Event()
         self._sinks: set[RangeSink] = set()
         self._pool: PriorityPool | None = None
+        self._unreachable = False
 
     # ----------------------------------------------------------------- orchestration
     async def run(self) -> list[FileResult]:
@@ -174,8 +175,8 @@ class TransferEngine:
 
     # ----------------------------------------------------------------- HEAD
     async def _head_all(self) -> dict[str, str]:
-        # Build each client once before the I/O threads start: construction holds the GIL for
-        # ~60 ms, and threads started meanwhile each wait a switch interval just to begin.
+        # Build each client before the first request: construction takes ~60 ms of GIL, and
+        # every I/O thread would otherwise queue behind it on the factory's lock.
         repositories = {t.repository.repository_id: t.repository for t in self._transfers}
         for repository in repositories.values():
             await self._to_thread(self._clients.get, repository)
