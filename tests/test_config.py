@@ -274,3 +274,13 @@ def test_cli_bad_values_file(text: str, tmp_path: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert str(values) in result.stderr
     assert list(code.iterdir()) == []
+
+
+def test_every_setting_is_in_the_readme_table() -> None:
+    from drum_servers.settings import _ENV_NAMES
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    names = [f"LAZY_LOADING_{f.upper()}" for f in LazyLoadingSettings.model_fields]
+    names += list(_ENV_NAMES.values())
+    missing = [n for n in names if f"| `{n}` |" not in readme]
+    assert missing == []
