@@ -6,6 +6,16 @@ the worker class and app in ``gunicorn_uvicorn_conf``.
 
 from __future__ import annotations
 
+import os
+
+if os.environ.get("DRUM_GUNICORN_WORKER_CLASS", "").strip().lower() == "gevent":
+    # gevent must patch before ssl/socket are imported (boto3 imports them below), or clients
+    # created in a worker fail with RecursionError in SSLContext; gunicorn's own patch_all()
+    # in the worker comes too late for modules this config has already imported.
+    from gevent import monkey
+
+    monkey.patch_all()
+
 import contextlib
 
 from drum_servers.gunicorn_hooks import on_starting, post_fork

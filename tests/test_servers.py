@@ -106,7 +106,8 @@ def test_missing_object_stops_the_server_non_zero(
     _no_secret(log)
 
 
-@pytest.mark.parametrize("kind", ["gunicorn-flask-sync", "uvicorn-fastapi", "gunicorn-fastapi"])
+@pytest.mark.parametrize("kind", ["gunicorn-flask-sync", "gunicorn-flask-gevent", "uvicorn-fastapi",
+                                  "gunicorn-fastapi"])
 def test_background_mode_answers_ping_while_downloading(
     kind: str, s3: S3Store, model_env: tuple[Path, dict[str, str], str],
     servers: list[RunningServer], tmp_path: Path,
