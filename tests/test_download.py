@@ -400,3 +400,35 @@ def test_unknown_host_is_fatal_and_names_the_endpoint() -> None:
     failure = classify(exc, "s3://b/k at http://nowhere.invalid:9000")
     assert isinstance(failure, FatalFailure)
     assert "nowhere.invalid:9000" in failure.message and "resolve" in failure.message
+
+
+def test_two_repositories_with_their_own_credentials(s3: S3Store, tmp_path: Path) -> None:
+    first, second = s3.bucket(), s3.bucket()
+    s3.put(first, "a.bin", b"from the first bucket")
+    s3.put(second, "b.bin", b"from the second bucket")
+    env = lazy_env(s3.url, first, {"a.bin": "a.bin"}, credential_id="cred-a")
+    env.update({k: v for k, v in lazy_env(s3.url, second, {}, credential_id="cred-b").items()
+                if k.startswith("MLOPS_REPOSITORY_SECRET_")})
+    data = json.loads(env["MLOPS_LAZY_LOADING_DATA"])
+    data["repositories"].append({"repositoryId": "repo-2", "bucketName": second,
+                                 "credentialId": "cred-b", "endpointUrl": s3.url})
+    data["files"].append({"remotePath": "b.bin", "localPath": "sub/b.bin", "repositoryId": "repo-2"})
+    env["MLOPS_LAZY_LOADING_DATA"] = json.dumps(data)
+    LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert (tmp_path / "a.bin").read_bytes() == b"from the first bucket"
+    assert (tmp_path / "sub/b.bin").read_bytes() == b"from the second bucket"
+
+
+def test_target_in_an_allowed_root_outside_the_code_dir(s3: S3Store, tmp_path: Path) -> None:
+    code_dir, shared = tmp_path / "code", tmp_path / "shared-models"
+    code_dir.mkdir()
+    bucket = s3.bucket()
+    s3.put(bucket, "w.bin", payload(2 * MiB, 21))
+    env = lazy_env(s3.url, bucket, {"w.bin": str(shared / "w.bin")},
+                   LAZY_LOADING_ALLOWED_ROOTS=str(shared), LAZY_LOADING_PART_SIZE="1MiB")
+    results = LazyLoadingHandler(code_dir=code_dir, environ=env).download_lazy_loading_files()
+    assert (shared / "w.bin").read_bytes() == payload(2 * MiB, 21)
+    assert results[0].display == str(shared / "w.bin")
+    assert no_debris(shared) == []
+    warm = LazyLoadingHandler(code_dir=code_dir, environ=env).download_lazy_loading_files()
+    assert warm[0].status == "cached", "the manifest under the code dir covers it"
