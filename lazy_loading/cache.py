@@ -143,13 +143,15 @@ class ResumeJournal:
     """
 
     def __init__(self, state_dir: Path, target: Path, remote: RemoteObject, part_size: int,
-                 temp: Path, done: set[int] | None = None) -> None:
+                 temp: Path, done: set[int] | None = None,
+                 crcs: dict[int, int] | None = None) -> None:
         self.path = state_dir / "journal" / f"{target_id(target)}.log"
         self.target = target
         self.remote = remote
         self.part_size = part_size
         self.temp = temp
         self.done: set[int] = set(done or ())
+        self.crcs: dict[int, int] = dict(crcs or {})
         self._lock = threading.Lock()
         self._fd = -1
 
@@ -159,8 +161,8 @@ class ResumeJournal:
                 "key": r.key, "etag": r.etag, "size": r.size, "part_size": self.part_size}
 
     @staticmethod
-    def read(path: Path) -> tuple[dict[str, Any], set[int]] | None:
-        """Header and finished part indexes of a journal file, or ``None`` if unusable."""
+    def read(path: Path) -> tuple[dict[str, Any], set[int], dict[int, int]] | None:
+        """Header, finished part indexes and their CRCs (when known) of a journal file."""
         try:
             lines = path.read_text(encoding="utf-8").split("\n")
             header = json.loads(lines[0])
@@ -168,8 +170,16 @@ class ResumeJournal:
             return None
         if not isinstance(header, dict):
             return None
-        done = {int(line) for line in lines[1:] if line.strip().isdigit()}
-        return header, done
+        done: set[int] = set()
+        crcs: dict[int, int] = {}
+        for line in lines[1:]:
+            fields = line.split()
+            if not fields or not all(f.isdigit() for f in fields) or len(fields) > 2:
+                continue  # a torn last line
+            done.add(int(fields[0]))
+            if len(fields) == 2:
+                crcs[int(fields[0])] = int(fields[1])
+        return header, done, crcs
 
     @classmethod
     def resume(cls, state_dir: Path, target: Path, remote: RemoteObject,
@@ -179,7 +189,7 @@ class ResumeJournal:
         found = cls.read(probe.path)
         if found is None:
             return None
-        header, done = found
+        header, done, crcs = found
         temp = Path(str(header.get("temp", "")))
         same = all(header.get(k) == v for k, v in probe._identity().items())
         if not same or temp.parent != target.parent:
@@ -189,7 +199,7 @@ class ResumeJournal:
                 return None
         except OSError:
             return None
-        return cls(state_dir, target, remote, part_size, temp=temp, done=done)
+        return cls(state_dir, target, remote, part_size, temp=temp, done=done, crcs=crcs)
 
     def start(self) -> None:
         """(Re)write the header and the parts done so far, then append from here on."""
@@ -197,15 +207,21 @@ class ResumeJournal:
             self._close()
             header = json.dumps({**self._identity(), "temp": str(self.temp),
                                  "started": time.time()}, sort_keys=True)
-            body = "".join(f"{i}\n" for i in sorted(self.done))
+            body = "".join(self._line(i) for i in sorted(self.done))
             write_atomic(self.path, f"{header}\n{body}".encode())
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
 
-    def mark_done(self, index: int) -> None:
+    def _line(self, index: int) -> str:
+        crc = self.crcs.get(index)
+        return f"{index}\n" if crc is None else f"{index} {crc}\n"
+
+    def mark_done(self, index: int, crc: int | None = None) -> None:
         with self._lock:
             self.done.add(index)
+            if crc is not None:
+                self.crcs[index] = crc
             if self._fd >= 0:
-                os.write(self._fd, f"{index}\n".encode())
+                os.write(self._fd, self._line(index).encode())
 
     def adopt(self, temp: Path) -> None:
         """Move the earlier attempt's temp file to our own name, then record it."""

@@ -1,7 +1,7 @@
 """Integrity digests: S3 full-object checksums and the config's optional SHA-256.
 
-Implemented over ``zlib``/``hashlib`` (CRC32C and CRC64NVME need ``awscrt``, used when present)
-so verification adds no mandatory native dependency.
+CRC32, SHA-1 and SHA-256 come from ``zlib``/``hashlib``; CRC32C and CRC64NVME (the default of
+current AWS SDKs) and the combining of per-part CRCs come from ``awscrt``, AWS's own library.
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ class _Crc32:
     def digest(self) -> bytes:
         return self._value.to_bytes(4, "big")
 
+    @property
+    def value(self) -> int:
+        return self._value
+
 
 class _CrtCrc:
     def __init__(self, name: str, width: int) -> None:
@@ -42,6 +46,10 @@ class _CrtCrc:
 
     def digest(self) -> bytes:
         return int(self._value).to_bytes(self._width, "big")
+
+    @property
+    def value(self) -> int:
+        return int(self._value)
 
 
 def _crt_available() -> bool:
@@ -68,6 +76,32 @@ def new_digest(algorithm: str) -> Digest | None:
     if algorithm == "ChecksumCRC64NVME" and _crt_available():
         return _CrtCrc("crc64nvme", 8)
     return None
+
+
+_COMBINERS = {"ChecksumCRC32": ("combine_crc32", 4), "ChecksumCRC32C": ("combine_crc32c", 4),
+               "ChecksumCRC64NVME": ("combine_crc64nvme", 8)}
+
+
+def combinable(algorithm: str) -> bool:
+    """Whether per-part values of ``algorithm`` can be combined into the whole object's, so a
+    multi-part download verifies without reading the file back (needs awscrt)."""
+    if algorithm not in _COMBINERS or not _crt_available():
+        return False
+    from awscrt import checksums
+
+    return hasattr(checksums, _COMBINERS[algorithm][0])
+
+
+def combine_parts(algorithm: str, parts: list[tuple[int, int]]) -> str:
+    """The object's checksum from ``(crc, length)`` of its parts in order, S3-encoded."""
+    from awscrt import checksums
+
+    name, width = _COMBINERS[algorithm]
+    combine = getattr(checksums, name)
+    value = 0
+    for index, (crc, length) in enumerate(parts):
+        value = crc if index == 0 else combine(value, crc, length)
+    return encode(algorithm, int(value).to_bytes(width, "big"))
 
 
 def encode(algorithm: str, raw: bytes) -> str:
@@ -109,3 +143,7 @@ class DigestSet:
 
     def encoded(self, algorithm: str) -> str:
         return encode(algorithm, self._digests[algorithm].digest())
+
+    def value(self, algorithm: str) -> int:
+        """The running CRC as an integer (CRC algorithms only), for ``combine_parts``."""
+        return int(self._digests[algorithm].value)  # type: ignore[attr-defined]

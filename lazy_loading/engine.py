@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from filelock import FileLock, Timeout
 
 from .cache import Manifest, ManifestEntry, ResumeJournal, target_lock
-from .checksums import DigestSet
+from .checksums import DigestSet, combinable, combine_parts
 from .client import S3ClientFactory, describe_endpoint
 from .errors import DownloadError
 from .plan import FileTransfer, effective_part_size, order_for_transfer, split_ranges
@@ -328,6 +328,12 @@ class TransferEngine:
         digests = self._digests(transfer, remote)
         sink = RangeSink(fd, self._tracker.add_bytes, threading.Event(),
                          digests if digests and not multipart else None)
+        # A multi-part file checks its CRC from per-part values computed while each part's bytes
+        # are hot, combined at the end: no second read of the file.
+        part_algorithm = (remote.checksum[0] if multipart and remote.checksum is not None
+                          and self._settings.verify_checksums and combinable(remote.checksum[0])
+                          else None)
+        part_crcs: dict[int, int] = dict(journal.crcs) if journal is not None else {}
         self._sinks.add(sink)
         if self._cancel.is_set():
             sink.abort()
@@ -339,9 +345,14 @@ class TransferEngine:
                             transfer.display, format_bytes(resumed_bytes))
             todo = [r for r in ranges if r.index not in resumed]
             client = self._clients.get(transfer.repository)
-            await self._run_parts(client, remote, todo, not multipart, sink, journal)
+            await self._run_parts(client, remote, todo, not multipart, sink, journal,
+                                  part_algorithm, part_crcs)
+            combined = (combine_parts(part_algorithm, [(part_crcs[r.index], r.length)
+                                                       for r in ranges])
+                        if part_algorithm and all(r.index in part_crcs for r in ranges)
+                        else None)
             await self._to_thread(self._finish, transfer, remote, fd, temp, digests,
-                                  not multipart)
+                                  not multipart, combined)
             fd = -1
         except BaseException:
             await self._to_thread(self._discard, fd, temp, journal)
@@ -366,13 +377,14 @@ class TransferEngine:
                           "resumed" if resumed else "fetched", seconds, fetched)
 
     async def _run_parts(self, client: Any, remote: RemoteObject, todo: list[ByteRange],
-                         whole: bool, sink: RangeSink, journal: ResumeJournal | None) -> None:
+                         whole: bool, sink: RangeSink, journal: ResumeJournal | None,
+                         part_algorithm: str | None, part_crcs: dict[int, int]) -> None:
         """Fetch the ranges in the shared pool; on any failure stop this file's other parts and
         wait until no thread can still write to its descriptor."""
         assert self._pool is not None
         futures = [
             self._pool.submit((r.index, -remote.size), self._fetch_part, client, remote, r, whole,
-                              sink, journal)
+                              sink, journal, part_algorithm, part_crcs)
             for r in todo
         ]
         try:
@@ -429,37 +441,43 @@ class TransferEngine:
         return journal, fd
 
     def _fetch_part(self, client: Any, remote: RemoteObject, byte_range: ByteRange, whole: bool,
-                    sink: RangeSink, journal: ResumeJournal | None) -> None:
+                    sink: RangeSink, journal: ResumeJournal | None, part_algorithm: str | None,
+                    part_crcs: dict[int, int]) -> None:
         written = [0]
 
         def count(n: int) -> None:
             written[0] += n
             sink.on_bytes(n)
 
-        part_sink = sink.with_counter(count)
+        part_digest = DigestSet([part_algorithm]) if part_algorithm else None
+        part_sink = sink.with_counter(count, part_digest)
 
         def undo() -> None:
             sink.on_bytes(-written[0])
             written[0] = 0
-            if sink.digests is not None:
-                sink.digests.reset()
+            for digest in (sink.digests, part_digest):
+                if digest is not None:
+                    digest.reset()
 
         if sink.cancel.is_set():
             raise Cancelled()
         self._with_retries(lambda: fetch_range(client, remote, byte_range, whole, part_sink),
                            sink.cancel, on_retry=undo)
+        crc = part_digest.value(part_algorithm) if part_digest and part_algorithm else None
+        if crc is not None:
+            part_crcs[byte_range.index] = crc
         if journal is not None:
-            journal.mark_done(byte_range.index)
+            journal.mark_done(byte_range.index, crc)
 
     def _finish(self, transfer: FileTransfer, remote: RemoteObject, fd: int, temp: Path,
-                digests: DigestSet, inline: bool) -> None:
+                digests: DigestSet, inline: bool, combined: str | None) -> None:
         """Verify, optionally fsync, and atomically rename the temp file onto the target."""
         try:
             size = os.fstat(fd).st_size
             if size != remote.size:
                 raise FatalFailure(f"{remote.where}: wrote {size} bytes, expected {remote.size}")
             if self._settings.verify_checksums:
-                self._verify(transfer, remote, fd, digests, inline)
+                self._verify(transfer, remote, fd, digests, inline, combined)
             if self._settings.fsync:
                 os.fsync(fd)
         finally:
@@ -469,20 +487,25 @@ class TransferEngine:
             _fsync_dir(transfer.target.parent)
 
     def _verify(self, transfer: FileTransfer, remote: RemoteObject, fd: int,
-                digests: DigestSet, inline: bool) -> None:
-        """Compare digests; multi-part files are read back once (hot in the page cache)."""
+                digests: DigestSet, inline: bool, combined: str | None) -> None:
+        """Compare digests. Multi-part files use their combined part CRCs when that is all there
+        is to check; otherwise (a sha256 to check, no combinable CRC) they are read back once."""
         if not digests:
             return
-        if not inline:
-            digests.reset()
-            _hash_fd(fd, remote.size, digests, self._cancel)
-        expected = {}
+        expected: dict[str, str] = {}
         if remote.checksum is not None:
             expected[remote.checksum[0]] = remote.checksum[1]
         if transfer.spec.sha256:
             expected["sha256"] = transfer.spec.sha256
-        for algorithm in digests.algorithms:
-            got = digests.encoded(algorithm)
+        if not inline and combined is not None and remote.checksum is not None \
+                and digests.algorithms == [remote.checksum[0]]:
+            computed = {remote.checksum[0]: combined}
+        else:
+            if not inline:
+                digests.reset()
+                _hash_fd(fd, remote.size, digests, self._cancel)
+            computed = {a: digests.encoded(a) for a in digests.algorithms}
+        for algorithm, got in computed.items():
             if got != expected[algorithm]:
                 source = f"files[{transfer.index}].sha256" if algorithm == "sha256" else algorithm
                 raise FatalFailure(f"{remote.where}: {source} mismatch: expected "

@@ -198,9 +198,12 @@ class RangeSink:
             for body in self._bodies:
                 _interrupt(body)
 
-    def with_counter(self, on_bytes: Callable[[int], None]) -> RangeSink:
-        """The same sink (shared cancel, bodies, digests) reporting bytes to ``on_bytes``."""
-        return RangeSink(self.fd, on_bytes, self.cancel, self.digests, self._bodies, self._lock)
+    def with_counter(self, on_bytes: Callable[[int], None],
+                     digests: DigestSet | None = None) -> RangeSink:
+        """The same sink (shared cancel and bodies) reporting bytes to ``on_bytes``, hashing
+        into ``digests`` as well when given (a part's own CRC)."""
+        return RangeSink(self.fd, on_bytes, self.cancel, digests or self.digests, self._bodies,
+                         self._lock)
 
 
 def _interrupt(body: Any) -> None:

@@ -23,7 +23,7 @@ _INTERNAL = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError<
 
 @dataclass
 class Rule:
-    """One fault. ``action``: status | cut | stall | throttle | bad_range | bad_length."""
+    """One fault. ``action``: status | cut | stall | throttle | bad_range | bad_length | corrupt."""
 
     action: str
     method: str = "GET"
@@ -129,6 +129,8 @@ class FaultInjector:
                         while time.monotonic() < deadline and not self.stopping.is_set():
                             time.sleep(0.05)
                     raise ConnectionAbortedError("fault injection: connection cut")
+                if rule is not None and rule.action == "corrupt" and sent == 0:
+                    chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]  # same length, one bit pattern off
                 if rule is not None and rule.action == "throttle" and rule.rate:
                     for i in range(0, len(chunk), 65536):
                         piece = chunk[i:i + 65536]

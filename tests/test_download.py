@@ -432,3 +432,39 @@ def test_target_in_an_allowed_root_outside_the_code_dir(s3: S3Store, tmp_path: P
     assert no_debris(shared) == []
     warm = LazyLoadingHandler(code_dir=code_dir, environ=env).download_lazy_loading_files()
     assert warm[0].status == "cached", "the manifest under the code dir covers it"
+
+
+@pytest.mark.parametrize("algorithm", ["CRC32", "CRC32C", "CRC64NVME"])
+def test_multipart_crc_is_verified_from_part_crcs_without_reading_back(
+    s3: S3Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, algorithm: str
+) -> None:
+    from lazy_loading import engine
+    from lazy_loading.cache import Manifest
+
+    def no_read_back(*args: object) -> None:
+        raise AssertionError("the file was read back")
+
+    monkeypatch.setattr(engine, "_hash_fd", no_read_back)
+    body = payload(5 * MiB + 17, seed=31)
+    bucket = s3.bucket()
+    s3.put(bucket, "a.bin", body, ChecksumAlgorithm=algorithm)
+    env = lazy_env(s3.url, bucket, {"a.bin": "a.bin"}, LAZY_LOADING_PART_SIZE="1MiB")
+    LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert (tmp_path / "a.bin").read_bytes() == body
+    entry = Manifest(tmp_path / ".lazy_loading").lookup(tmp_path / "a.bin")
+    assert entry is not None and entry.checksum is not None
+    assert entry.checksum[0] == f"Checksum{algorithm}"
+
+
+@pytest.mark.parametrize("size", [3000, 5 * MiB])
+def test_corrupted_bytes_fail_the_checksum_and_are_never_published(
+    s3: S3Store, tmp_path: Path, size: int
+) -> None:
+    bucket = s3.bucket()
+    s3.put(bucket, "a.bin", payload(size, seed=32), ChecksumAlgorithm="CRC64NVME")
+    env = lazy_env(s3.url, bucket, {"a.bin": "a.bin"}, LAZY_LOADING_PART_SIZE="1MiB")
+    s3.faults.add(Rule("corrupt", key="a.bin", times=1))
+    with pytest.raises(DownloadError, match=r"ChecksumCRC64NVME mismatch"):
+        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert not (tmp_path / "a.bin").exists()
+    assert no_debris(tmp_path) == []

@@ -42,7 +42,7 @@ def test_eight_processes_at_once_fetch_each_object_once(s3: S3Store, tmp_path: P
 def test_kill_9_then_resume_fetches_only_missing_ranges(s3: S3Store, tmp_path: Path) -> None:
     bucket = s3.bucket()
     body = payload(8 * MiB, seed=42)
-    s3.put(bucket, "big.bin", body)
+    s3.put(bucket, "big.bin", body, ChecksumAlgorithm="CRC64NVME")
     env = lazy_env(s3.url, bucket, {"big.bin": "big.bin"}, LAZY_LOADING_PART_SIZE="1MiB",
                    LAZY_LOADING_MAX_CONNECTIONS="2")
     s3.faults.add(Rule("throttle", key="big.bin", times=None, rate=2 * MiB))
