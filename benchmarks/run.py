@@ -83,9 +83,26 @@ def make_data(root: Path, scenarios: list[Scenario]) -> None:
                     left -= chunk
 
 
-def lazy_env(url: str, files: list[tuple[str, str]]) -> dict[str, str]:
+def sha256_of(path: Path) -> str:
+    """The file's SHA-256, cached beside it (computed once per data set)."""
+    import hashlib
+
+    cache = path.with_name(path.name + ".sha256")
+    if cache.exists() and cache.stat().st_mtime >= path.stat().st_mtime:
+        return cache.read_text().strip()
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(16 * MiB):
+            digest.update(chunk)
+    cache.write_text(digest.hexdigest())
+    return digest.hexdigest()
+
+
+def lazy_env(url: str, files: list[tuple[str, str]],
+             sha256: dict[str, str] | None = None) -> dict[str, str]:
     data = {
-        "files": [{"remotePath": k, "localPath": local, "repositoryId": "r"} for k, local in files],
+        "files": [{"remotePath": k, "localPath": local, "repositoryId": "r",
+                   **({"sha256": sha256[k]} if sha256 else {})} for k, local in files],
         "repositories": [{"repositoryId": "r", "bucketName": BUCKET, "credentialId": "c",
                           "endpointUrl": url}],
     }
@@ -95,7 +112,7 @@ def lazy_env(url: str, files: list[tuple[str, str]]) -> dict[str, str]:
 
 
 def run_candidate(kind: str, python: Path, sc: Scenario, store: NginxStore, target: Path,
-                  data_root: Path, clean: bool = True) -> dict[str, float]:
+                  data_root: Path, clean: bool = True, verify: bool = False) -> dict[str, float]:
     if clean and target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True, exist_ok=True)
@@ -103,7 +120,8 @@ def run_candidate(kind: str, python: Path, sc: Scenario, store: NginxStore, targ
     spec = {"files": [[k, local, size] for (k, local), (_, size) in zip(files, sc.files, strict=True)],
             "bucket": BUCKET, "url": store.url, "code_dir": str(target),
             "source_root": str(data_root)}
-    env = {**os.environ, **lazy_env(store.url, files), "BENCH_SPEC": json.dumps(spec),
+    sha256 = ({k: sha256_of(data_root / BUCKET / k) for k, _ in sc.files} if verify else None)
+    env = {**os.environ, **lazy_env(store.url, files, sha256), "BENCH_SPEC": json.dumps(spec),
            "LAZY_LOADING_PROGRESS_INTERVAL": "3600"}
     settle()
     store.reset_log()
@@ -237,7 +255,19 @@ def main() -> None:
                               clean=False) for _ in range(args.reps)]
         gunicorn = [gunicorn_scenario(warm_sc, store, args.work) for _ in range(args.reps)]
 
-    write_results(args, tables, cold, warm, gunicorn, drum_python)
+    # What verification costs: the same 1 GiB with and without a sha256 to check (read back once).
+    verify_dir = Path(args.tmpfs) / "drum-bench-verify" if args.tmpfs else target
+    big_sc = Scenario("1 × 1 GiB", big, None, ["ours"])
+    verification: dict[str, list[dict[str, float]]] = {"plain": [], "sha256": []}
+    with NginxStore(data_root, args.work / "nginx", None) as store:
+        for _ in range(args.reps):
+            for mode in ("plain", "sha256"):
+                verification[mode].append(run_candidate(
+                    "ours", ours_python, big_sc, store, verify_dir, data_root,
+                    verify=mode == "sha256"))
+    shutil.rmtree(verify_dir, ignore_errors=True)
+
+    write_results(args, tables, cold, warm, gunicorn, drum_python, verification)
 
 
 def _median(runs: list[dict[str, float]], key: str = "seconds") -> float:
@@ -262,7 +292,8 @@ def _table(scenarios: list[Scenario]) -> list[str]:
 
 def write_results(args: argparse.Namespace, tables: list[tuple[str, list[Scenario]]],
                   cold: list[dict[str, float]], warm: list[dict[str, float]],
-                  gunicorn: list[dict[str, float]], drum_python: Path) -> None:
+                  gunicorn: list[dict[str, float]], drum_python: Path,
+                  verification: dict[str, list[dict[str, float]]]) -> None:
     from importlib.metadata import version
 
     drum_version = _sh(str(drum_python), "-c",
@@ -296,7 +327,7 @@ def write_results(args: argparse.Namespace, tables: list[tuple[str, list[Scenari
     g_ratio = statistics.median(r["all_ready_seconds"] / r["single_seconds"] for r in gunicorn)
     lines += [
         "",
-        "## Other targets (disk)",
+        "## Other targets",
         "",
         "| Target | measured |",
         "|---|---|",
@@ -308,6 +339,11 @@ def write_results(args: argparse.Namespace, tables: list[tuple[str, list[Scenari
         f"{statistics.median(r['single_seconds'] for r in gunicorn):.2f} s for one "
         f"`drum-servers download` process = **{g_ratio:.2f}** |",
         f"| peak RSS above idle during 1 × 1 GiB | **{rss:.0f} MiB** |",
+        f"| verification cost, 1 × 1 GiB with a config `sha256` (read back once; "
+        f"{'tmpfs' if args.tmpfs else 'disk'}) | {_median(verification['sha256']):.3f} s vs "
+        f"{_median(verification['plain']):.3f} s without = **"
+        f"{_median(verification['sha256']) / _median(verification['plain']):.2f}×**; S3 CRC "
+        "checksums of multi-part files are combined from part CRCs (no read back) |",
         "",
     ]
     args.out.write_text("\n".join(lines))
