@@ -411,17 +411,23 @@ class TransferEngine:
                  multipart: bool, temp: Path) -> tuple[ResumeJournal | None, int]:
         """Under the target lock: adopt a dead attempt's journal, sweep debris, create the temp."""
         target = transfer.target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        journal = (ResumeJournal.resume(self._state_dir, target, remote, part_size)
-                   if multipart else None)
-        for stale in target.parent.glob(f".{target.name}.*.partial"):
-            if journal is None or stale != journal.temp:
-                with contextlib.suppress(OSError):
-                    stale.unlink()
-                    logger.info("removed leftover %s", stale.name)
-        if journal is not None:
-            journal.adopt(temp)
-        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            journal = (ResumeJournal.resume(self._state_dir, target, remote, part_size)
+                       if multipart else None)
+            for stale in target.parent.glob(f".{target.name}.*.partial"):
+                if journal is None or stale != journal.temp:
+                    with contextlib.suppress(OSError):
+                        stale.unlink()
+                        logger.info("removed leftover %s", stale.name)
+            if journal is not None:
+                journal.adopt(temp)
+            fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise FatalFailure(
+                f"{target.parent}: cannot write there ({exc.strerror}); artifacts need a "
+                "writable directory"
+            ) from None
         try:
             if journal is None and remote.size:
                 try:

@@ -181,6 +181,7 @@ class LazyLoadingHandler:
             )
             for index, (spec, target) in enumerate(zip(config.data.files, targets, strict=True))
         ]
+        _check_writable(code_dir / STATE_DIR_NAME)
         clients = S3ClientFactory(config, settings, self._environ)
         engine = TransferEngine(transfers, clients, settings, code_dir / STATE_DIR_NAME,
                                 self._tracker)
@@ -205,6 +206,21 @@ class LazyLoadingHandler:
         env[DATA_ENV] = data.model_dump_json()
         for cred_id, cred in credentials.items():
             env[secret_env_name(cred_id)] = cred.to_env_json()
+
+
+def _check_writable(state_dir: Path) -> None:
+    """The cache, locks and journal live under the code dir: fail before any request if they
+    cannot, with the fix rather than a traceback."""
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        probe = state_dir / f".probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"{state_dir}: not writable ({exc.strerror}); the code dir must be writable, since "
+            "artifacts and the download cache live there (mount a volume such as an emptyDir)"
+        ) from None
 
 
 def _display(target: Path, code_dir: Path) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lazy_loading import DownloadError, LazyLoadingHandler
+from lazy_loading import ConfigError, DownloadError, LazyLoadingHandler
 from tests.conftest import S3Store, lazy_env, no_debris, payload
 from tests.faults import Rule
 
@@ -468,3 +468,22 @@ def test_corrupted_bytes_fail_the_checksum_and_are_never_published(
         LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
     assert not (tmp_path / "a.bin").exists()
     assert no_debris(tmp_path) == []
+
+
+def test_unwritable_state_dir_is_one_clear_error_before_any_request(
+    s3: S3Store, tmp_path: Path
+) -> None:
+    # A file where the cache directory must go fails like a read-only code dir does, also for
+    # root (which ignores permission bits).
+    _, env = _setup(s3, {"a.bin": b"x"})
+    (tmp_path / ".lazy_loading").write_text("not a directory")
+    with pytest.raises(ConfigError, match=r"not writable .* the code dir must be writable"):
+        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert [r for r in s3.faults.ledger.requests if r[0] in ("HEAD", "GET")] == []
+
+
+def test_parent_that_is_a_file_is_a_clear_error(s3: S3Store, tmp_path: Path) -> None:
+    _, env = _setup(s3, {"a.bin": b"x"}, {"a.bin": "blocker/a.bin"})
+    (tmp_path / "blocker").write_text("a file, not a directory")
+    with pytest.raises(DownloadError, match=r"blocker: cannot write there"):
+        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
