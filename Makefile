@@ -26,7 +26,7 @@ pytest: $(STAMP)
 test: lint typecheck pytest
 
 # The suite again on the oldest supported Python (3.10), when the machine has it (CI does).
-COMPAT_PYTHON ?= python3.10
+COMPAT_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10.*/bin/python3.10) python3.10)
 compat:
 	@if $(COMPAT_PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 10))' 2>/dev/null; then \
 		test -x .venv-compat/bin/python || $(COMPAT_PYTHON) -m venv .venv-compat; \
