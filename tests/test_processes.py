@@ -161,3 +161,27 @@ def test_forked_child_adopts_the_parents_download_without_requests(
         outcomes.append(queue.get(timeout=5))
     assert outcomes == [True, False]
     assert len(s3.faults.ledger.requests) == before
+
+
+def test_cli_download_from_a_values_file(s3: S3Store, tmp_path: Path) -> None:
+    bucket = s3.bucket()
+    s3.put(bucket, "models/m.bin", b"from the values file")
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        "files:\n"
+        "  - {remotePath: models/m.bin, localPath: art/m.bin, repositoryId: repo1}\n"
+        "repositories:\n"
+        f"  - {{repositoryId: repo1, bucketName: {bucket}, credentialId: cred1, "
+        f"endpointUrl: '{s3.url}'}}\n"
+        "credentials:\n"
+        "  - {id: cred1, credentialType: s3, awsAccessKeyId: AKIAX, "
+        "awsSecretAccessKey: values-file-secret}\n"
+    )
+    code = tmp_path / "code"
+    result = subprocess.run(
+        [*_download_cmd(code), "--lazy-loading-file", str(values)],
+        env={"PATH": os.environ["PATH"]}, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (code / "art" / "m.bin").read_bytes() == b"from the values file"
+    assert "values-file-secret" not in result.stderr + result.stdout
