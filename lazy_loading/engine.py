@@ -219,10 +219,8 @@ class TransferEngine:
             return None
         results = []
         for t in self._transfers:
-            entry = self._manifest.lookup(t.target)
-            if entry is None or not entry.intact(t.target) or (
-                t.spec.sha256 and entry.sha256 != t.spec.sha256
-            ):
+            entry = self._published(t, remote=None)
+            if entry is None:
                 return None
             results.append(FileResult(t.display, t.target, entry.size, entry.etag, "offline",
                                       0.0, 0))
@@ -300,11 +298,21 @@ class TransferEngine:
             await asyncio.sleep(delay)
             delay = min(0.25, delay * 2)
 
-    def _cached(self, transfer: FileTransfer, remote: RemoteObject) -> FileResult | None:
+    def _published(self, transfer: FileTransfer,
+                   remote: RemoteObject | None) -> ManifestEntry | None:
+        """The manifest entry of a local copy that can be used as is: intact on disk, checked
+        against the config's sha256 and, when ``remote`` is known, still the store's version."""
         entry = self._manifest.lookup(transfer.target)
-        if entry is None or not entry.matches(remote) or not entry.intact(transfer.target):
+        if entry is None or not entry.intact(transfer.target):
+            return None
+        if remote is not None and not entry.matches(remote):
             return None
         if transfer.spec.sha256 and entry.sha256 != transfer.spec.sha256:
+            return None
+        return entry
+
+    def _cached(self, transfer: FileTransfer, remote: RemoteObject) -> FileResult | None:
+        if self._published(transfer, remote) is None:
             return None
         self._tracker.file_done(skipped_bytes=remote.size)
         logger.info("cached %s (%s), unchanged in the store",
@@ -530,9 +538,7 @@ class TransferEngine:
         """Refuse to start when a filesystem cannot hold what must be fetched."""
         needed: dict[int, tuple[Path, int]] = {}
         for t in transfers:
-            entry = self._manifest.lookup(t.target)
-            if entry is not None and t.remote is not None and entry.matches(t.remote) \
-                    and entry.intact(t.target):
+            if t.remote is not None and self._published(t, t.remote) is not None:
                 continue
             anchor = t.target.parent
             while not anchor.exists():
