@@ -265,6 +265,7 @@ def fetch_range(client: Any, remote: RemoteObject, byte_range: ByteRange, whole:
     if not whole:
         params["Range"] = f"bytes={byte_range.start}-{byte_range.end}"
     body = None
+    complete = False
     try:
         if sink.cancel.is_set():
             raise Cancelled()
@@ -294,6 +295,7 @@ def fetch_range(client: Any, remote: RemoteObject, byte_range: ByteRange, whole:
             sink.on_bytes(n)
         if read_into(buffer[:1]):
             raise TransientFailure(f"{where}: body longer than {byte_range.length} bytes")
+        complete = True
     except (Cancelled, TransferFailure):
         raise
     except Exception as exc:
@@ -303,7 +305,20 @@ def fetch_range(client: Any, remote: RemoteObject, byte_range: ByteRange, whole:
     finally:
         if body is not None:
             sink.untrack(body)
-            body.close()
+            _finish_body(body, reuse=complete)
+
+
+def _finish_body(body: Any, reuse: bool) -> None:
+    """Return a fully read body's connection to the pool; close anything else.
+
+    Reading through ``http.client`` directly bypasses urllib3's own release on EOF, and
+    ``close`` would drop the connection: every part would then pay a new TCP (and TLS)
+    handshake.
+    """
+    raw = getattr(body, "_raw_stream", None)
+    if reuse and raw is not None and hasattr(raw, "release_conn"):
+        raw.release_conn()
+    body.close()
 
 
 def _check_headers(response: dict[str, Any], remote: RemoteObject, byte_range: ByteRange,

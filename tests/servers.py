@@ -104,3 +104,73 @@ def start_server(kind: str, code_dir: Path, env: dict[str, str], log_path: Path)
                             cwd=ROOT, start_new_session=True)
     log.close()
     return RunningServer(proc, port, log_path)
+
+
+class KeepAliveStore:
+    """A read-only S3-like store that keeps connections open, as S3 does (HEAD, ranged GET).
+
+    Records ``(method, client port)`` per request, so a test can count TCP connections.
+    """
+
+    def __init__(self, objects: dict[str, bytes]) -> None:
+        import hashlib
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[tuple[str, int]] = []
+        store = self
+
+        class _Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _object(self) -> bytes | None:
+                store.requests.append((self.command, self.client_address[1]))
+                key = self.path.lstrip("/").split("/", 1)[-1]
+                body = objects.get(key)
+                if body is None:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                return body
+
+            def _headers(self, status: int, body: bytes, length: int) -> None:
+                self.send_response(status)
+                self.send_header("ETag", f'"{hashlib.md5(body).hexdigest()}"')
+                self.send_header("Content-Length", str(length))
+                self.send_header("Last-Modified", "Fri, 27 Nov 2026 00:00:00 GMT")
+
+            def do_HEAD(self) -> None:
+                body = self._object()
+                if body is not None:
+                    self._headers(200, body, len(body))
+                    self.end_headers()
+
+            def do_GET(self) -> None:
+                body = self._object()
+                if body is None:
+                    return
+                start, end = 0, len(body) - 1
+                if rng := self.headers.get("Range"):
+                    first, last = rng.removeprefix("bytes=").split("-")
+                    start, end = int(first), int(last)
+                self._headers(206 if rng else 200, body, end - start + 1)
+                if rng:
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{len(body)}")
+                self.end_headers()
+                self.wfile.write(body[start:end + 1])
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> KeepAliveStore:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -16,6 +16,7 @@ import pytest
 from lazy_loading import ConfigError, DownloadError, LazyLoadingHandler
 from tests.conftest import S3Store, lazy_env, no_debris, payload
 from tests.faults import Rule
+from tests.servers import KeepAliveStore
 
 MiB = 1024 * 1024
 
@@ -49,6 +50,22 @@ def test_happy_path_nested_dirs_zero_byte_and_multipart(s3: S3Store, tmp_path: P
     ranged = [r for m, k, r, _ in s3.faults.ledger.requests if k == "models/weights.bin" and r]
     assert len(ranged) == 6, "a 5 MiB file at 1 MiB parts is fetched as 6 ranged GETs"
     assert s3.faults.ledger.gets("empty.txt") == 0, "a zero-byte object needs no GET"
+
+
+def test_parts_reuse_one_connection(tmp_path: Path) -> None:
+    """Each part must not pay a new TCP (and, against S3, TLS) handshake.
+
+    moto's werkzeug server closes every connection, so this uses a keep-alive HTTP/1.1 store.
+    """
+    body = payload(6 * MiB, seed=4)
+    with KeepAliveStore({"a.bin": body}) as store:
+        env = lazy_env(store.url, "bucket", {"a.bin": "a.bin"}, LAZY_LOADING_PART_SIZE="1MiB",
+                       LAZY_LOADING_MAX_CONNECTIONS="1")
+        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert (tmp_path / "a.bin").read_bytes() == body
+    assert [m for m, _ in store.requests] == ["HEAD"] + ["GET"] * 6
+    ports = {port for _, port in store.requests}
+    assert len(ports) == 1, f"HEAD and 6 GETs should share one connection, used {len(ports)}"
 
 
 def test_second_call_in_process_returns_at_once(s3: S3Store, tmp_path: Path) -> None:
