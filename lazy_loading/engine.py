@@ -28,7 +28,7 @@ from .cache import Manifest, ManifestEntry, ResumeJournal, target_lock
 from .checksums import DigestSet, combinable, combine_parts
 from .client import S3ClientFactory, describe_endpoint
 from .errors import DownloadError
-from .plan import FileTransfer, effective_part_size, order_for_transfer, split_ranges
+from .plan import FileTransfer, choose_part_size, order_for_transfer, split_ranges
 from .progress import DownloadState, ProgressTracker, format_bytes
 from .s3io import (
     ByteRange,
@@ -98,6 +98,7 @@ class TransferEngine:
         self._sinks: set[RangeSink] = set()
         self._pool: PriorityPool | None = None
         self._unreachable = False
+        self._part_size = 0
 
     # ----------------------------------------------------------------- orchestration
     async def run(self) -> list[FileResult]:
@@ -133,6 +134,11 @@ class TransferEngine:
                 failures,
             )
         transfers = order_for_transfer(self._transfers)
+        # From every file's size, not just the missing ones: a resumed run must cut the same
+        # parts as the run it resumes.
+        self._part_size = choose_part_size(sum(t.size for t in transfers),
+                                           self._settings.max_connections,
+                                           self._settings.part_size)
         await self._to_thread(self._check_free_space, transfers)
         self._tracker.start(len(transfers), sum(t.size for t in transfers))
         ticker = asyncio.ensure_future(self._log_progress())
@@ -323,8 +329,7 @@ class TransferEngine:
     async def _download(self, transfer: FileTransfer, remote: RemoteObject) -> FileResult:
         started = time.monotonic()
         target = transfer.target
-        part_size = effective_part_size(remote.size, self._settings.part_size,
-                                        self._settings.max_connections)
+        part_size = self._part_size
         ranges = split_ranges(remote.size, part_size)
         multipart = len(ranges) > 1
         temp = target.parent / f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"

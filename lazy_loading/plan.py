@@ -35,17 +35,25 @@ def split_ranges(size: int, part_size: int) -> list[ByteRange]:
     ]
 
 
-def effective_part_size(size: int, part_size: int, max_connections: int) -> int:
-    """Shrink parts of a mid-sized lone file so idle connections can help, never below 4 MiB.
+MiB = 1024 * 1024
+_AUTO_MIN_PART = 4 * MiB
+_AUTO_MAX_PART = 64 * MiB
+_ROUNDS = 2
 
-    A 32 MiB file at the default 16 MiB would use 2 of 16 connections; 8 parts of 4 MiB finish
-    sooner. Large files keep the configured size to bound per-request overhead.
+
+def choose_part_size(total_bytes: int, max_connections: int, configured: int | None) -> int:
+    """One part size for a whole run: a configured size as is, otherwise about two parts per
+    connection over all the bytes to fetch, within 4–64 MiB.
+
+    Fewer, larger parts save per-request CPU (a botocore request costs ~1 ms of GIL on 2 cores);
+    two rounds per connection keep every connection busy to the end, so no lone last part
+    makes a long tail. A lone 32 MiB file still gets 8 parts, a 1 GiB one 32, 20 GB 320.
     """
-    floor = min(part_size, 4 * 1024 * 1024)
-    if size <= floor:
-        return part_size
-    wanted = -(-size // max_connections)
-    return max(floor, min(part_size, wanted))
+    if configured is not None:
+        return configured
+    wanted = -(-total_bytes // (_ROUNDS * max_connections))
+    wanted = -(-wanted // MiB) * MiB
+    return max(_AUTO_MIN_PART, min(_AUTO_MAX_PART, wanted))
 
 
 def order_for_transfer(transfers: list[FileTransfer]) -> list[FileTransfer]:

@@ -33,7 +33,7 @@ class LazyLoadingSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_connections: int = Field(16, ge=1, le=256)
-    part_size: int = Field(16 * MiB, ge=1 * MiB, le=5 * 1024 * MiB)
+    part_size: int | None = Field(None, ge=1 * MiB, le=5 * 1024 * MiB)
     stall_timeout: float = Field(15.0, gt=0, le=3600)
     timeout: float | None = Field(None, gt=0)
     max_attempts: int = Field(8, ge=1, le=100)
@@ -46,7 +46,9 @@ class LazyLoadingSettings(BaseModel):
     @field_validator("part_size", mode="before")
     @classmethod
     def _parse_part_size(cls, value: object) -> object:
-        return parse_size(value) if isinstance(value, str) else value
+        if isinstance(value, str):
+            return None if value.strip().lower() == "auto" else parse_size(value)
+        return value
 
     @field_validator("allowed_roots", mode="before")
     @classmethod

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from lazy_loading import ConfigError
 from lazy_loading.config import load_config
-from lazy_loading.plan import effective_part_size, split_ranges
+from lazy_loading.plan import choose_part_size, split_ranges
 from tests.conftest import SECRET_CANARY
 
 MiB = 1024 * 1024
@@ -31,12 +31,18 @@ def test_ranges_tile_the_object_exactly(size: int, part: int) -> None:
     assert position == size
 
 
-@given(size=st.integers(0, 10**12), part=st.integers(MiB, 5 * 1024 * MiB),
-       connections=st.integers(1, 256))
-def test_effective_part_size_stays_within_bounds(size: int, part: int, connections: int) -> None:
-    effective = effective_part_size(size, part, connections)
-    assert effective <= part
-    assert effective >= min(part, 4 * MiB)
+@given(total=st.integers(0, 10**13), connections=st.integers(1, 256))
+def test_auto_part_size_keeps_every_connection_busy(total: int, connections: int) -> None:
+    part = choose_part_size(total, connections, None)
+    assert 4 * MiB <= part <= 64 * MiB and part % MiB == 0
+    parts = -(-total // part)
+    assert parts >= min(connections, -(-total // (4 * MiB))), "idle connections with work left"
+
+
+@given(total=st.integers(0, 10**13), connections=st.integers(1, 256),
+       configured=st.integers(MiB, 5 * 1024 * MiB))
+def test_configured_part_size_is_used_as_is(total: int, connections: int, configured: int) -> None:
+    assert choose_part_size(total, connections, configured) == configured
 
 
 CREDENTIAL = json.dumps({"credentialType": "s3", "awsAccessKeyId": "AKIA",
