@@ -51,7 +51,60 @@ def _prepare(kind: str, spec: dict) -> Callable[[], object]:
                 shutil.copyfile(root / key, local)
 
         return copy
+    if kind == "floor":
+        return _http_floor(spec)
     raise SystemExit(f"unknown candidate {kind}")
+
+
+def _http_floor(spec: dict) -> Callable[[], None]:
+    """The least work any HTTP client can do: 4 keep-alive connections pulling 16 MiB ranges
+    with ``readinto`` into one buffer and ``pwrite``; no S3 logic, no checks, no retries.
+
+    Not a usable downloader: it shows what this machine allows over loopback HTTP at all,
+    so the engine's distance to it (and the floor's distance to a local copy) can be read.
+    """
+    import http.client
+    import queue
+    import threading
+    from urllib.parse import urlsplit
+
+    part = 16 * 1024 * 1024
+    host = urlsplit(spec["url"])
+    work: queue.SimpleQueue[tuple[str, int, int, int] | None] = queue.SimpleQueue()
+    fds: list[int] = []
+    for _, local, _ in spec["files"]:
+        Path(local).parent.mkdir(parents=True, exist_ok=True)
+
+    def worker() -> None:
+        conn = http.client.HTTPConnection(host.hostname, host.port)
+        view = memoryview(bytearray(1024 * 1024))
+        while (item := work.get()) is not None:
+            path, fd, start, end = item
+            conn.request("GET", path, headers={"Range": f"bytes={start}-{end - 1}"})
+            resp = conn.getresponse()
+            while start < end:
+                n = resp.readinto(view[: min(len(view), end - start)])
+                os.pwrite(fd, view[:n], start)
+                start += n
+            resp.read()
+        conn.close()
+
+    def run() -> None:
+        for key, local, size in spec["files"]:
+            fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fds.append(fd)
+            for start in range(0, size, part):
+                work.put((f"/{spec['bucket']}/{key}", fd, start, min(start + part, size)))
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for thread in threads:
+            work.put(None)
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for fd in fds:
+            os.close(fd)
+
+    return run
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ Everything runs on 127.0.0.1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -134,6 +135,36 @@ def run_candidate(kind: str, python: Path, sc: Scenario, store: NginxStore, targ
     return result
 
 
+_PAGE_REPORTING = Path("/sys/module/page_reporting/parameters/page_reporting_order")
+
+
+@contextlib.contextmanager
+def free_page_reporting_paused() -> Iterator[str]:
+    """Stop the guest kernel from handing freed memory back to the hypervisor while we measure.
+
+    With virtio-balloon free page reporting, pages freed by deleting the previous run's 1 GiB
+    are returned to the host; whichever run reuses them pays a host fault per page (about 1.3 s
+    of extra CPU per GiB on our 2-core VM), so runs alternate between fast and slow regardless of
+    the candidate. Raising the reporting order above the largest buddy block stops reporting;
+    the old value is restored afterwards. Yields what was done, for RESULTS.md.
+    """
+    try:
+        old = _PAGE_REPORTING.read_text().strip()
+    except OSError:
+        yield "no free page reporting on this machine"
+        return
+    try:
+        _PAGE_REPORTING.write_text("11")
+    except OSError:
+        yield (f"free page reporting is on (order {old}) and could not be paused (needs root): "
+               "expect runs to alternate between fast and slow")
+        return
+    try:
+        yield f"free page reporting paused during the runs (order {old} -> 11, restored after)"
+    finally:
+        _PAGE_REPORTING.write_text(old)
+
+
 def settle() -> None:
     """Flush the previous run's dirty pages so no candidate pays for another's write-back."""
     os.sync()
@@ -214,60 +245,61 @@ def main() -> None:
     big = [("one/model.bin", 1024 * MiB // scale)]
     mid = [(f"sixteen/shard-{i:02d}.bin", 32 * MiB // scale) for i in range(16)]
     small = [(f"many/f-{i:03d}.bin", 256 * 1024 // scale) for i in range(256)]
-    all4 = ["ours", "drum", "boto3", "copy"]
+    all5 = ["ours", "drum", "boto3", "floor", "copy"]
 
     def scenarios() -> list[Scenario]:
         return [
-            Scenario("1 × 1 GiB, uncapped", big, None, all4),
-            Scenario("16 × 32 MiB, uncapped", mid, None, all4),
+            Scenario("1 × 1 GiB, uncapped", big, None, all5),
+            Scenario("16 × 32 MiB, uncapped", mid, None, all5),
             Scenario("256 × 256 KiB, uncapped", small, None, ["ours", "drum", "boto3"]),
             Scenario("1 × 1 GiB, 40 MB/s per connection", big, "40m",
                      ["ours", "drum", "boto3"]),
         ]
 
-    data_root = args.work / "store"
-    make_data(data_root, scenarios())
-    pythons = {"ours": ours_python, "drum": drum_python, "boto3": ours_python,
-               "copy": ours_python}
-    target = args.work / "target"
-    tables: list[tuple[str, list[Scenario]]] = []
-    for label, directory in [("disk", target), *(
-            [("tmpfs", Path(args.tmpfs) / "drum-bench-target")] if args.tmpfs else [])]:
-        table = scenarios() if label == "disk" else scenarios()[:3]
-        for sc in table:
-            with NginxStore(data_root, args.work / "nginx", sc.rate) as store:
-                for rep in range(args.reps):
-                    for kind in rotate(sc.candidates, rep):
-                        res = run_candidate(kind, pythons[kind], sc, store, directory,
-                                            data_root)
-                        sc.results.setdefault(kind, []).append(res)
-                        print(f"{label}: {sc.name} [{rep}] {kind}: {res['seconds']:.3f} s",
-                              file=sys.stderr)
-        shutil.rmtree(directory, ignore_errors=True)
-        tables.append((label, table))
+    with free_page_reporting_paused() as memory_note:
+        data_root = args.work / "store"
+        make_data(data_root, scenarios())
+        pythons = {"ours": ours_python, "drum": drum_python, "boto3": ours_python,
+                   "copy": ours_python}
+        target = args.work / "target"
+        tables: list[tuple[str, list[Scenario]]] = []
+        for label, directory in [("disk", target), *(
+                [("tmpfs", Path(args.tmpfs) / "drum-bench-target")] if args.tmpfs else [])]:
+            table = scenarios() if label == "disk" else scenarios()[:3]
+            for sc in table:
+                with NginxStore(data_root, args.work / "nginx", sc.rate) as store:
+                    for rep in range(args.reps):
+                        for kind in rotate(sc.candidates, rep):
+                            res = run_candidate(kind, pythons[kind], sc, store, directory,
+                                                data_root)
+                            sc.results.setdefault(kind, []).append(res)
+                            print(f"{label}: {sc.name} [{rep}] {kind}: {res['seconds']:.3f} s",
+                                  file=sys.stderr)
+            shutil.rmtree(directory, ignore_errors=True)
+            tables.append((label, table))
 
-    # Warm restart: cold once, then restarts with every file present and unchanged.
-    warm_sc = Scenario("warm restart, 16 × 32 MiB", mid, None, ["ours"])
-    with NginxStore(data_root, args.work / "nginx", None) as store:
-        cold = [run_candidate("ours", ours_python, warm_sc, store, target, data_root)
-                for _ in range(args.reps)]
-        warm = [run_candidate("ours", ours_python, warm_sc, store, target, data_root,
-                              clean=False) for _ in range(args.reps)]
-        gunicorn = [gunicorn_scenario(warm_sc, store, args.work) for _ in range(args.reps)]
+        # Warm restart: cold once, then restarts with every file present and unchanged.
+        warm_sc = Scenario("warm restart, 16 × 32 MiB", mid, None, ["ours"])
+        with NginxStore(data_root, args.work / "nginx", None) as store:
+            cold = [run_candidate("ours", ours_python, warm_sc, store, target, data_root)
+                    for _ in range(args.reps)]
+            warm = [run_candidate("ours", ours_python, warm_sc, store, target, data_root,
+                                  clean=False) for _ in range(args.reps)]
+            gunicorn = [gunicorn_scenario(warm_sc, store, args.work) for _ in range(args.reps)]
 
-    # What verification costs: the same 1 GiB with and without a sha256 to check (read back once).
-    verify_dir = Path(args.tmpfs) / "drum-bench-verify" if args.tmpfs else target
-    big_sc = Scenario("1 × 1 GiB", big, None, ["ours"])
-    verification: dict[str, list[dict[str, float]]] = {"plain": [], "sha256": []}
-    with NginxStore(data_root, args.work / "nginx", None) as store:
-        for _ in range(args.reps):
-            for mode in ("plain", "sha256"):
-                verification[mode].append(run_candidate(
-                    "ours", ours_python, big_sc, store, verify_dir, data_root,
-                    verify=mode == "sha256"))
-    shutil.rmtree(verify_dir, ignore_errors=True)
+        # What verification costs: the same 1 GiB with and without a sha256 to check (read back once).
+        verify_dir = Path(args.tmpfs) / "drum-bench-verify" if args.tmpfs else target
+        big_sc = Scenario("1 × 1 GiB", big, None, ["ours"])
+        verification: dict[str, list[dict[str, float]]] = {"plain": [], "sha256": []}
+        with NginxStore(data_root, args.work / "nginx", None) as store:
+            for _ in range(args.reps):
+                for mode in ("plain", "sha256"):
+                    verification[mode].append(run_candidate(
+                        "ours", ours_python, big_sc, store, verify_dir, data_root,
+                        verify=mode == "sha256"))
+        shutil.rmtree(verify_dir, ignore_errors=True)
 
-    write_results(args, tables, cold, warm, gunicorn, drum_python, verification)
+    write_results(args, tables, cold, warm, gunicorn, drum_python, verification, memory_note)
 
 
 def _median(runs: list[dict[str, float]], key: str = "seconds") -> float:
@@ -276,24 +308,28 @@ def _median(runs: list[dict[str, float]], key: str = "seconds") -> float:
 
 def _table(scenarios: list[Scenario]) -> list[str]:
     lines = [
-        "| Scenario | this package | upstream DRUM | boto3 download_file | local copy | "
-        "ours / upstream | ours / copy |",
-        "|---|---|---|---|---|---|---|",
+        "| Scenario | this package | upstream DRUM | boto3 download_file | raw HTTP floor | "
+        "local copy | ours / upstream | ours / copy | floor / copy |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for sc in scenarios:
         cells = [fmt([r["seconds"] for r in sc.results[k]]) if k in sc.results else "–"
-                 for k in ("ours", "drum", "boto3", "copy")]
+                 for k in ("ours", "drum", "boto3", "floor", "copy")]
         ours = _median(sc.results["ours"])
         vs_drum = f"**{ours / _median(sc.results['drum']):.2f}**"
-        vs_copy = f"**{ours / _median(sc.results['copy']):.2f}**" if "copy" in sc.results else "–"
-        lines.append(f"| {sc.name} | {' | '.join(cells)} | {vs_drum} | {vs_copy} |")
+        vs_copy = floor_copy = "–"
+        if "copy" in sc.results:
+            copy = _median(sc.results["copy"])
+            vs_copy = f"**{ours / copy:.2f}**"
+            floor_copy = f"{_median(sc.results['floor']) / copy:.2f}"
+        lines.append(f"| {sc.name} | {' | '.join(cells)} | {vs_drum} | {vs_copy} | {floor_copy} |")
     return lines
 
 
 def write_results(args: argparse.Namespace, tables: list[tuple[str, list[Scenario]]],
                   cold: list[dict[str, float]], warm: list[dict[str, float]],
                   gunicorn: list[dict[str, float]], drum_python: Path,
-                  verification: dict[str, list[dict[str, float]]]) -> None:
+                  verification: dict[str, list[dict[str, float]]], memory_note: str) -> None:
     from importlib.metadata import version
 
     drum_version = _sh(str(drum_python), "-c",
@@ -314,6 +350,7 @@ def write_results(args: argparse.Namespace, tables: list[tuple[str, list[Scenari
         f"- {args.reps} runs per candidate, alternating order; seconds are median (min–max) of "
         "the download call only, in a fresh process, target directory emptied and `sync` run "
         "before each run",
+        f"- Memory: {memory_note}",
     ]
     for label, scenarios in tables:
         where = ("targets on the VM's disk (ext4)" if label == "disk"
