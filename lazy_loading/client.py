@@ -17,7 +17,7 @@ import botocore.session
 from botocore.config import Config
 from botocore.loaders import Loader
 
-from .config import LazyLoadingConfig, LazyLoadingRepository
+from .config import LazyLoadingConfig, LazyLoadingRepository, S3Credentials
 from .settings import LazyLoadingSettings
 
 _DEFAULT_REGION = "us-east-1"
@@ -25,6 +25,11 @@ _DEFAULT_REGION = "us-east-1"
 
 def describe_endpoint(repository: LazyLoadingRepository) -> str:
     return repository.endpoint_url or "AWS S3"
+
+
+def timeouts(settings: LazyLoadingSettings) -> tuple[float, float]:
+    """(connect, read) seconds; a read that waits longer than the stall timeout is a stall."""
+    return min(10.0, settings.stall_timeout), settings.stall_timeout
 
 
 class S3ClientFactory:
@@ -72,10 +77,11 @@ class S3ClientFactory:
         if self._session is None:
             self._session = _s3_session()
         settings = self._settings
+        connect_timeout, read_timeout = timeouts(settings)
         boto_config = Config(
             max_pool_connections=settings.max_connections,
-            connect_timeout=min(10.0, settings.stall_timeout),
-            read_timeout=settings.stall_timeout,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
             retries={"total_max_attempts": 1, "mode": "standard"},
             s3={"addressing_style": "path" if repository.endpoint_url else "auto"},
             request_checksum_calculation="when_required",
@@ -89,11 +95,18 @@ class S3ClientFactory:
             aws_session_token=(
                 creds.aws_session_token.get_secret_value() if creds.aws_session_token else None
             ),
-            region_name=repository.region or creds.region or self._default_region(repository),
+            region_name=self.region_for(repository),
             endpoint_url=repository.endpoint_url,
-            verify=self._verify(repository),
+            verify=self.verify_for(repository),
             config=boto_config,
         )
+
+    def credentials_for(self, repository: LazyLoadingRepository) -> S3Credentials:
+        return self._config.credentials_for(repository)
+
+    def region_for(self, repository: LazyLoadingRepository) -> str | None:
+        creds = self._config.credentials_for(repository)
+        return repository.region or creds.region or self._default_region(repository)
 
     def _default_region(self, repository: LazyLoadingRepository) -> str | None:
         env_region = self._environ.get("AWS_REGION") or self._environ.get("AWS_DEFAULT_REGION")
@@ -101,7 +114,8 @@ class S3ClientFactory:
             return env_region
         return _DEFAULT_REGION if repository.endpoint_url else None
 
-    def _verify(self, repository: LazyLoadingRepository) -> bool | str | None:
+    def verify_for(self, repository: LazyLoadingRepository) -> bool | str | None:
+        """TLS verification as boto3 takes it: False, a CA bundle path, or None (its default)."""
         if not repository.verify_certificate:
             return False
         if repository.ca_bundle:

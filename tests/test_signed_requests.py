@@ -1,0 +1,108 @@
+"""Against a store that checks SigV4 signatures (moto with IAM enforced, in its own process).
+
+The embedded test store accepts any signature, so only here can a wrongly signed request fail;
+this matters most for the warm start, which signs its HEADs itself instead of using boto3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+
+from lazy_loading import DownloadError, LazyLoadingHandler
+from lazy_loading.client import S3ClientFactory
+from tests.conftest import payload
+from tests.servers import free_port
+
+BUCKET = "signed-bucket"
+OBJECTS = {"model/a.bin": payload(3 * 1024 * 1024, seed=7), "model/b c+d.json": b'{"k": 1}'}
+
+
+@pytest.fixture(scope="module")
+def signed_store() -> Iterator[tuple[str, str, str]]:
+    """(url, access key id, secret) of a moto server that enforces IAM after setup."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("moto server did not start") from None
+                time.sleep(0.1)
+        iam = boto3.client("iam", endpoint_url=url, aws_access_key_id="setup",
+                           aws_secret_access_key="setup", region_name="us-east-1")
+        iam.create_user(UserName="drum")
+        iam.put_user_policy(UserName="drum", PolicyName="s3", PolicyDocument=json.dumps({
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="drum")["AccessKey"]
+        s3 = boto3.client("s3", endpoint_url=url, aws_access_key_id=key["AccessKeyId"],
+                          aws_secret_access_key=key["SecretAccessKey"], region_name="us-east-1")
+        s3.create_bucket(Bucket=BUCKET)
+        for name, body in OBJECTS.items():
+            s3.put_object(Bucket=BUCKET, Key=name, Body=body)
+        yield url, key["AccessKeyId"], key["SecretAccessKey"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _env(url: str, key_id: str, secret: str) -> dict[str, str]:
+    data = {
+        "files": [{"remotePath": name, "localPath": f"artifacts/{i}.bin", "repositoryId": "r"}
+                  for i, name in enumerate(OBJECTS)],
+        "repositories": [{"repositoryId": "r", "bucketName": BUCKET, "credentialId": "c",
+                          "endpointUrl": url}],
+    }
+    return {"MLOPS_LAZY_LOADING_DATA": json.dumps(data),
+            "MLOPS_REPOSITORY_SECRET_C": json.dumps(
+                {"credentialType": "s3", "awsAccessKeyId": key_id, "awsSecretAccessKey": secret}),
+            "LAZY_LOADING_PART_SIZE": "1MiB"}
+
+
+def _no_client(*args: object) -> None:
+    raise AssertionError("a warm start must not need a boto3 client")
+
+
+def test_downloads_and_warm_start_are_accepted_by_a_signature_checking_store(
+    signed_store: tuple[str, str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = _env(*signed_store)
+    cold = LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert [r.status for r in cold] == ["fetched", "fetched"]
+    for i, body in enumerate(OBJECTS.values()):
+        assert (tmp_path / f"artifacts/{i}.bin").read_bytes() == body
+
+    monkeypatch.setattr(S3ClientFactory, "_create", _no_client)
+    warm = LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert [r.status for r in warm] == ["cached", "cached"]
+
+
+def test_rejected_warm_start_falls_back_and_reports_the_store_error(
+    signed_store: tuple[str, str, str], tmp_path: Path
+) -> None:
+    url, key_id, secret = signed_store
+    LazyLoadingHandler(code_dir=tmp_path, environ=_env(url, key_id, secret)
+                       ).download_lazy_loading_files()
+    with pytest.raises(DownloadError, match="403|denied|orbidden") as info:
+        LazyLoadingHandler(code_dir=tmp_path, environ=_env(url, key_id, "not-the-secret")
+                           ).download_lazy_loading_files()
+    assert "not-the-secret" not in str(info.value)
