@@ -229,7 +229,7 @@ def fmt(values: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--work", type=Path, default=HERE / ".work")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
@@ -260,7 +260,7 @@ def main() -> None:
         data_root = args.work / "store"
         make_data(data_root, scenarios())
         pythons = {"ours": ours_python, "drum": drum_python, "boto3": ours_python,
-                   "copy": ours_python}
+                   "floor": ours_python, "copy": ours_python}
         target = args.work / "target"
         tables: list[tuple[str, list[Scenario]]] = []
         for label, directory in [("disk", target), *(
