@@ -73,7 +73,7 @@ class S3ClientFactory:
         self._lock = threading.Lock()
 
     def _create(self, repository: LazyLoadingRepository) -> Any:
-        creds = self._config.credentials_for(repository)
+        creds = self.credentials_for(repository)
         if self._session is None:
             self._session = _s3_session()
         settings = self._settings
@@ -105,7 +105,7 @@ class S3ClientFactory:
         return self._config.credentials_for(repository)
 
     def region_for(self, repository: LazyLoadingRepository) -> str | None:
-        creds = self._config.credentials_for(repository)
+        creds = self.credentials_for(repository)
         return repository.region or creds.region or self._default_region(repository)
 
     def _default_region(self, repository: LazyLoadingRepository) -> str | None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .config import LazyLoadingFile, LazyLoadingRepository
 from .s3io import ByteRange, RemoteObject
+from .settings import MiB
 
 
 @dataclass
@@ -35,7 +36,6 @@ def split_ranges(size: int, part_size: int) -> list[ByteRange]:
     ]
 
 
-MiB = 1024 * 1024
 _AUTO_MIN_PART = 4 * MiB
 _AUTO_MAX_PART = 64 * MiB
 _ROUNDS = 2
