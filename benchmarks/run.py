@@ -287,16 +287,18 @@ def main() -> None:
                                   clean=False) for _ in range(args.reps)]
             gunicorn = [gunicorn_scenario(warm_sc, store, args.work) for _ in range(args.reps)]
 
-        # What verification costs: the same 1 GiB with and without a sha256 to check (read back once).
+        # What verification costs: the same 1 GiB with and without a sha256 to check, from the
+        # uncapped store (CPU-bound) and the capped one (network-bound, where hashing overlaps).
         verify_dir = Path(args.tmpfs) / "drum-bench-verify" if args.tmpfs else target
         big_sc = Scenario("1 × 1 GiB", big, None, ["ours"])
-        verification: dict[str, list[dict[str, float]]] = {"plain": [], "sha256": []}
-        with NginxStore(data_root, args.work / "nginx", None) as store:
-            for _ in range(args.reps):
-                for mode in ("plain", "sha256"):
-                    verification[mode].append(run_candidate(
-                        "ours", ours_python, big_sc, store, verify_dir, data_root,
-                        verify=mode == "sha256"))
+        verification: dict[str, list[dict[str, float]]] = {}
+        for rate in (None, "40m"):
+            with NginxStore(data_root, args.work / "nginx", rate) as store:
+                for _ in range(args.reps):
+                    for mode in ("plain", "sha256"):
+                        verification.setdefault(f"{mode} {rate}", []).append(run_candidate(
+                            "ours", ours_python, big_sc, store, verify_dir, data_root,
+                            verify=mode == "sha256"))
         shutil.rmtree(verify_dir, ignore_errors=True)
 
     write_results(args, tables, cold, warm, gunicorn, drum_python, verification, memory_note)
@@ -376,11 +378,15 @@ def write_results(args: argparse.Namespace, tables: list[tuple[str, list[Scenari
         f"{statistics.median(r['single_seconds'] for r in gunicorn):.2f} s for one "
         f"`drum-servers download` process = **{g_ratio:.2f}** |",
         f"| peak RSS above idle during 1 × 1 GiB | **{rss:.0f} MiB** |",
-        f"| verification cost, 1 × 1 GiB with a config `sha256` (read back once; "
-        f"{'tmpfs' if args.tmpfs else 'disk'}) | {_median(verification['sha256']):.3f} s vs "
-        f"{_median(verification['plain']):.3f} s without = **"
-        f"{_median(verification['sha256']) / _median(verification['plain']):.2f}×**; S3 CRC "
-        "checksums of multi-part files are combined from part CRCs (no read back) |",
+        *(f"| verification cost, 1 × 1 GiB with a config `sha256`, {label} "
+          f"({'tmpfs' if args.tmpfs else 'disk'}) | {_median(verification[f'sha256 {rate}']):.3f} s "
+          f"vs {_median(verification[f'plain {rate}']):.3f} s without = **"
+          f"{_median(verification[f'sha256 {rate}']) / _median(verification[f'plain {rate}']):.2f}"
+          "×** |" for rate, label in ((None, "uncapped"), ("40m", "40 MB/s per connection"))),
+        "",
+        "S3 CRC checksums of multi-part files are combined from part CRCs (no read back); a "
+        "`sha256` is computed part by part in order while the parts are in the page cache, which "
+        "overlaps the download when the network, not the CPU, is the limit.",
         "",
     ]
     args.out.write_text("\n".join(lines))

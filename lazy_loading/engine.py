@@ -370,6 +370,10 @@ class TransferEngine:
                           and self._settings.verify_checksums and combinable(remote.checksum[0])
                           else None)
         part_crcs: dict[int, int] = dict(journal.crcs) if journal is not None else {}
+        prefix = (_PrefixHasher(fd, ranges, digests, resumed, sink.cancel)
+                  if multipart and digests and not (part_algorithm
+                                                   and digests.algorithms == [part_algorithm])
+                  else None)
         self._sinks.add(sink)
         if self._cancel.is_set():
             sink.abort()
@@ -382,13 +386,14 @@ class TransferEngine:
             todo = [r for r in ranges if r.index not in resumed]
             client = self._clients.get(transfer.repository)
             await self._run_parts(client, remote, todo, not multipart, sink, journal,
-                                  part_algorithm, part_crcs)
+                                  part_algorithm, part_crcs, prefix)
             combined = (combine_parts(part_algorithm, [(part_crcs[r.index], r.length)
                                                        for r in ranges])
                         if part_algorithm and all(r.index in part_crcs for r in ranges)
                         else None)
+            hashed = not multipart or (prefix is not None and prefix.complete)
             await self._to_thread(self._finish, transfer, remote, fd, temp, digests,
-                                  not multipart, combined)
+                                  hashed, combined)
             fd = -1
         except BaseException:
             await self._to_thread(self._discard, fd, temp, journal)
@@ -414,13 +419,14 @@ class TransferEngine:
 
     async def _run_parts(self, client: Any, remote: RemoteObject, todo: list[ByteRange],
                          whole: bool, sink: RangeSink, journal: ResumeJournal | None,
-                         part_algorithm: str | None, part_crcs: dict[int, int]) -> None:
+                         part_algorithm: str | None, part_crcs: dict[int, int],
+                         prefix: _PrefixHasher | None) -> None:
         """Fetch the ranges in the shared pool; on any failure stop this file's other parts and
         wait until no thread can still write to its descriptor."""
         assert self._pool is not None
         futures = [
             self._pool.submit((r.index, -remote.size), self._fetch_part, client, remote, r, whole,
-                              sink, journal, part_algorithm, part_crcs)
+                              sink, journal, part_algorithm, part_crcs, prefix)
             for r in todo
         ]
         try:
@@ -484,7 +490,7 @@ class TransferEngine:
 
     def _fetch_part(self, client: Any, remote: RemoteObject, byte_range: ByteRange, whole: bool,
                     sink: RangeSink, journal: ResumeJournal | None, part_algorithm: str | None,
-                    part_crcs: dict[int, int]) -> None:
+                    part_crcs: dict[int, int], prefix: _PrefixHasher | None = None) -> None:
         written = [0]
 
         def count(n: int) -> None:
@@ -510,6 +516,8 @@ class TransferEngine:
             part_crcs[byte_range.index] = crc
         if journal is not None:
             journal.mark_done(byte_range.index, crc)
+        if prefix is not None:
+            prefix.part_done(byte_range.index)
 
     def _finish(self, transfer: FileTransfer, remote: RemoteObject, fd: int, temp: Path,
                 digests: DigestSet, inline: bool, combined: str | None) -> None:
@@ -595,12 +603,57 @@ class TransferEngine:
             )
 
 
-def _hash_fd(fd: int, size: int, digests: DigestSet, cancel: threading.Event) -> None:
-    offset = 0
-    while offset < size:
+class _PrefixHasher:
+    """Hashes a multi-part file in order while its parts are still in the page cache.
+
+    SHA digests cannot be combined from parts the way CRCs can. Instead, whenever a part
+    finishes, the thread that finished it hashes every finished part that now continues the
+    hashed prefix. One thread hashes at a time; the others go back to downloading. On a network
+    that is slower than the CPU, the digest is ready when the last part lands, instead of after
+    a second read of the whole file.
+    """
+
+    def __init__(self, fd: int, ranges: list[ByteRange], digests: DigestSet, done: set[int],
+                 cancel: threading.Event) -> None:
+        self._fd, self._ranges, self._digests, self._cancel = fd, ranges, digests, cancel
+        self._done = set(done)
+        self._next = 0
+        self._state = threading.Lock()
+        self._hashing = threading.Lock()
+        digests.reset()
+
+    @property
+    def complete(self) -> bool:
+        return self._next == len(self._ranges)
+
+    def _ready(self) -> ByteRange | None:
+        with self._state:
+            if self._next < len(self._ranges) and self._next in self._done:
+                return self._ranges[self._next]
+            return None
+
+    def part_done(self, index: int) -> None:
+        with self._state:
+            self._done.add(index)
+        # Re-check after releasing: a part finished while we held the lock would otherwise wait
+        # for the next part_done (or for the read-back at the end).
+        while self._ready() is not None and self._hashing.acquire(blocking=False):
+            try:
+                while (part := self._ready()) is not None:
+                    _hash_fd(self._fd, part.length, self._digests, self._cancel, part.start)
+                    with self._state:
+                        self._next += 1
+            finally:
+                self._hashing.release()
+
+
+def _hash_fd(fd: int, size: int, digests: DigestSet, cancel: threading.Event,
+             offset: int = 0) -> None:
+    end = offset + size
+    while offset < end:
         if cancel.is_set():
             raise Cancelled()
-        chunk = os.pread(fd, min(_HASH_READ, size - offset), offset)
+        chunk = os.pread(fd, min(_HASH_READ, end - offset), offset)
         if not chunk:
             break
         digests.update(chunk)

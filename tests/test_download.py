@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -471,6 +472,41 @@ def test_multipart_crc_is_verified_from_part_crcs_without_reading_back(
     entry = Manifest(tmp_path / ".lazy_loading").lookup(tmp_path / "a.bin")
     assert entry is not None and entry.checksum is not None
     assert entry.checksum[0] == f"Checksum{algorithm}"
+
+
+@pytest.mark.parametrize("good", [True, False])
+def test_multipart_sha256_is_hashed_part_by_part_in_order_not_read_back(
+    s3: S3Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, good: bool
+) -> None:
+    import hashlib
+
+    from lazy_loading import engine
+
+    hashed: list[tuple[int, int]] = []
+    real_hash_fd = engine._hash_fd
+
+    def recording(fd: int, size: int, digests: Any, cancel: Any, offset: int = 0) -> None:
+        hashed.append((offset, size))
+        real_hash_fd(fd, size, digests, cancel, offset)
+
+    monkeypatch.setattr(engine, "_hash_fd", recording)
+    body = payload(6 * MiB + 5, seed=33)
+    digest = hashlib.sha256(body).hexdigest() if good else "0" * 64
+    bucket = s3.bucket()
+    s3.put(bucket, "a.bin", body)
+    env = lazy_env(s3.url, bucket, {"a.bin": "a.bin"}, LAZY_LOADING_PART_SIZE="1MiB",
+                   LAZY_LOADING_MAX_CONNECTIONS="4",
+                   extra_file_fields={"a.bin": {"sha256": digest}})
+    handler = LazyLoadingHandler(code_dir=tmp_path, environ=env)
+    if good:
+        handler.download_lazy_loading_files()
+        assert (tmp_path / "a.bin").read_bytes() == body
+    else:
+        with pytest.raises(DownloadError, match=r"sha256 mismatch"):
+            handler.download_lazy_loading_files()
+        assert not (tmp_path / "a.bin").exists()
+    assert hashed == [(i * MiB, min(MiB, len(body) - i * MiB)) for i in range(7)], \
+        "each part hashed once, in order, and no second read of the whole file"
 
 
 @pytest.mark.parametrize("size", [3000, 5 * MiB])
