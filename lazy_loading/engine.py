@@ -179,6 +179,26 @@ class TransferEngine:
     async def _to_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
+    async def _to_thread_settled(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a step that creates, writes or removes files to completion even when the task is
+        cancelled meanwhile, then deliver the cancellation at the next await. An abandoned
+        thread would leave its temp file or descriptor with no one to clean it up."""
+        future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        interrupted = False
+        try:
+            while True:
+                try:
+                    return await asyncio.shield(future)
+                except asyncio.CancelledError:
+                    if future.cancelled():
+                        raise
+                    interrupted = True
+        finally:
+            if interrupted and (task := asyncio.current_task()) is not None:
+                if hasattr(task, "uncancel"):  # Python 3.11+: keep the cancel count balanced
+                    task.uncancel()
+                task.cancel()
+
     async def _in_pool(self, priority: tuple[int, ...], fn: Callable[..., T], *args: Any) -> T:
         assert self._pool is not None
         return await asyncio.wrap_future(self._pool.submit(priority, fn, *args))
@@ -356,8 +376,8 @@ class TransferEngine:
         ranges = split_ranges(remote.size, part_size)
         multipart = len(ranges) > 1
         temp = target.parent / f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
-        journal, fd = await self._to_thread(self._prepare, transfer, remote, part_size,
-                                            multipart, temp)
+        journal, fd = await self._to_thread_settled(self._prepare, transfer, remote, part_size,
+                                                    multipart, temp)
         resumed = set(journal.done) if journal is not None else set()
         logger.info("fetching %s (%s) from %s", transfer.display, format_bytes(remote.size),
                     remote.where)
@@ -392,11 +412,11 @@ class TransferEngine:
                         if part_algorithm and all(r.index in part_crcs for r in ranges)
                         else None)
             hashed = not multipart or (prefix is not None and prefix.complete)
-            await self._to_thread(self._finish, transfer, remote, fd, temp, digests,
-                                  hashed, combined)
-            fd = -1
+            owned, fd = fd, -1  # _finish closes it whatever happens: never closed twice
+            await self._to_thread_settled(self._finish, transfer, remote, owned, temp, digests,
+                                          hashed, combined)
         except BaseException:
-            await self._to_thread(self._discard, fd, temp, journal)
+            await self._to_thread_settled(self._discard, fd, temp, journal)
             raise
         finally:
             self._sinks.discard(sink)
@@ -407,7 +427,7 @@ class TransferEngine:
             size=remote.size, mtime_ns=target.stat().st_mtime_ns, version_id=remote.version_id,
             checksum=remote.checksum, sha256=transfer.spec.sha256, published_at=time.time(),
         )
-        await self._to_thread(self._manifest.record, target, entry, self._settings.fsync)
+        await self._to_thread_settled(self._manifest.record, target, entry, self._settings.fsync)
         if journal is not None:
             journal.remove()
         self._tracker.file_done()
@@ -435,7 +455,7 @@ class TransferEngine:
             sink.abort()
             for future in futures:
                 future.cancel()
-            await asyncio.get_running_loop().run_in_executor(None, wait_futures, futures)
+            await self._to_thread_settled(wait_futures, futures)
             raise
 
     def _digests(self, transfer: FileTransfer, remote: RemoteObject) -> DigestSet:

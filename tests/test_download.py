@@ -326,6 +326,77 @@ def test_first_fatal_error_cancels_the_rest_promptly(s3: S3Store, tmp_path: Path
     assert no_debris(tmp_path) == []
 
 
+def test_a_file_cancelled_while_its_temp_file_is_created_leaves_nothing_behind(
+    s3: S3Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The race CI hit on a full disk: one file fails while another's temp file is being created
+    # in a thread. The cancelled task must still clean up what that thread made.
+    import threading
+
+    from lazy_loading.engine import TransferEngine
+
+    real_prepare = TransferEngine._prepare
+    slow_done = threading.Event()
+
+    def slow_prepare(self: TransferEngine, transfer: Any, *args: Any) -> Any:
+        result = real_prepare(self, transfer, *args)
+        if transfer.display == "a.bin":
+            time.sleep(0.5)
+            slow_done.set()
+        return result
+
+    monkeypatch.setattr(TransferEngine, "_prepare", slow_prepare)
+    bucket = s3.bucket()
+    s3.put(bucket, "a.bin", payload(2 * MiB, 1))
+    s3.put(bucket, "b.bin", b"small")
+    env = lazy_env(s3.url, bucket, {"a.bin": "a.bin", "b.bin": "b.bin"},
+                   LAZY_LOADING_PART_SIZE="1MiB",
+                   extra_file_fields={"b.bin": {"sha256": "0" * 64}})
+    with pytest.raises(DownloadError, match=r"sha256 mismatch"):
+        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert slow_done.wait(5)
+    time.sleep(0.1)  # an abandoned thread would now have returned its temp file to no one
+    assert no_debris(tmp_path) == []
+    assert list((tmp_path / ".lazy_loading" / "journal").glob("*")) == []
+    assert not (tmp_path / "a.bin").exists() and not (tmp_path / "b.bin").exists()
+
+
+def test_a_failed_file_closes_its_descriptor_exactly_once(
+    s3: S3Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A second close of the same number would close whatever another thread opened meanwhile
+    # (another file's temp file), and its writes would then land nowhere or somewhere else.
+    import os
+    from collections import Counter
+
+    from lazy_loading.engine import TransferEngine
+
+    opened: list[int] = []
+    closes: Counter[int] = Counter()
+    real_prepare, real_close = TransferEngine._prepare, os.close
+
+    def recording_prepare(self: TransferEngine, *args: Any) -> Any:
+        journal, fd = real_prepare(self, *args)
+        opened.append(fd)
+        return journal, fd
+
+    def recording_close(fd: int) -> None:
+        if fd in opened:
+            closes[fd] += 1
+        real_close(fd)
+
+    monkeypatch.setattr(TransferEngine, "_prepare", recording_prepare)
+    monkeypatch.setattr(os, "close", recording_close)
+    bucket = s3.bucket()
+    s3.put(bucket, "a.bin", b"real bytes")
+    env = lazy_env(s3.url, bucket, {"a.bin": "a.bin"},
+                   extra_file_fields={"a.bin": {"sha256": "0" * 64}})
+    with pytest.raises(DownloadError, match=r"sha256 mismatch"):
+        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    monkeypatch.undo()
+    assert len(opened) == 1 and closes[opened[0]] == 1
+
+
 def test_overall_deadline(s3: S3Store, tmp_path: Path) -> None:
     _, env = _setup(s3, {"a.bin": payload(4 * MiB)}, LAZY_LOADING_PART_SIZE="1MiB",
                     LAZY_LOADING_TIMEOUT="1")
