@@ -54,6 +54,19 @@ def write_atomic(path: Path, data: bytes, durable: bool = False) -> None:
         raise
 
 
+def remove_stale_temps(state_dir: Path, target: Path) -> None:
+    """Remove the temp files a killed writer of ``target``'s records left behind.
+
+    Call it holding the target's lock: every writer of a target's records holds that lock, so
+    any temp file found then belongs to a process that died before its ``os.replace``.
+    """
+    name = target_id(target)
+    for folder, suffix in (("manifest", ".json"), ("journal", ".log")):
+        for stale in (state_dir / folder).glob(f".{name}{suffix}.*.tmp"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+
 def write_json_atomic(path: Path, payload: Any, durable: bool = False) -> None:
     write_atomic(path, json.dumps(payload, sort_keys=True).encode(), durable)
 

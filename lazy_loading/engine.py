@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from filelock import FileLock, Timeout
 
-from .cache import Manifest, ManifestEntry, ResumeJournal, target_lock
+from .cache import Manifest, ManifestEntry, ResumeJournal, remove_stale_temps, target_lock
 from .checksums import DigestSet, combinable, combine_parts
 from .client import S3ClientFactory, describe_endpoint
 from .errors import DownloadError
@@ -477,6 +477,7 @@ class TransferEngine:
             target.parent.mkdir(parents=True, exist_ok=True)
             journal = (ResumeJournal.resume(self._state_dir, target, remote, part_size)
                        if multipart else None)
+            remove_stale_temps(self._state_dir, target)
             for stale in target.parent.glob(f".{target.name}.*.partial"):
                 if journal is None or stale != journal.temp:
                     with contextlib.suppress(OSError):

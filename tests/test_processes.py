@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from lazy_loading.cache import ResumeJournal
+from lazy_loading.cache import ResumeJournal, target_id
 from tests.conftest import S3Store, lazy_env, no_debris, payload
 from tests.faults import Rule
 
@@ -88,11 +88,22 @@ def test_temp_files_of_dead_processes_are_removed(s3: S3Store, tmp_path: Path) -
     s3.put(bucket, "a.bin", b"fresh")
     debris = tmp_path / ".a.bin.99999-deadbeef.partial"
     debris.write_bytes(b"junk from a crashed run")
+    # A process killed between writing a record's temp file and renaming it.
+    state = tmp_path / ".lazy_loading"
+    mine, other = target_id(tmp_path / "a.bin"), target_id(tmp_path / "other.bin")
+    records = [state / "journal" / f".{mine}.log.99999.deadbeef.tmp",
+               state / "manifest" / f".{mine}.json.99999.deadbeef.tmp"]
+    not_ours = state / "manifest" / f".{other}.json.99999.deadbeef.tmp"
+    for path in [*records, not_ours]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{")
     env = lazy_env(s3.url, bucket, {"a.bin": "a.bin"})
     result = subprocess.run(_download_cmd(tmp_path), env=env, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert not debris.exists()
+    assert [p for p in records if p.exists()] == []
+    assert not_ours.exists(), "only the records of a target held under its lock are swept"
     assert (tmp_path / "a.bin").read_bytes() == b"fresh"
 
 
