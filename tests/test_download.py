@@ -247,15 +247,42 @@ def test_unreachable_store_without_cache_fails_naming_the_endpoint(tmp_path: Pat
     assert time.monotonic() - started < 10
 
 
-def test_sha256_mismatch_is_never_published(s3: S3Store, tmp_path: Path) -> None:
+def test_sha256_mismatch_is_never_published_and_its_descriptor_closed_once(
+    s3: S3Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A second close of the same number would close whatever another thread opened meanwhile
+    # (another file's temp file), and its writes would then land nowhere or somewhere else.
+    import os
+    from collections import Counter
+
+    from lazy_loading.engine import TransferEngine
+
+    opened: list[int] = []
+    closes: Counter[int] = Counter()
+    real_prepare, real_close = TransferEngine._prepare, os.close
+
+    def recording_prepare(self: TransferEngine, *args: Any) -> Any:
+        journal, fd = real_prepare(self, *args)
+        opened.append(fd)
+        return journal, fd
+
+    def recording_close(fd: int) -> None:
+        if fd in opened:
+            closes[fd] += 1
+        real_close(fd)
+
+    monkeypatch.setattr(TransferEngine, "_prepare", recording_prepare)
+    monkeypatch.setattr(os, "close", recording_close)
     bucket = s3.bucket()
     s3.put(bucket, "a.bin", b"real bytes")
     env = lazy_env(s3.url, bucket, {"a.bin": "a.bin"},
                    extra_file_fields={"a.bin": {"sha256": "0" * 64}})
     with pytest.raises(DownloadError, match=r"sha256 mismatch"):
         LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    monkeypatch.undo()
     assert not (tmp_path / "a.bin").exists()
     assert no_debris(tmp_path) == []
+    assert len(opened) == 1 and closes[opened[0]] == 1
 
 
 def test_sha256_and_s3_checksum_verified(s3: S3Store, tmp_path: Path) -> None:
@@ -359,42 +386,6 @@ def test_a_file_cancelled_while_its_temp_file_is_created_leaves_nothing_behind(
     assert no_debris(tmp_path) == []
     assert list((tmp_path / ".lazy_loading" / "journal").glob("*")) == []
     assert not (tmp_path / "a.bin").exists() and not (tmp_path / "b.bin").exists()
-
-
-def test_a_failed_file_closes_its_descriptor_exactly_once(
-    s3: S3Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A second close of the same number would close whatever another thread opened meanwhile
-    # (another file's temp file), and its writes would then land nowhere or somewhere else.
-    import os
-    from collections import Counter
-
-    from lazy_loading.engine import TransferEngine
-
-    opened: list[int] = []
-    closes: Counter[int] = Counter()
-    real_prepare, real_close = TransferEngine._prepare, os.close
-
-    def recording_prepare(self: TransferEngine, *args: Any) -> Any:
-        journal, fd = real_prepare(self, *args)
-        opened.append(fd)
-        return journal, fd
-
-    def recording_close(fd: int) -> None:
-        if fd in opened:
-            closes[fd] += 1
-        real_close(fd)
-
-    monkeypatch.setattr(TransferEngine, "_prepare", recording_prepare)
-    monkeypatch.setattr(os, "close", recording_close)
-    bucket = s3.bucket()
-    s3.put(bucket, "a.bin", b"real bytes")
-    env = lazy_env(s3.url, bucket, {"a.bin": "a.bin"},
-                   extra_file_fields={"a.bin": {"sha256": "0" * 64}})
-    with pytest.raises(DownloadError, match=r"sha256 mismatch"):
-        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
-    monkeypatch.undo()
-    assert len(opened) == 1 and closes[opened[0]] == 1
 
 
 def test_overall_deadline(s3: S3Store, tmp_path: Path) -> None:
