@@ -60,9 +60,8 @@ def remove_stale_temps(state_dir: Path, target: Path) -> None:
     Call it holding the target's lock: every writer of a target's records holds that lock, so
     any temp file found then belongs to a process that died before its ``os.replace``.
     """
-    name = target_id(target)
-    for folder, suffix in (("manifest", ".json"), ("journal", ".log")):
-        for stale in (state_dir / folder).glob(f".{name}{suffix}.*.tmp"):
+    for record in (Manifest(state_dir).path(target), ResumeJournal.path_for(state_dir, target)):
+        for stale in record.parent.glob(f".{record.name}.*.tmp"):  # write_atomic's temp names
             with contextlib.suppress(OSError):
                 stale.unlink()
 
@@ -124,11 +123,11 @@ class Manifest:
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir / "manifest"
 
-    def _path(self, target: Path) -> Path:
+    def path(self, target: Path) -> Path:
         return self.dir / f"{target_id(target)}.json"
 
     def lookup(self, target: Path) -> ManifestEntry | None:
-        raw = _read_json(self._path(target))
+        raw = _read_json(self.path(target))
         if not isinstance(raw, dict) or raw.get("version") != MANIFEST_VERSION \
                 or raw.get("target") != str(target):
             return None
@@ -141,9 +140,9 @@ class Manifest:
         """Publish (or with ``None`` forget) the entry of one target, atomically."""
         if entry is None:
             with contextlib.suppress(FileNotFoundError):
-                self._path(target).unlink()
+                self.path(target).unlink()
             return
-        write_json_atomic(self._path(target), {
+        write_json_atomic(self.path(target), {
             "version": MANIFEST_VERSION, "target": str(target), "entry": asdict(entry),
         }, durable=durable)
 
@@ -158,7 +157,7 @@ class ResumeJournal:
     def __init__(self, state_dir: Path, target: Path, remote: RemoteObject, part_size: int,
                  temp: Path, done: set[int] | None = None,
                  crcs: dict[int, int] | None = None) -> None:
-        self.path = state_dir / "journal" / f"{target_id(target)}.log"
+        self.path = self.path_for(state_dir, target)
         self.target = target
         self.remote = remote
         self.part_size = part_size
@@ -167,6 +166,10 @@ class ResumeJournal:
         self.crcs: dict[int, int] = dict(crcs or {})
         self._lock = threading.Lock()
         self._fd = -1
+
+    @staticmethod
+    def path_for(state_dir: Path, target: Path) -> Path:
+        return state_dir / "journal" / f"{target_id(target)}.log"
 
     def _identity(self) -> dict[str, Any]:
         r = self.remote

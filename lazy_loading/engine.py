@@ -177,6 +177,7 @@ class TransferEngine:
         return [task.result() for task in tasks]
 
     async def _to_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """For steps that leave nothing on disk: a cancelled task may abandon the thread."""
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     async def _to_thread_settled(self, fn: Callable[..., T], *args: Any) -> T:
