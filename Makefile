@@ -1,26 +1,34 @@
-# Everything a fresh machine needs: the venv, the package with all extras, and the checks.
+# Everything a fresh machine needs: the venvs, the package with the extras each job needs, and the checks.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
+# One stamp per job, so `make demo` installs only what the demo needs (the `demo` extra).
+DEMO_STAMP := $(VENV)/.installed-demo
+TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install test compat lint typecheck pytest demo bench load clean
+.PHONY: install test compat lint typecheck pytest smoke demo bench load clean
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+$(PY):
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+
+$(DEMO_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[demo]'
+	touch $@
+
+$(TEST_STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[all,test]'
-	touch $(STAMP)
+	touch $@ $(DEMO_STAMP)
 
-install: $(STAMP)
+install: $(TEST_STAMP)
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
 
-typecheck: $(STAMP)
+typecheck: $(TEST_STAMP)
 	$(VENV)/bin/mypy
 
-pytest: $(STAMP)
+pytest: $(TEST_STAMP)
 	$(VENV)/bin/pytest -q
 
 test: lint typecheck pytest
@@ -37,14 +45,25 @@ compat:
 		echo "compat: no Python 3.10 ($(COMPAT_PYTHON)) on this machine, skipped"; \
 	fi
 
-demo: $(STAMP)
+# What users install is what we test: a fresh venv, a regular (non-editable) install of
+# `.[all]` without the test extras, and every server variant started from it.
+SMOKE_VENV ?= .venv-smoke
+smoke:
+	rm -rf $(SMOKE_VENV) build
+	$(PYTHON) -m venv $(SMOKE_VENV)
+	$(SMOKE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(SMOKE_VENV)/bin/python -m pip install --quiet '.[all]'
+	rm -rf build
+	cd $(SMOKE_VENV) && bin/python $(CURDIR)/tests/smoke.py $(CURDIR)/deploy
+
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/drum-servers demo
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(PY) benchmarks/run.py
 
-load: $(STAMP)
+load: $(TEST_STAMP)
 	$(PY) benchmarks/load.py
 
 clean:
-	rm -rf $(VENV) .venv-compat *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-compat $(SMOKE_VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

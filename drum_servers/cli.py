@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from lazy_loading import LazyLoadingError, LazyLoadingHandler, ProgressSnapshot
+from lazy_loading import ConfigError, LazyLoadingError, LazyLoadingHandler, ProgressSnapshot
 
 from .signals import sigterm_exits
 
@@ -69,8 +69,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Exec gunicorn so it owns the process: its exit code and signal handling are the server's."""
-    from lazy_loading import ConfigError
-
+    from .extras import require, server_extras
     from .settings import ServerSettings
 
     overrides = {"CODE_DIR": args.code_dir, "MAX_WORKERS": args.workers, "ADDRESS": args.address,
@@ -79,6 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     env.update({k: str(v) for k, v in overrides.items() if v is not None})
     try:
+        require(*server_extras(args.server), purpose=f"drum-servers serve --server {args.server}")
         ServerSettings.from_environ(env)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -98,7 +98,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     code_dir = Path(args.code_dir) if args.code_dir else None
-    return run_demo(args.address, args.server, args.workers, code_dir)
+    try:
+        return run_demo(args.address, args.server, args.workers, code_dir)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:

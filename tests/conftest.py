@@ -11,6 +11,7 @@ from typing import Any
 
 import boto3
 import pytest
+from hypothesis import HealthCheck, settings
 
 from drum_servers.embedded_s3 import EmbeddedS3Server
 from tests.faults import FaultInjector
@@ -36,6 +37,14 @@ class S3Store:
 
 
 logging.getLogger("werkzeug").setLevel(logging.WARNING)
+
+# No test may depend on the machine's speed: hypothesis neither times examples nor judges the
+# data generation too slow on a loaded 2-core machine.
+settings.register_profile("suite", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile("suite")
+
+pytest_plugins = ["tests.leakcheck"]
 
 
 class _CanaryWatch(logging.Handler):

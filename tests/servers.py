@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from tests.procs import stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,13 +85,7 @@ class RunningServer:
         return self.proc.wait(timeout)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        stop_group(self.proc)
 
 
 def start_server(kind: str, code_dir: Path, env: dict[str, str], log_path: Path) -> RunningServer:

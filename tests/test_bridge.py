@@ -96,7 +96,11 @@ def test_interrupt_while_joining_cancels_the_inner_task(how: str) -> None:
         run_sync(long_running)
 
     previous = signal.getsignal(signal.SIGTERM)
+    previous_int = signal.getsignal(signal.SIGINT)
     if how == "ctrl-c":
+        # Ctrl-C as an interactive Python sees it, whatever disposition pytest inherited (a
+        # background job or a CI runner starts with SIGINT ignored).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         threading.Timer(0.5, _thread.interrupt_main).start()
         expected: type[BaseException] = KeyboardInterrupt
     else:
@@ -112,6 +116,7 @@ def test_interrupt_while_joining_cancels_the_inner_task(how: str) -> None:
             asyncio.run(outer())
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     assert cleaned.wait(5), "the inner task's finally block ran"
     assert time.monotonic() - started < 10
 

@@ -13,6 +13,7 @@ import pytest
 from drum_servers.demo import prepare_code_dir
 from tests.conftest import S3Store, lazy_env, no_debris, payload
 from tests.faults import Rule
+from tests.procs import stop_group
 from tests.servers import ROOT, free_port
 
 MiB = 1024 * 1024
@@ -53,7 +54,7 @@ def test_sigterm_mid_download_exits_promptly_and_cleans_up(
     log = tmp_path / "out.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, env={**env, **extra}, stdout=out, stderr=subprocess.STDOUT,
-                                cwd=ROOT)
+                                cwd=ROOT, start_new_session=True)
     try:
         deadline = time.monotonic() + 30
         while not no_debris(code_dir):
@@ -65,9 +66,7 @@ def test_sigterm_mid_download_exits_promptly_and_cleans_up(
         code = proc.wait(15)
         elapsed = time.monotonic() - sent
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
+        stop_group(proc)
     assert code != 0, log.read_text()
     assert elapsed < 5, f"took {elapsed:.1f} s to stop"
     assert no_debris(code_dir) == [], "temp files removed"

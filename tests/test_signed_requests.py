@@ -21,6 +21,7 @@ import pytest
 from lazy_loading import DownloadError, LazyLoadingHandler
 from lazy_loading.client import S3ClientFactory
 from tests.conftest import payload
+from tests.procs import stop_group
 from tests.servers import free_port
 
 BUCKET = "signed-bucket"
@@ -34,7 +35,7 @@ def signed_store() -> Iterator[tuple[str, str, str]]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -61,8 +62,7 @@ def signed_store() -> Iterator[tuple[str, str, str]]:
             s3.put_object(Bucket=BUCKET, Key=name, Body=body)
         yield url, key["AccessKeyId"], key["SecretAccessKey"]
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop_group(proc)
 
 
 def _env(url: str, key_id: str, secret: str) -> dict[str, str]:
