@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, Response
@@ -33,13 +33,19 @@ def _respond(view: views.View) -> Response:
 def make_router(state_getter: Callable[[], ReadinessState], prefix: str = "") -> APIRouter:
     router = APIRouter(prefix=prefix)
 
-    for path, view in views.GET_ROUTES.items():
-        async def get(request: Request, view: views.ViewFunc = view, path: str = path) -> Response:
+    def get_endpoint(path: str, view: views.ViewFunc) -> Callable[[Request], Awaitable[Response]]:
+        # A closure, not default arguments: FastAPI would expose those as query parameters.
+        async def get(request: Request) -> Response:
             return _respond(views.handle(path, lambda: view(state_getter()),
                                          request.headers.get("x-request-id")))
 
+        return get
+
+    for path, view in views.GET_ROUTES.items():
+        endpoint = get_endpoint(path, view)
         for variant in {path, path.rstrip("/") or "/"}:
-            router.add_api_route(variant, get, methods=["GET"], include_in_schema=variant == path)
+            router.add_api_route(variant, endpoint, methods=["GET"],
+                                 include_in_schema=variant == path)
 
     async def predict(request: Request) -> Response:
         import anyio.to_thread

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 from flask import Blueprint, Flask, Response, request
 
@@ -31,12 +32,15 @@ def init_app(app: Flask, code_dir: str | os.PathLike[str] | None = None, *,
     prefix = state.settings.url_prefix if url_prefix is None else url_prefix.rstrip("/")
     blueprint = Blueprint("drum_servers", __name__, url_prefix=prefix or None)
 
-    for path, view in views.GET_ROUTES.items():
-        def get(view: views.ViewFunc = view, path: str = path) -> Response:
+    def get_endpoint(path: str, view: views.ViewFunc) -> Callable[[], Response]:
+        def get() -> Response:
             return _respond(views.handle(path, lambda: view(state),
                                          request.headers.get("X-Request-ID")))
 
-        blueprint.add_url_rule(path, f"get_{path.strip('/') or 'root'}", get,
+        return get
+
+    for path, view in views.GET_ROUTES.items():
+        blueprint.add_url_rule(path, f"get_{path.strip('/') or 'root'}", get_endpoint(path, view),
                                methods=["GET"], strict_slashes=False)
 
     def predict() -> Response:

@@ -79,7 +79,8 @@ def handle(route: str, call: Callable[[], View], incoming_request_id: str | None
     """Run one view: time it, count it, and tag the response with an ``X-Request-ID``."""
     started = time.perf_counter()
     view = call()
-    _metrics.record_request(route, view.status, time.perf_counter() - started)
+    label = route if route in _ROUTE_LABELS else "other"  # labels stay bounded, whatever the URL
+    _metrics.record_request(label, view.status, time.perf_counter() - started)
     view.headers["X-Request-ID"] = request_id(incoming_request_id)
     return view
 
@@ -89,3 +90,4 @@ ViewFunc = Callable[[ReadinessState], View]
 GET_ROUTES: dict[str, ViewFunc] = {"/": ping, "/ping/": ping, "/health/": health, "/info/": info,
                                    "/metrics": metrics}
 PREDICT_ROUTES = ("/predictUnstructured/", "/predictionsUnstructured/")
+_ROUTE_LABELS = frozenset([*GET_ROUTES, "predict"])

@@ -36,16 +36,18 @@ def _free_port() -> int:
 
 
 def _variants(deploy: Path, port: int) -> dict[str, tuple[list[str], dict[str, str]]]:
-    gunicorn = [str(BIN / "gunicorn"), "-c"]
+    def gunicorn(config: str) -> list[str]:
+        return [str(BIN / "gunicorn"), "-c", config]
+
     address = {"ADDRESS": f"127.0.0.1:{port}", "MAX_WORKERS": "2"}
+    flask_conf, fastapi_conf = str(deploy / "gunicorn.conf.py"), str(deploy / "gunicorn_uvicorn.conf.py")
     return {
-        "gunicorn flask sync (deploy/)": (gunicorn + [str(deploy / "gunicorn.conf.py")], address),
-        "gunicorn flask gevent (deploy/)": (gunicorn + [str(deploy / "gunicorn.conf.py")],
+        "gunicorn flask sync (deploy/)": (gunicorn(flask_conf), address),
+        "gunicorn flask gevent (deploy/)": (gunicorn(flask_conf),
                                             {**address, "DRUM_GUNICORN_WORKER_CLASS": "gevent"}),
-        "gunicorn fastapi (deploy/)": (gunicorn + [str(deploy / "gunicorn_uvicorn.conf.py")],
-                                       address),
+        "gunicorn fastapi (deploy/)": (gunicorn(fastapi_conf), address),
         "gunicorn flask (python:drum_servers.gunicorn_conf)": (
-            gunicorn + ["python:drum_servers.gunicorn_conf"], address),
+            gunicorn("python:drum_servers.gunicorn_conf"), address),
         "uvicorn fastapi": ([str(BIN / "uvicorn"), "--factory", "drum_servers.fastapi_app:create_app",
                              "--host", "127.0.0.1", "--port", str(port)], {}),
         "drum-servers serve --server fastapi": (

@@ -221,3 +221,27 @@ def test_json_logs_and_metrics_aggregated_across_gunicorn_workers(
     assert all({"time", "level", "process", "message"} <= set(r) for r in ours)
     access = [r["message"] for r in records if r.get("logger") == "gunicorn.access"]
     assert any("request_id=req-7" in m for m in access)
+
+
+@pytest.mark.parametrize("kind", ["uvicorn-fastapi", "gunicorn-flask-sync"])
+def test_openapi_docs_work_and_query_strings_cannot_grow_the_metrics(
+    kind: str, model_env: tuple[Path, dict[str, str], str], servers: list[RunningServer],
+    tmp_path: Path,
+) -> None:
+    code_dir, env, _ = model_env
+    server = start_server(kind, code_dir, env, tmp_path / "server.log")
+    servers.append(server)
+    server.wait_ready()
+    if kind == "uvicorn-fastapi":
+        schema = server.get("/openapi.json")
+        assert schema.status_code == 200, schema.text
+        assert "/ping/" in schema.json()["paths"]
+        assert schema.json()["paths"]["/ping/"]["get"].get("parameters", []) == []
+        assert server.get("/docs").status_code == 200
+    for i in range(20):
+        assert server.get(f"/ping/?path=/x{i}&view=v{i}").status_code == 200
+    routes = {line.split('route="')[1].split('"')[0]
+              for line in server.get("/metrics").text.splitlines()
+              if line.startswith("drum_servers_requests_total{")}
+    assert routes <= {"/", "/ping/", "/health/", "/info/", "/metrics", "predict", "other"}, routes
+    assert "/ping/" in routes
