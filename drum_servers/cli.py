@@ -9,7 +9,9 @@ import sys
 from collections.abc import Sequence
 
 from lazy_loading import ConfigError, LazyLoadingError, LazyLoadingHandler, ProgressSnapshot
+from lazy_loading.environ import warn_about_environ
 
+from . import settings as _settings  # noqa: F401 - registers the servers' variable names
 from .signals import sigterm_exits
 
 logger = logging.getLogger("drum_servers")
@@ -44,6 +46,7 @@ def _progress_bar() -> tuple[object, object]:
 
 def cmd_download(args: argparse.Namespace) -> int:
     handler = LazyLoadingHandler(code_dir=args.code_dir, values_file=args.lazy_loading_file)
+    warn_about_environ(os.environ)
     if not handler.is_lazy_loading_available:
         print("error: lazy loading is not configured: set MLOPS_LAZY_LOADING_DATA or pass "
               "--lazy-loading-file", file=sys.stderr)

@@ -21,6 +21,7 @@ from typing import Any
 
 from lazy_loading import LazyLoadingError
 
+from .model import ModelHooks
 from .readiness import current_state
 from .settings import ReadinessMode
 from .signals import sigterm_exits
@@ -31,9 +32,10 @@ logger = logging.getLogger("drum_servers")
 def on_starting(server: Any) -> None:
     state = current_state()
     state.clear_ready_markers()
-    if state.mode is ReadinessMode.BACKGROUND or not state.handler.is_lazy_loading_available:
-        return
     try:
+        ModelHooks.check(state.code_dir)
+        if state.mode is ReadinessMode.BACKGROUND or not state.handler.is_lazy_loading_available:
+            return
         with sigterm_exits():
             state.download()
     except LazyLoadingError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import sys
 from collections.abc import Callable
@@ -13,12 +14,43 @@ from typing import Any
 from lazy_loading import ConfigError
 
 CUSTOM_MODULE = "custom"
+REQUIRED_HOOKS = ("load_model", "score_unstructured")
 
 
 @dataclass
 class ModelHooks:
     module: ModuleType
     code_dir: Path
+
+    @staticmethod
+    def check(code_dir: Path) -> None:
+        """Fail before any artifact is downloaded when ``custom.py`` is missing, does not parse,
+        or visibly lacks a required hook. It is parsed, not imported: user code must not run
+        in a gunicorn master, whose threads and clients every worker would inherit."""
+        path = code_dir / "custom.py"
+        if not path.is_file():
+            raise ConfigError(f"{path} not found: the code dir must contain a custom.py with "
+                              "load_model(code_dir) and score_unstructured(model, data, **kwargs)")
+        try:
+            tree = ast.parse(path.read_bytes(), filename=str(path))
+        except SyntaxError as exc:
+            raise ConfigError(f"{path}:{exc.lineno}: {exc.msg}") from None
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path}: cannot be read ({exc})") from None
+        defined: set[str] = set()
+        for node in tree.body:
+            if isinstance(node, (ast.ImportFrom, ast.Import)):
+                if any(alias.name == "*" for alias in node.names):
+                    return  # names from a star import cannot be known without running it
+                defined.update((a.asname or a.name).split(".")[0] for a in node.names)
+            else:
+                defined.update(n.id for n in ast.walk(node)
+                               if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store))
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    defined.add(node.name)
+        for required in REQUIRED_HOOKS:
+            if required not in defined:
+                raise ConfigError(f"{path} must define {required}()")
 
     @classmethod
     def load(cls, code_dir: Path) -> ModelHooks:
@@ -35,7 +67,7 @@ class ModelHooks:
         sys.modules[CUSTOM_MODULE] = module
         spec.loader.exec_module(module)
         hooks = cls(module, code_dir)
-        for required in ("load_model", "score_unstructured"):
+        for required in REQUIRED_HOOKS:
             if not callable(getattr(module, required, None)):
                 raise ConfigError(f"{path} must define {required}()")
         return hooks

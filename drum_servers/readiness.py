@@ -68,18 +68,24 @@ class ReadinessState:
     def download(self) -> None:
         """Make every artifact present (a no-op once done in this process or, for a forked
         worker, once done by its master with every file still intact)."""
-        if self.handler.results is not None or self.handler.adopt_parent_download():
+        if not self._needs_download():
             return
-        self._set(Phase.DOWNLOADING)
         results = self.handler.download_lazy_loading_files()
         metrics.record_download(results, self.handler.progress())
 
     async def download_async(self) -> None:
-        if self.handler.results is not None or self.handler.adopt_parent_download():
+        if not self._needs_download():
             return
-        self._set(Phase.DOWNLOADING)
         results = await self.handler.download_lazy_loading_files_async()
         metrics.record_download(results, self.handler.progress())
+
+    def _needs_download(self) -> bool:
+        if self.handler.results is not None or self.handler.adopt_parent_download():
+            return False
+        ModelHooks.check(self.code_dir)
+        if self.handler.is_lazy_loading_available:
+            self._set(Phase.DOWNLOADING)
+        return True
 
     def load_model(self) -> None:
         """Run the user's ``init`` and ``load_model`` exactly once per process."""

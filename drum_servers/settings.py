@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lazy_loading import ConfigError
+from lazy_loading.environ import register_known
 
 
 class ReadinessMode(str, Enum):
@@ -38,6 +39,9 @@ _ENV_NAMES = {
     "backlog": "DRUM_GUNICORN_BACKLOG",
     "failure_exit_delay": "LAZY_LOADING_FAILURE_EXIT_DELAY",
 }
+
+
+register_known(_ENV_NAMES.values())
 
 
 class ServerSettings(BaseModel):

@@ -230,10 +230,8 @@ def format_validation_error(source: str, exc: ValidationError) -> str:
     """One line naming the source, the field path and what is expected; never the input value."""
     errors = exc.errors(include_url=False, include_input=False, include_context=False)
     first = errors[0]
-    loc = _loc(tuple(p for p in first["loc"] if p != "credentialType" or len(first["loc"]) > 1))
+    loc = _loc(first["loc"])
     msg = _FRIENDLY.get(first["type"], first["msg"].removeprefix("Value error, "))
-    if first["type"] == "literal_error":
-        loc = _loc(first["loc"])
     where = f"{source}: {loc}: " if loc else f"{source}: "
     more = f" (+{len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
     return f"{where}{msg}{more}"

@@ -21,6 +21,7 @@ from .config import (
     secret_env_name,
 )
 from .engine import FileResult, TransferEngine
+from .environ import warn_about_environ
 from .errors import ConfigError, DownloadError, LazyLoadingError
 from .paths import STATE_DIR_NAME, resolve_code_dir, resolve_targets
 from .plan import FileTransfer
@@ -141,8 +142,13 @@ class LazyLoadingHandler:
         """Native async entry point: never blocks the caller's event loop."""
         if self.results is not None:
             return self.results
+        warn_about_environ(self._environ)
         if not self.is_lazy_loading_available:
-            logger.debug("not configured, nothing to download")
+            if DATA_ENV in self._environ:
+                logger.warning("%s is set but empty: lazy loading is off", DATA_ENV)
+            else:
+                logger.info("lazy loading is not configured (neither %s nor %s is set): no "
+                            "artifacts to download", DATA_ENV, VALUES_FILE_ENV)
             self._results, self._pid = [], os.getpid()
             return []
         started = time.monotonic()

@@ -72,6 +72,9 @@ CASES: list[tuple[str, dict[str, str], str]] = [
     ("credential missing a field", _env(_data(), cred={"credentialType": "s3",
                                                        "awsSecretAccessKey": SECRET_CANARY}),
      r"MLOPS_REPOSITORY_SECRET_C1: awsAccessKeyId: is required"),
+    ("credential without credentialType", _env(_data(), cred={
+        "awsAccessKeyId": "AKIAX", "awsSecretAccessKey": SECRET_CANARY}),
+     r"MLOPS_REPOSITORY_SECRET_C1: credentialType: is required"),
     ("unsupported credentialType", _env(_data(), cred={**CRED, "credentialType": "gcp"}),
      r"MLOPS_REPOSITORY_SECRET_C1: credentialType: must be 's3'"),
     ("duplicate target", _env(_data(files=[_file(), _file(remotePath="other")])),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 import time
 from collections.abc import Iterator
@@ -245,3 +246,54 @@ def test_openapi_docs_work_and_query_strings_cannot_grow_the_metrics(
               if line.startswith("drum_servers_requests_total{")}
     assert routes <= {"/", "/ping/", "/health/", "/info/", "/metrics", "predict", "other"}, routes
     assert "/ping/" in routes
+
+
+@pytest.mark.parametrize("kind", ["gunicorn-flask-sync", "uvicorn-fastapi"])
+def test_missing_custom_py_fails_before_any_transfer(
+    kind: str, s3: S3Store, model_env: tuple[Path, dict[str, str], str],
+    servers: list[RunningServer], tmp_path: Path,
+) -> None:
+    code_dir, env, _ = model_env
+    (code_dir / "custom.py").unlink()
+    server = start_server(kind, code_dir, env, tmp_path / "server.log")
+    servers.append(server)
+    code = server.wait_exit(60)
+    log = server.log()
+    assert code != 0, log
+    assert f"{code_dir / 'custom.py'} not found" in log
+    assert [r for r in s3.faults.ledger.requests if r[0] in ("HEAD", "GET")] == [], \
+        "nothing is requested from the store"
+    assert not (code_dir / "artifacts").exists()
+
+
+NO_ARTIFACT_MODEL = '''
+def load_model(code_dir):
+    return "no artifacts needed"
+
+def score_unstructured(model, data, **kwargs):
+    return model
+'''
+
+
+@pytest.mark.parametrize("kind", ["gunicorn-flask-sync", "uvicorn-fastapi"])
+def test_misspelled_variables_are_named_and_a_model_without_artifacts_serves(
+    kind: str, servers: list[RunningServer], tmp_path: Path,
+) -> None:
+    code_dir = tmp_path / "code"
+    code_dir.mkdir()
+    (code_dir / "custom.py").write_text(NO_ARTIFACT_MODEL)
+    env = {"PATH": os.environ["PATH"], "MLOPS_LAZY_LOADING_DTA": '{"files": []}',
+           "LAZY_LOADING_TIMOUT": "30", "LAZY_LOADING_MODE": "blocking"}
+    server = start_server(kind, code_dir, env, tmp_path / "server.log")
+    servers.append(server)
+    server.wait_ready()
+    assert server.post("/predictUnstructured/", content=b"x").text == "no artifacts needed"
+    log = server.log()
+    assert "lazy loading is not configured" in log
+    assert ("MLOPS_LAZY_LOADING_DTA is not a variable lazy loading reads; did you mean "
+            "MLOPS_LAZY_LOADING_DATA?") in log
+    assert "LAZY_LOADING_TIMOUT is not a variable lazy loading reads; did you mean " \
+           "LAZY_LOADING_TIMEOUT?" in log
+    assert "LAZY_LOADING_MODE is not" not in log
+    assert "-> downloading" not in log
+    assert '{"files": []}' not in log, "values are never logged"

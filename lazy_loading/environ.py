@@ -1,0 +1,60 @@
+"""Say so when an environment name looks like one of ours but is not: a misspelled variable is
+otherwise silently ignored, and the model fails later for a reason far from the cause."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Iterable, Mapping
+
+from .config import DATA_ENV, SECRET_ENV_PREFIX, VALUES_FILE_ENV
+from .settings import LazyLoadingSettings
+
+logger = logging.getLogger("lazy_loading")
+
+_OWN_PREFIX = "LAZY_LOADING_"
+_known: set[str] = {DATA_ENV, VALUES_FILE_ENV,
+                    *(_OWN_PREFIX + name.upper() for name in LazyLoadingSettings.model_fields)}
+_warned: set[str] = set()
+
+
+def register_known(names: Iterable[str]) -> None:
+    """Packages built on this one (the servers) declare the ``LAZY_LOADING_*`` names they read."""
+    _known.update(names)
+
+
+def _suggestion(name: str) -> str | None:
+    upper = name.upper()
+    if name in _known or name.startswith(SECRET_ENV_PREFIX):
+        return None
+    if upper.startswith(SECRET_ENV_PREFIX) or (
+        "SECRET" in upper and difflib.SequenceMatcher(
+            None, upper[:len(SECRET_ENV_PREFIX)], SECRET_ENV_PREFIX).ratio() >= 0.8):
+        return f"{SECRET_ENV_PREFIX}<ID> (upper case)"
+    close = difflib.get_close_matches(upper, sorted(_known), n=1, cutoff=0.8)
+    if close:
+        return close[0]
+    if upper.startswith(_OWN_PREFIX):
+        return ""
+    return None
+
+
+def unknown_names(environ: Mapping[str, str]) -> list[str]:
+    """One line per suspicious name: never a value, which may be a secret."""
+    lines = []
+    for name in sorted(environ):
+        hint = _suggestion(name)
+        if hint is None:
+            continue
+        lines.append(f"{name} is not a variable lazy loading reads; did you mean {hint}?" if hint
+                     else f"{name} is not a variable lazy loading reads (see the README's "
+                          "configuration table)")
+    return lines
+
+
+def warn_about_environ(environ: Mapping[str, str]) -> None:
+    """Log each suspicious name once per process (workers and repeated calls stay quiet)."""
+    for line in unknown_names(environ):
+        if line not in _warned:
+            _warned.add(line)
+            logger.warning("%s", line)
