@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 from lazy_loading import ConfigError
 
@@ -13,7 +14,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "flask": ("flask",),
     "fastapi": ("fastapi", "uvicorn"),
     "gunicorn": ("gunicorn", "packaging", "gevent", "uvicorn_worker"),
-    "demo": ("moto", "flask", "flask_cors"),
+    "demo": ("moto", "flask_cors"),
 }
 
 
@@ -38,3 +39,12 @@ def require(*extras: str, purpose: str) -> None:
 def server_extras(server: str) -> tuple[str, ...]:
     """The extras a gunicorn-run ``flask`` or ``fastapi`` server needs."""
     return ("gunicorn", "flask") if server == "flask" else ("gunicorn", "fastapi")
+
+
+def exit_unless_installed(*extras: str, purpose: str) -> None:
+    """For config modules that gunicorn imports: one line and exit 1, never a traceback."""
+    try:
+        require(*extras, purpose=purpose)
+    except MissingExtra as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None

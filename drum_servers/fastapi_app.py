@@ -11,11 +11,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, Response
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lazy_loading import LazyLoadingError
 
 from . import views
-from .logs import ensure_logging
+from .logs import (
+    REQUEST_ID_HEADER,
+    current_request_id,
+    ensure_logging,
+    response_headers,
+    tag_uvicorn_access_log,
+)
 from .readiness import ReadinessState, current_state
 from .settings import ReadinessMode
 from .signals import sigterm_cancels
@@ -30,14 +38,40 @@ def _respond(view: views.View) -> Response:
                     headers={**view.headers, "content-type": view.content_type})
 
 
+class RequestIdMiddleware:
+    """Tags every response, the framework's own 404 and 405 included, and gives uvicorn's access
+    line the same id (a pure ASGI middleware: it never buffers a body)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        extra = response_headers(Headers(scope=scope).get(REQUEST_ID_HEADER))
+        token = current_request_id.set(extra[REQUEST_ID_HEADER])
+
+        async def send_tagged(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in extra.items():
+                    headers[name] = value
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tagged)
+        finally:
+            current_request_id.reset(token)
+
+
 def make_router(state_getter: Callable[[], ReadinessState], prefix: str = "") -> APIRouter:
     router = APIRouter(prefix=prefix)
 
     def get_endpoint(path: str, view: views.ViewFunc) -> Callable[[Request], Awaitable[Response]]:
         # A closure, not default arguments: FastAPI would expose those as query parameters.
         async def get(request: Request) -> Response:
-            return _respond(views.handle(path, lambda: view(state_getter()),
-                                         request.headers.get("x-request-id")))
+            return _respond(views.handle(path, lambda: view(state_getter())))
 
         return get
 
@@ -57,8 +91,7 @@ def make_router(state_getter: Callable[[], ReadinessState], prefix: str = "") ->
             return views.predict(state, body, request.headers.get("content-type"),
                                  dict(request.query_params))
 
-        view = await anyio.to_thread.run_sync(
-            views.handle, "predict", call, request.headers.get("x-request-id"))
+        view = await anyio.to_thread.run_sync(views.handle, "predict", call)
         return _respond(view)
 
     for path in views.PREDICT_ROUTES:
@@ -125,4 +158,6 @@ def create_app(code_dir: str | os.PathLike[str] | None = None, *,
 
     prefix = state().settings.url_prefix if url_prefix is None else url_prefix.rstrip("/")
     app.include_router(make_router(state, prefix))
+    app.add_middleware(RequestIdMiddleware)
+    tag_uvicorn_access_log()
     return app

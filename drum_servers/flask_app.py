@@ -12,7 +12,7 @@ from flask import Blueprint, Flask, Response, request
 from lazy_loading import LazyLoadingError
 
 from . import views
-from .logs import ensure_logging
+from .logs import REQUEST_ID_HEADER, ensure_logging, response_headers
 from .readiness import ReadinessState, current_state
 from .settings import ReadinessMode
 
@@ -34,8 +34,7 @@ def init_app(app: Flask, code_dir: str | os.PathLike[str] | None = None, *,
 
     def get_endpoint(path: str, view: views.ViewFunc) -> Callable[[], Response]:
         def get() -> Response:
-            return _respond(views.handle(path, lambda: view(state),
-                                         request.headers.get("X-Request-ID")))
+            return _respond(views.handle(path, lambda: view(state)))
 
         return get
 
@@ -48,13 +47,17 @@ def init_app(app: Flask, code_dir: str | os.PathLike[str] | None = None, *,
             "predict",
             lambda: views.predict(state, request.get_data(cache=False),
                                   request.headers.get("Content-Type"), request.args.to_dict()),
-            request.headers.get("X-Request-ID"),
         ))
 
     for path in views.PREDICT_ROUTES:
         blueprint.add_url_rule(path, f"post_{path.strip('/')}", predict, methods=["POST"],
                                strict_slashes=False)
     app.register_blueprint(blueprint)
+
+    @app.after_request
+    def _tag(response: Response) -> Response:  # every response, Flask's own 404 and 405 too
+        response.headers.update(response_headers(request.headers.get(REQUEST_ID_HEADER)))
+        return response
     app.extensions["drum_servers"] = state
 
     if state.mode is ReadinessMode.BACKGROUND:

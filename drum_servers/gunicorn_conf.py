@@ -4,17 +4,30 @@ Used by ``deploy/gunicorn.conf.py`` and ``drum-servers serve``; the FastAPI vari
 the worker class and app in ``gunicorn_uvicorn_conf``.
 """
 
+# ruff: noqa: E402 - the gevent patch and the extras check must run before the other imports
+
 from __future__ import annotations
 
 import os
+import sys
 
-if os.environ.get("DRUM_GUNICORN_WORKER_CLASS", "").strip().lower() == "gevent":
+_FOR_FASTAPI = "drum_servers.gunicorn_uvicorn_conf" in sys.modules  # it imports this module
+
+if not _FOR_FASTAPI and os.environ.get("DRUM_GUNICORN_WORKER_CLASS", "").strip().lower() == "gevent":
     # gevent must patch before ssl/socket are imported (boto3 imports them below), or clients
     # created in a worker fail with RecursionError in SSLContext; gunicorn's own patch_all()
     # in the worker comes too late for modules this config has already imported.
-    from gevent import monkey
+    try:
+        from gevent import monkey
 
-    monkey.patch_all()
+        monkey.patch_all()
+    except ImportError:
+        pass  # reported next, with the extra to install
+
+from drum_servers.extras import exit_unless_installed
+
+if not _FOR_FASTAPI:
+    exit_unless_installed("gunicorn", "flask", purpose="the gunicorn Flask config")
 
 import contextlib
 

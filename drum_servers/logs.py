@@ -3,6 +3,7 @@ and for servers that configure only their own loggers (plain uvicorn)."""
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import logging.config
 import os
@@ -68,8 +69,54 @@ def ensure_logging(level: int = logging.INFO) -> None:
             logger.setLevel(level)
 
 
+REQUEST_ID_HEADER = "X-Request-ID"
+current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "drum_servers_request_id", default=None)
+
+
 def request_id(incoming: str | None) -> str:
     """The caller's ``X-Request-ID`` when it is a sane token, else a fresh one."""
     if incoming and _REQUEST_ID.match(incoming):
         return incoming
     return uuid.uuid4().hex
+
+
+def response_headers(incoming_request_id: str | None) -> dict[str, str]:
+    """Headers every response carries, whichever route or error produced it."""
+    return {REQUEST_ID_HEADER: request_id(incoming_request_id)}
+
+
+class _RequestIdFilter(logging.Filter):
+    """Gives uvicorn's access records the request id (JSON formatters emit it as a field)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        rid = current_request_id.get()
+        if rid is not None:
+            record.request_id = rid
+        return True
+
+
+class _AppendRequestId(logging.Formatter):
+    """Wraps a text formatter: uvicorn's access format has no field for the id, and its
+    formatter insists on its own five arguments, so the id is appended to the formatted line."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = self.inner.format(record)
+        rid = getattr(record, "request_id", None)
+        return f"{text} request_id={rid}" if rid else text
+
+
+def tag_uvicorn_access_log() -> None:
+    """Call once uvicorn (or gunicorn's UvicornWorker) has set up its access handlers."""
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, _RequestIdFilter) for f in access.filters):
+        access.addFilter(_RequestIdFilter())
+    for handler in access.handlers:
+        formatter = handler.formatter or logging.Formatter()
+        if not isinstance(formatter, _AppendRequestId) and not type(
+                formatter).__module__.startswith("pythonjsonlogger"):
+            handler.setFormatter(_AppendRequestId(formatter))

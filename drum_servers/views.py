@@ -12,7 +12,6 @@ from typing import Any
 from lazy_loading.redact import redact
 
 from . import metrics as _metrics
-from .logs import request_id
 from .readiness import ReadinessState
 from .unstructured import decode_body, encode_result, parse_content_type
 
@@ -75,13 +74,12 @@ def metrics(state: ReadinessState) -> View:
     return View(200, body, content_type)
 
 
-def handle(route: str, call: Callable[[], View], incoming_request_id: str | None) -> View:
-    """Run one view: time it, count it, and tag the response with an ``X-Request-ID``."""
+def handle(route: str, call: Callable[[], View]) -> View:
+    """Run one view: time it and count it (the adapters tag every response, 404s included)."""
     started = time.perf_counter()
     view = call()
     label = route if route in _ROUTE_LABELS else "other"  # labels stay bounded, whatever the URL
     _metrics.record_request(label, view.status, time.perf_counter() - started)
-    view.headers["X-Request-ID"] = request_id(incoming_request_id)
     return view
 
 

@@ -124,8 +124,26 @@ def main(deploy: Path) -> int:
                 failures += 1
                 print(f"smoke: FAIL  {name}: {problem}\n--- log ---\n"
                       f"{(work / 'server.log').read_text(errors='replace')[-3000:]}")
-    print(f"{len(names) - failures} passed, {failures} failed")
+        problem = _check_missing_extra(deploy, Path(tmp))
+        print(f"smoke: {'ok  ' if problem is None else 'FAIL'}  a missing extra is one line"
+              f"{'' if problem is None else ': ' + problem}")
+        failures += problem is not None
+    print(f"{len(names) + 1 - failures} passed, {failures} failed")
     return 1 if failures else 0
+
+
+def _check_missing_extra(deploy: Path, tmp: Path) -> str | None:
+    """Last, as it uninstalls Flask from the smoke venv: the config names the extra to install."""
+    subprocess.run([sys.executable, "-m", "pip", "uninstall", "--quiet", "--yes", "flask"],
+                   check=True, capture_output=True)
+    result = subprocess.run([str(BIN / "gunicorn"), "-c", str(deploy / "gunicorn.conf.py")],
+                            capture_output=True, text=True, timeout=60, cwd=tmp,
+                            env={**os.environ, "CODE_DIR": str(tmp)})
+    expected = ("error: the gunicorn Flask config needs the flask extra (missing: flask): "
+                "pip install 'drum-lazy-loading[flask]'")
+    if result.returncode != 1 or result.stderr.strip() != expected:
+        return f"exit {result.returncode}: {result.stderr[-500:]}"
+    return None
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from drum_servers.demo import prepare_code_dir, sample_model, upload_sample
@@ -297,3 +298,29 @@ def test_misspelled_variables_are_named_and_a_model_without_artifacts_serves(
     assert "LAZY_LOADING_MODE is not" not in log
     assert "-> downloading" not in log
     assert '{"files": []}' not in log, "values are never logged"
+
+
+@pytest.mark.parametrize("kind", ["gunicorn-flask-sync", "uvicorn-fastapi", "gunicorn-fastapi"])
+def test_every_response_and_access_line_carries_the_request_id(
+    kind: str, model_env: tuple[Path, dict[str, str], str], servers: list[RunningServer],
+    tmp_path: Path,
+) -> None:
+    code_dir, env, _ = model_env
+    server = start_server(kind, code_dir, env, tmp_path / "server.log")
+    servers.append(server)
+    server.wait_ready()
+    client = httpx.Client(base_url=server.base, timeout=5)
+    answers = {
+        "ping": client.get("/ping/", headers={"X-Request-ID": "rid-ping"}),
+        "not found": client.get("/no-such-route", headers={"X-Request-ID": "rid-404"}),
+        "wrong method": client.delete("/ping/", headers={"X-Request-ID": "rid-405"}),
+    }
+    assert [r.status_code for r in answers.values()] == [200, 404, 405]
+    assert [r.headers.get("x-request-id") for r in answers.values()] == [
+        "rid-ping", "rid-404", "rid-405"]
+    fresh = client.get("/ping/", headers={"X-Request-ID": "not a token"}).headers["x-request-id"]
+    assert fresh != "not a token" and len(fresh) == 32
+    time.sleep(0.5)
+    access = [line for line in server.log().splitlines() if "/ping/" in line or "/no-such" in line]
+    for rid in ("rid-ping", "rid-404", "rid-405"):
+        assert any(f"request_id={rid}" in line for line in access), (rid, access)
