@@ -57,7 +57,7 @@ smoke:
 	cd $(SMOKE_VENV) && bin/python $(CURDIR)/tests/smoke.py $(CURDIR)/deploy
 
 demo: $(DEMO_STAMP)
-	$(VENV)/bin/drum-servers demo
+	$(VENV)/bin/drum-servers demo $(if $(ADDRESS),--address $(ADDRESS))
 
 bench: $(TEST_STAMP)
 	$(PY) benchmarks/run.py
