@@ -36,6 +36,9 @@ SECRET_ENV_PREFIX = "MLOPS_REPOSITORY_SECRET_"
 VALUES_FILE_ENV = "LAZY_LOADING_FILE"
 
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
+_REGION = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
 def _normalized(key: str) -> str:
@@ -77,6 +80,13 @@ class _Model(BaseModel):
         return data
 
 
+def _no_control_characters(value: str) -> str:
+    """A newline or NUL in a name splits log lines or truncates paths: refuse it."""
+    if _CONTROL.search(value):
+        raise ValueError("must not contain control characters (newline, tab, NUL, ...)")
+    return value
+
+
 class LazyLoadingFile(_Model):
     """One artifact: where it lives in the repository and where the model expects it."""
 
@@ -84,7 +94,24 @@ class LazyLoadingFile(_Model):
     local_path: str = Field(min_length=1)
     repository_id: str = Field(min_length=1)
     sha256: str | None = None
-    size: int | None = Field(None, ge=0)
+    size: int | None = Field(None, ge=0, strict=True)
+
+    @field_validator("remote_path")
+    @classmethod
+    def _check_remote_path(cls, value: str) -> str:
+        _no_control_characters(value)
+        if value.endswith("/"):
+            raise ValueError("ends with '/', which names a folder marker, not an object; name "
+                             "each file of the folder")
+        return value
+
+    @field_validator("local_path")
+    @classmethod
+    def _check_local_path(cls, value: str) -> str:
+        _no_control_characters(value)
+        if value.endswith(("/", "/.", "/..")) or value in (".", ".."):
+            raise ValueError("names a directory; name the file, e.g. artifacts/model.bin")
+        return value
 
     @field_validator("sha256")
     @classmethod
@@ -105,21 +132,60 @@ class LazyLoadingRepository(_Model):
     ca_bundle: str | None = None
     region: str | None = None
 
+    @field_validator("verify_certificate", mode="before")
+    @classmethod
+    def _null_verifies(cls, value: Any) -> Any:
+        # DRUM's own values-file helper writes null for every repository without an endpoint.
+        return True if value is None else value
+
     @field_validator("endpoint_url")
     @classmethod
     def _check_endpoint(cls, value: str | None) -> str | None:
         if value is None:
             return None
+        _no_control_characters(value)
         parts = urlsplit(value.strip())
         if not value.strip():
             raise ValueError("must not be empty; omit it to use AWS S3")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http:// or https:// URL such as https://s3.example.com")
+        try:
+            port = parts.port
+        except ValueError:
+            port = 0
+        if port == 0 and parts.netloc.rpartition("]")[2].count(":"):
+            raise ValueError("has an invalid port; use a number from 1 to 65535")
         if parts.username or parts.password:
             raise ValueError("must not contain credentials; use MLOPS_REPOSITORY_SECRET_<ID>")
         if parts.query or parts.fragment:
             raise ValueError("must not contain a query string or fragment")
         return value.strip()
+
+    @field_validator("bucket_name")
+    @classmethod
+    def _check_bucket(cls, value: str) -> str:
+        if not _BUCKET.match(value):
+            raise ValueError("must be a bucket name (letters, digits, '.', '-', '_'; no '/'): "
+                             "put the key prefix in each file's remotePath")
+        return value
+
+    @field_validator("region")
+    @classmethod
+    def _check_region(cls, value: str | None) -> str | None:
+        if value is not None and not _REGION.match(value):
+            raise ValueError("must be a region name such as us-east-1")
+        return value
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _check_ca_bundle(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        _no_control_characters(value)
+        if not os.path.isfile(value):
+            what = "is a directory" if os.path.isdir(value) else "does not exist"
+            raise ValueError(f"{value} {what}; name a PEM file of CA certificates")
+        return value
 
 
 class LazyLoadingData(_Model):
@@ -158,6 +224,18 @@ class S3Credentials(_Model):
     aws_secret_access_key: SecretStr = Field(min_length=1)
     aws_session_token: SecretStr | None = None
     region: str | None = Field(None, validation_alias=AliasChoices("region", "regionName"))
+
+    @field_validator("aws_access_key_id", "aws_secret_access_key", "aws_session_token",
+                     mode="before")
+    @classmethod
+    def _clean_secret(cls, value: Any) -> Any:
+        """Strip the trailing newline of a value read from a file; refuse other control
+        characters, which would end up in a header (the value itself is never shown)."""
+        if isinstance(value, str):
+            value = value.strip()
+            if _CONTROL.search(value):
+                raise ValueError("contains control characters (newline, tab, NUL, ...)")
+        return value
 
     @field_validator("aws_session_token", mode="before")
     @classmethod
@@ -246,13 +324,26 @@ def _validate(model: type[_Model], source: str, payload: object) -> Any:
         raise ConfigError(format_validation_error(source, exc)) from None
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ConfigError(f"duplicate key {key!r}")
+        seen[key] = value
+    return seen
+
+
 def _parse_json(source: str, text: str) -> object:
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as exc:
         raise ConfigError(
             f"{source}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
         ) from None
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a lazy-loading document") from None
 
 
 # Credentials read from (and scrubbed out of) ``os.environ`` stay here, in process memory: forked
@@ -287,6 +378,18 @@ def _credentials_from_env(
     return credentials
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice (it would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        for index, key in enumerate(keys):
+            if key in keys[:index]:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", node.value[index][0].start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_values_file(path: str | os.PathLike[str]) -> tuple[LazyLoadingData, dict[str, S3Credentials]]:
     """Read DRUM's values YAML (``files``, ``repositories``, ``credentials``)."""
     source = f"lazy loading file {os.fspath(path)}"
@@ -295,11 +398,15 @@ def load_values_file(path: str | os.PathLike[str]) -> tuple[LazyLoadingData, dic
     except OSError as exc:
         raise ConfigError(f"{source}: cannot be read ({exc.strerror})") from None
     try:
-        payload = yaml.safe_load(text)
+        payload = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{source}: not valid YAML{where}") from None
+        problem = str(getattr(exc, "problem", "") or "")
+        problem = f": {problem}" if problem.startswith("duplicate") else ""
+        raise ConfigError(f"{source}: not valid YAML{where}{problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a lazy-loading document") from None
     if payload is None:
         raise ConfigError(f"{source}: is empty; expected 'files', 'repositories', 'credentials'")
     values: _ValuesFile = _validate(_ValuesFile, source, payload)

@@ -85,6 +85,35 @@ CASES: list[tuple[str, dict[str, str], str]] = [
      r"files\[0\]\.localPath '/etc/passwd' resolves to /etc/passwd, outside the code dir"),
     ("bad sha256", _env(_data(files=[_file(sha256="abc")])),
      r"files\[0\]\.sha256: must be 64 hexadecimal characters"),
+    ("remotePath is a folder marker", _env(_data(files=[_file(remotePath="models/v1/")])),
+     r"files\[0\]\.remotePath: ends with '/', which names a folder marker"),
+    ("localPath is a directory", _env(_data(files=[_file(localPath="artifacts/")])),
+     r"files\[0\]\.localPath: names a directory"),
+    ("NUL in localPath", _env(_data(files=[_file(localPath="a\x00b.bin")])),
+     r"files\[0\]\.localPath: must not contain control characters"),
+    ("newline in remotePath", _env(_data(files=[_file(remotePath="a\nINFO forged")])),
+     r"files\[0\]\.remotePath: must not contain control characters"),
+    ("size is a boolean", _env(_data(files=[_file(size=True)])),
+     r"files\[0\]\.size: Input should be a valid integer"),
+    ("endpoint port out of range", _env(_data(repositories=[_repo(endpointUrl="http://h:99999")])),
+     r"repositories\[0\]\.endpointUrl: has an invalid port"),
+    ("endpoint port not a number", _env(_data(repositories=[_repo(endpointUrl="http://h:abc")])),
+     r"repositories\[0\]\.endpointUrl: has an invalid port"),
+    ("bucket with a slash", _env(_data(repositories=[_repo(bucketName="bkt/prefix")])),
+     r"repositories\[0\]\.bucketName: must be a bucket name"),
+    ("invalid region", _env(_data(repositories=[_repo(region="us east 1!")])),
+     r"repositories\[0\]\.region: must be a region name"),
+    ("missing caBundle", _env(_data(repositories=[_repo(caBundle="/no/such/ca.pem")])),
+     r"repositories\[0\]\.caBundle: /no/such/ca\.pem does not exist"),
+    ("caBundle is a directory", _env(_data(repositories=[_repo(caBundle="/tmp")])),
+     r"repositories\[0\]\.caBundle: /tmp is a directory"),
+    ("newline inside the session token", _env(_data(), cred={
+        **CRED, "awsSessionToken": TOKEN_CANARY + "\nX-Forged: 1"}),
+     r"MLOPS_REPOSITORY_SECRET_C1: awsSessionToken: contains control characters"),
+    ("duplicate JSON key", _env(None, raw='{"files": [], "files": []}'),
+     r"MLOPS_LAZY_LOADING_DATA: duplicate key 'files'"),
+    ("JSON nested 100,000 deep", _env(None, raw="[" * 100_000 + "]" * 100_000),
+     r"MLOPS_LAZY_LOADING_DATA: nested too deeply"),
 ]
 
 
@@ -287,3 +316,27 @@ def test_every_setting_is_in_the_readme_table() -> None:
     names += list(_ENV_NAMES.values())
     missing = [n for n in names if f"| `{n}` |" not in readme]
     assert missing == []
+
+
+def test_drum_style_null_verify_certificate_and_a_token_with_a_trailing_newline_are_accepted(
+    tmp_path: Path,
+) -> None:
+    env = _env(_data(repositories=[_repo(verifyCertificate=None, endpointUrl="http://h:9")]),
+               cred={**CRED, "awsSessionToken": TOKEN_CANARY + "\n"})
+    config = LazyLoadingHandler(code_dir=tmp_path, environ=env).load_config()
+    assert config.data.repositories[0].verify_certificate is True
+    token = config.credentials["c1"].aws_session_token
+    assert token is not None and token.get_secret_value() == TOKEN_CANARY
+
+
+@pytest.mark.parametrize("text", [
+    "files: []\nfiles: []\n",
+    "[" * 100_000 + "]" * 100_000,
+])
+def test_values_file_duplicates_and_deep_nesting_are_one_line(text: str, tmp_path: Path) -> None:
+    values = tmp_path / "values.yaml"
+    values.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        LazyLoadingHandler(code_dir=tmp_path, environ={}, values_file=values).load_config()
+    assert "\n" not in str(info.value)
+    assert "duplicate key 'files'" in str(info.value) or "nested too deeply" in str(info.value)
