@@ -54,6 +54,30 @@ def write_atomic(path: Path, data: bytes, durable: bool = False) -> None:
         raise
 
 
+_TEMP_NAME_KEEP = 40  # of the target's name, for a reader; the id keeps temp names unique
+
+
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name[:_TEMP_NAME_KEEP]}.{target_id(target)[:12]}."
+
+
+def temp_path(target: Path) -> Path:
+    """A unique temp file beside ``target`` whose name stays short whatever the target's length
+    (a long name plus a suffix would exceed NAME_MAX)."""
+    return target.parent / f"{_temp_prefix(target)}{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
+
+
+def stale_temp_paths(target: Path) -> list[Path]:
+    """Temp files of ``target`` that earlier attempts left beside it (matched by name, not glob:
+    a target name may contain ``[`` or ``*``)."""
+    prefix = _temp_prefix(target)
+    try:
+        names = os.listdir(target.parent)
+    except OSError:
+        return []
+    return [target.parent / n for n in names if n.startswith(prefix) and n.endswith(".partial")]
+
+
 def remove_stale_temps(state_dir: Path, target: Path) -> None:
     """Remove the temp files a killed writer of ``target``'s records left behind.
 

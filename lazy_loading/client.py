@@ -6,6 +6,7 @@ the cache is keyed by PID and also cleared in the child by ``os.register_at_fork
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import weakref
@@ -88,7 +89,7 @@ class S3ClientFactory:
             response_checksum_validation="when_required",
             tcp_keepalive=True,
         )
-        return self._session.client(
+        client = self._session.client(
             "s3",
             aws_access_key_id=creds.aws_access_key_id,
             aws_secret_access_key=creds.aws_secret_access_key.get_secret_value(),
@@ -100,6 +101,8 @@ class S3ClientFactory:
             verify=self.verify_for(repository),
             config=boto_config,
         )
+        _cap_error_bodies(client)
+        return client
 
     def credentials_for(self, repository: LazyLoadingRepository) -> S3Credentials:
         return self._config.credentials_for(repository)
@@ -121,6 +124,33 @@ class S3ClientFactory:
         if repository.ca_bundle:
             return repository.ca_bundle
         return self._environ.get("AWS_CA_BUNDLE") or None
+
+
+ERROR_BODY_LIMIT = 64 * 1024
+
+
+def _cap_error_bodies(client: Any) -> None:
+    """Read at most ``ERROR_BODY_LIMIT`` bytes of an error response.
+
+    botocore reads a whole error body into memory to parse its code, and a store (or a proxy)
+    can send hundreds of MiB there. No public hook runs between receiving the response and
+    reading its body, so the endpoint's HTTP session is wrapped: for a status >= 300 the
+    body's first bytes are read here and the connection is dropped rather than drained.
+    """
+    session = client._endpoint.http_session
+    send = session.send
+
+    def send_capped(request: Any) -> Any:
+        response = send(request)
+        if response.status_code >= 300 and response.raw is not None:
+            try:
+                response._content = response.raw.read(ERROR_BODY_LIMIT) or b""
+            finally:
+                with contextlib.suppress(Exception):
+                    response.raw.close()
+        return response
+
+    session.send = send_capped
 
 
 class _S3ModelLoader(Loader):  # type: ignore[misc]

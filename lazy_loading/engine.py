@@ -15,7 +15,6 @@ import random
 import shutil
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
@@ -24,7 +23,15 @@ from typing import Any, TypeVar
 
 from filelock import FileLock, Timeout
 
-from .cache import Manifest, ManifestEntry, ResumeJournal, remove_stale_temps, target_lock
+from .cache import (
+    Manifest,
+    ManifestEntry,
+    ResumeJournal,
+    remove_stale_temps,
+    stale_temp_paths,
+    target_lock,
+    temp_path,
+)
 from .checksums import DigestSet, combinable, combine_parts
 from .client import S3ClientFactory, describe_endpoint
 from .errors import DownloadError
@@ -52,6 +59,7 @@ T = TypeVar("T")
 
 _BACKOFF_BASE = 0.2
 _BACKOFF_CAP = 8.0
+_RETRY_AFTER_CAP = 60.0
 _CONNECT_ATTEMPTS = 3
 _HASH_READ = 4 * 1024 * 1024
 _LOCK_WAIT_LOG_EVERY = 10.0
@@ -146,7 +154,15 @@ class TransferEngine:
         await self._to_thread(self._check_free_space, transfers)
         self._tracker.start(len(transfers), sum(t.size for t in transfers))
         ticker = asyncio.ensure_future(self._log_progress())
-        tasks = [asyncio.ensure_future(self._materialize(t)) for t in transfers]
+        # Each file in flight holds a lock, a temp file and a journal open: bound them by the
+        # connection budget, not by the number of files.
+        in_flight = asyncio.Semaphore(2 * self._settings.max_connections)
+
+        async def bounded(transfer: FileTransfer) -> FileResult:
+            async with in_flight:
+                return await self._materialize(transfer)
+
+        tasks = [asyncio.ensure_future(bounded(t)) for t in transfers]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             if any(t.done() and not t.cancelled() and t.exception() for t in tasks):
@@ -271,6 +287,9 @@ class TransferEngine:
         for t in self._transfers:
             entry = self._published(t, remote=None)
             if entry is None:
+                logger.error("the store is unreachable and %s has no intact local copy of "
+                             "s3://%s/%s at %s", t.display, t.repository.bucket_name,
+                             t.spec.remote_path, describe_endpoint(t.repository))
                 return None
             results.append(FileResult(t.display, t.target, entry.size, entry.etag, "offline",
                                       0.0, 0))
@@ -293,6 +312,8 @@ class TransferEngine:
                 if attempt >= limit or cancel.is_set():
                     raise
                 delay = _backoff(attempt)
+                if exc.retry_after is not None:  # the store knows best when to come back
+                    delay = max(delay, min(exc.retry_after, _RETRY_AFTER_CAP))
                 self._tracker.retry()
                 logger.warning("%s (attempt %d/%d), retrying in %.1f s",
                                exc.message, attempt, limit, delay)
@@ -355,6 +376,10 @@ class TransferEngine:
         entry = self._manifest.lookup(transfer.target)
         if entry is None or not entry.intact(transfer.target):
             return None
+        repository = transfer.repository
+        if (entry.endpoint, entry.bucket, entry.key) != (
+                describe_endpoint(repository), repository.bucket_name, transfer.spec.remote_path):
+            return None  # the config now names another object for this path
         if remote is not None and not entry.matches(remote):
             return None
         if transfer.spec.sha256 and entry.sha256 != transfer.spec.sha256:
@@ -374,9 +399,11 @@ class TransferEngine:
         started = time.monotonic()
         target = transfer.target
         part_size = self._part_size
-        ranges = split_ranges(remote.size, part_size)
+        # An empty object still gets one GET: a HEAD saying 0 bytes is a known proxy bug, and
+        # trusting it would publish an empty file over a good one.
+        ranges = split_ranges(remote.size, part_size) or [ByteRange(0, 0, -1)]
         multipart = len(ranges) > 1
-        temp = target.parent / f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
+        temp = temp_path(target)
         journal, fd = await self._to_thread_settled(self._prepare, transfer, remote, part_size,
                                                     multipart, temp)
         resumed = set(journal.done) if journal is not None else set()
@@ -479,7 +506,7 @@ class TransferEngine:
             journal = (ResumeJournal.resume(self._state_dir, target, remote, part_size)
                        if multipart else None)
             remove_stale_temps(self._state_dir, target)
-            for stale in target.parent.glob(f".{target.name}.*.partial"):
+            for stale in stale_temp_paths(target):
                 if journal is None or stale != journal.temp:
                     with contextlib.suppress(OSError):
                         stale.unlink()

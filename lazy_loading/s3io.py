@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import re
 import socket
 import threading
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from botocore.response import StreamingBody
 from urllib3.exceptions import HTTPError as Urllib3HTTPError
 
 from .checksums import DigestSet, pick_s3_checksum
+from .redact import redact
 
 READ_SIZE = 1024 * 1024
 
@@ -78,11 +80,16 @@ class TransferFailure(Exception):
 
 
 class TransientFailure(TransferFailure):
-    """Worth retrying: 5xx, throttling, resets, truncated or stalled bodies, lying headers."""
+    """Worth retrying: 5xx, throttling, resets, truncated or stalled bodies, lying headers.
 
-    def __init__(self, message: str, connect_failure: bool = False) -> None:
+    ``retry_after`` is the store's own ``Retry-After`` in seconds, when it sent one.
+    """
+
+    def __init__(self, message: str, connect_failure: bool = False,
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
         self.connect_failure = connect_failure
+        self.retry_after = retry_after
 
 
 class FatalFailure(TransferFailure):
@@ -97,10 +104,29 @@ class Cancelled(Exception):
     """Another part failed fatally or the deadline passed; stop reading promptly."""
 
 
+_ERROR_CODE = re.compile(r"^[A-Za-z0-9.]{1,64}$")
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+
+
+def store_text(text: str, limit: int = 120) -> str:
+    """Text the store (or the network) chose, made safe for one log line: secrets masked, no
+    control characters (a newline would forge a log line), bounded."""
+    text = _UNPRINTABLE.sub(" ", redact(str(text))).strip()
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _status(exc: ClientError) -> tuple[int, str]:
     meta = exc.response.get("ResponseMetadata", {})
     code = str(exc.response.get("Error", {}).get("Code", "") or "")
-    return int(meta.get("HTTPStatusCode") or (int(code) if code.isdigit() else 0)), code
+    status = int(meta.get("HTTPStatusCode") or (int(code) if code.isdigit() else 0))
+    return status, code if _ERROR_CODE.match(code) else ("" if not code else "(unreadable code)")
+
+
+def _retry_after(exc: ClientError) -> float | None:
+    """``Retry-After`` in seconds (the delta form; an HTTP date is ignored)."""
+    headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {}) or {}
+    value = str(headers.get("retry-after", "")).strip()
+    return float(value) if value.isdigit() else None
 
 
 def classify(exc: BaseException, where: str) -> TransferFailure:
@@ -113,15 +139,17 @@ def classify(exc: BaseException, where: str) -> TransferFailure:
         if status == 412 or code == "PreconditionFailed":
             return ObjectChanged(f"{where}: object changed during download ({label})")
         if status >= 500 or status == 429 or code in _RETRYABLE_CODES:
-            return TransientFailure(f"{where}: {label}")
+            return TransientFailure(f"{where}: {label}", retry_after=_retry_after(exc))
         hint = {403: " (check the credentials and bucket policy)",
                 404: " (no such object or bucket)"}.get(status, "")
         return FatalFailure(f"{where}: {label}{hint}")
     if isinstance(exc, SSLError):
         reason = str(getattr(exc, "kwargs", {}).get("error", "")) or "handshake failed"
+        if "match" in reason.lower() and "hostname" in reason.lower():
+            reason = "the certificate does not name this host"  # not the whole certificate
         hint = ("; set caBundle on the repository or AWS_CA_BUNDLE, or verifyCertificate: false"
                 if "CERTIFICATE_VERIFY_FAILED" in reason or "certificate" in reason.lower() else "")
-        return FatalFailure(f"{where}: TLS error: {_first_line(reason)}{hint}")
+        return FatalFailure(f"{where}: TLS error: {store_text(_first_line(reason))}{hint}")
     if isinstance(exc, EndpointConnectionError):
         reason = str(getattr(exc, "kwargs", {}).get("error", "")) or type(exc).__name__
         if "Name or service not known" in reason or "nodename nor servname" in reason \
@@ -137,7 +165,7 @@ def classify(exc: BaseException, where: str) -> TransferFailure:
     if isinstance(exc, (BotoCoreError, Urllib3HTTPError, ConnectionError, TimeoutError)):
         return TransientFailure(f"{where}: {type(exc).__name__}")
     if isinstance(exc, OSError):
-        return FatalFailure(f"{where}: local I/O error: {exc.strerror or exc}")
+        return FatalFailure(f"{where}: local I/O error: {store_text(exc.strerror or str(exc))}")
     return FatalFailure(f"{where}: unexpected {type(exc).__name__}")
 
 
@@ -154,12 +182,16 @@ def head_object(client: Any, endpoint: str, bucket: str, key: str) -> RemoteObje
         raise classify(exc, where) from None
     etag = str(head.get("ETag") or "")
     if not etag:
-        raise TransientFailure(f"{where}: HEAD returned no ETag")
+        raise FatalFailure(f"{where}: HEAD returned no ETag, so a download cannot be pinned to "
+                           "one version of the object")
+    size = head.get("ContentLength")
+    if not isinstance(size, int) or size < 0:
+        raise FatalFailure(f"{where}: HEAD returned no valid Content-Length")
     return RemoteObject(
         endpoint=endpoint,
         bucket=bucket,
         key=key,
-        size=int(head["ContentLength"]),
+        size=size,
         etag=etag,
         version_id=head.get("VersionId"),
         checksum=pick_s3_checksum(head),
@@ -294,6 +326,9 @@ def fetch_range(client: Any, remote: RemoteObject, byte_range: ByteRange, whole:
             written += n
             sink.on_bytes(n)
         if read_into(buffer[:1]):
+            if whole and remote.size == 0:
+                raise FatalFailure(f"{where}: HEAD said 0 bytes but the body is not empty; the "
+                                   "store or a proxy misreports the size")
             raise TransientFailure(f"{where}: body longer than {byte_range.length} bytes")
         complete = True
     except (Cancelled, TransferFailure):
@@ -325,6 +360,9 @@ def _check_headers(response: dict[str, Any], remote: RemoteObject, byte_range: B
                    whole: bool, where: str) -> None:
     length = response.get("ContentLength")
     if length is not None and int(length) != byte_range.length:
+        if whole and remote.size == 0:
+            raise FatalFailure(f"{where}: HEAD said 0 bytes but GET sends {length}; the store "
+                               "or a proxy misreports the size")
         raise TransientFailure(
             f"{where}: Content-Length {length} but {byte_range.length} bytes were requested"
         )

@@ -23,7 +23,13 @@ _INTERNAL = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError<
 
 @dataclass
 class Rule:
-    """One fault. ``action``: status | cut | stall | throttle | bad_range | bad_length | corrupt."""
+    """One fault. ``action``: status | cut | stall | throttle | bad_range | bad_length | corrupt |
+    headers | trickle.
+
+    ``headers`` replaces response headers (``None`` drops one), for ``status`` and ``headers``;
+    ``body`` is a ``status`` fault's body (default: an S3 error document for the status);
+    ``trickle`` sends the body one byte every ``seconds``.
+    """
 
     action: str
     method: str = "GET"
@@ -33,6 +39,8 @@ class Rule:
     after_bytes: int = 0
     seconds: float = 0.0
     rate: int = 0  # bytes per second for throttle
+    headers: dict[str, str | None] = field(default_factory=dict)
+    body: bytes | None = None
     fired: int = 0
 
     def matches(self, method: str, key: str) -> bool:
@@ -90,11 +98,16 @@ class FaultInjector:
                 body = _SLOWDOWN if rule.status == 503 else _INTERNAL
                 if rule.status in (403, 404):
                     body = b""
-                start_response(f"{rule.status} Fault", [("Content-Type", "application/xml"),
-                                                       ("Content-Length", str(len(body)))])
-                return [body] if method != "HEAD" else []
+                if rule.body is not None:
+                    body = rule.body
+                start_response(f"{rule.status} Fault", _replace(
+                    [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))],
+                    rule.headers))
+                return self._counted(key, body) if method != "HEAD" else []
 
             def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+                if rule is not None and rule.action == "headers":
+                    headers = _replace(headers, rule.headers)
                 if rule is not None and rule.action == "bad_range":
                     headers = [(h, v) for h, v in headers if h.lower() != "content-range"]
                     headers.append(("Content-Range", "bytes 0-0/1"))
@@ -129,6 +142,15 @@ class FaultInjector:
                         while time.monotonic() < deadline and not self.stopping.is_set():
                             time.sleep(0.05)
                     raise ConnectionAbortedError("fault injection: connection cut")
+                if rule is not None and rule.action == "trickle":
+                    for i in range(len(chunk)):
+                        if self.stopping.is_set():
+                            raise ConnectionAbortedError("stopping")
+                        time.sleep(rule.seconds)
+                        self._count(key, 1)
+                        yield chunk[i:i + 1]
+                    sent += len(chunk)
+                    continue
                 if rule is not None and rule.action == "corrupt" and sent == 0:
                     chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]  # same length, one bit pattern off
                 if rule is not None and rule.action == "throttle" and rule.rate:
@@ -149,6 +171,18 @@ class FaultInjector:
             if close is not None:
                 close()
 
+    def _counted(self, key: str, body: bytes) -> Iterator[bytes]:
+        """An error body in pieces, counted as they are handed to the socket."""
+        for i in range(0, len(body), 256 * 1024):
+            self._count(key, len(body[i:i + 256 * 1024]))
+            yield body[i:i + 256 * 1024]
+
     def _count(self, key: str, n: int) -> None:
         with self._lock:
             self.ledger.body_bytes[key] += n
+
+
+def _replace(headers: list[tuple[str, str]], changes: dict[str, str | None]) -> list[tuple[str, str]]:
+    lowered = {name.lower() for name in changes}
+    kept = [(h, v) for h, v in headers if h.lower() not in lowered]
+    return kept + [(h, v) for h, v in changes.items() if v is not None]

@@ -50,7 +50,8 @@ def test_happy_path_nested_dirs_zero_byte_and_multipart(s3: S3Store, tmp_path: P
     assert no_debris(tmp_path) == []
     ranged = [r for m, k, r, _ in s3.faults.ledger.requests if k == "models/weights.bin" and r]
     assert len(ranged) == 6, "a 5 MiB file at 1 MiB parts is fetched as 6 ranged GETs"
-    assert s3.faults.ledger.gets("empty.txt") == 0, "a zero-byte object needs no GET"
+    assert s3.faults.ledger.gets("empty.txt") == 1, \
+        "a HEAD saying 0 bytes is confirmed by one GET, never trusted alone"
 
 
 def test_parts_reuse_one_connection(tmp_path: Path) -> None:
@@ -224,19 +225,50 @@ def test_locally_modified_file_is_fetched_again(s3: S3Store, tmp_path: Path) -> 
     assert (tmp_path / "a.bin").read_bytes() == b"original"
 
 
-def test_unreachable_store_falls_back_to_intact_local_copies(
-    s3: S3Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_store_refusing_connections_falls_back_to_intact_local_copies_of_the_same_objects(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    _, env = _setup(s3, {"a.bin": b"cached bytes"})
-    LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
-    offline = dict(env)
-    offline["MLOPS_LAZY_LOADING_DATA"] = env["MLOPS_LAZY_LOADING_DATA"].replace(
-        s3.url, "http://127.0.0.1:9"
-    )
+    with KeepAliveStore({"a.bin": b"cached bytes"}) as store:
+        env = lazy_env(store.url, "bkt", {"a.bin": "a.bin"})
+        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    # The store is gone now: connections are refused.
     with caplog.at_level(logging.WARNING, logger="lazy_loading"):
-        results = LazyLoadingHandler(code_dir=tmp_path, environ=offline).download_lazy_loading_files()
+        results = LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
     assert [r.status for r in results] == ["offline"]
     assert "unreachable" in caplog.text
+    renamed = lazy_env(store.url, "bkt", {"b.bin": "a.bin"})  # same path, another object
+    with pytest.raises(DownloadError, match=r"a\.bin: s3://bkt/b\.bin at http"):
+        LazyLoadingHandler(code_dir=tmp_path, environ=renamed).download_lazy_loading_files()
+    assert (tmp_path / "a.bin").read_bytes() == b"cached bytes"
+
+
+@pytest.mark.parametrize("change", ["nothing", "key", "bucket", "endpoint"])
+def test_store_answering_503_serves_local_copies_only_of_what_the_config_names(
+    change: str, s3: S3Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bucket, env = _setup(s3, {"a.bin": b"version one"})
+    LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    other_bucket = s3.bucket()
+    s3.put(bucket, "b.bin", b"version two")
+    s3.put(other_bucket, "a.bin", b"version two")
+    s3.faults.add(Rule("status", method="HEAD", status=503, times=None))
+    data = env["MLOPS_LAZY_LOADING_DATA"]
+    changed = {
+        "nothing": data,
+        "key": data.replace('"remotePath": "a.bin"', '"remotePath": "b.bin"'),
+        "bucket": data.replace(bucket, other_bucket),
+        "endpoint": data.replace(s3.url, s3.url.replace("127.0.0.1", "localhost")),
+    }[change]
+    assert changed != data or change == "nothing"
+    now = {**env, "MLOPS_LAZY_LOADING_DATA": changed, "LAZY_LOADING_MAX_ATTEMPTS": "2"}
+    handler = LazyLoadingHandler(code_dir=tmp_path, environ=now)
+    if change == "nothing":
+        assert [r.status for r in handler.download_lazy_loading_files()] == ["offline"]
+    else:
+        with pytest.raises(DownloadError, match=r"a\.bin: .*HTTP 503"):
+            handler.download_lazy_loading_files()
+        assert "has no intact local copy" in caplog.text
+    assert (tmp_path / "a.bin").read_bytes() == b"version one"
 
 
 def test_unreachable_store_without_cache_fails_naming_the_endpoint(tmp_path: Path) -> None:
@@ -602,3 +634,110 @@ def test_parent_that_is_a_file_is_a_clear_error(s3: S3Store, tmp_path: Path) -> 
     (tmp_path / "blocker").write_text("a file, not a directory")
     with pytest.raises(DownloadError, match=r"blocker: cannot write there"):
         LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+
+
+def test_a_zero_length_head_never_replaces_an_intact_artifact(s3: S3Store, tmp_path: Path) -> None:
+    body = payload(300_000, seed=5)
+    bucket, env = _setup(s3, {"model.bin": body})
+    LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    s3.put(bucket, "model.bin", body + b"v2")  # a new version, so the cached copy is stale
+    s3.faults.add(Rule("headers", method="HEAD", times=None,  # no checksum to catch it either
+                       headers={"Content-Length": "0", "x-amz-checksum-crc32": None}))
+    with pytest.raises(DownloadError, match=r"HEAD said 0 bytes but GET sends 300002"):
+        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert (tmp_path / "model.bin").read_bytes() == body
+    assert s3.faults.ledger.gets("model.bin") == 2, "one GET at first, one to check the HEAD"
+
+
+@pytest.mark.parametrize(("headers", "expected"), [
+    ({"Content-Length": None}, r"HEAD returned no valid Content-Length"),
+    ({"ETag": None}, r"HEAD returned no ETag"),
+])
+def test_a_head_missing_what_the_download_needs_fails_once_in_one_line(
+    headers: dict[str, str | None], expected: str, s3: S3Store, tmp_path: Path
+) -> None:
+    _, env = _setup(s3, {"model.bin": b"x" * 100})
+    s3.faults.add(Rule("headers", method="HEAD", times=None, headers=headers))
+    with pytest.raises(DownloadError, match=expected) as info:
+        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert "\n" not in str(info.value)
+    heads = [r for r in s3.faults.ledger.requests if r[0] == "HEAD"]
+    assert len(heads) == 1, "not retried: asking again cannot help"
+
+
+def test_store_error_text_is_one_bounded_line_without_secrets(s3: S3Store, tmp_path: Path) -> None:
+    from tests.conftest import TOKEN_CANARY
+
+    forged = (f"<Error><Code>Denied\nINFO forged log line {TOKEN_CANARY}</Code>"
+              f"<Message>{'x' * 5000} {TOKEN_CANARY}</Message></Error>").encode()
+    _, env = _setup(s3, {"model.bin": b"x" * 100})
+    s3.faults.add(Rule("status", method="GET", status=403, times=None, body=forged))
+    with pytest.raises(DownloadError) as info:
+        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    message = str(info.value)
+    assert "\n" not in message and TOKEN_CANARY not in message and "forged" not in message
+    assert len(message) < 400, message
+    assert "HTTP 403 (unreadable code)" in message
+
+
+def test_a_huge_error_body_is_not_read_whole(s3: S3Store, tmp_path: Path) -> None:
+    huge = b"<Error><Code>SlowDown</Code><Message>" + b"y" * (64 * MiB) + b"</Message></Error>"
+    _, env = _setup(s3, {"model.bin": b"x" * 100}, LAZY_LOADING_MAX_ATTEMPTS="1")
+    s3.faults.add(Rule("status", method="GET", status=503, times=None, body=huge))
+    with pytest.raises(DownloadError, match=r"HTTP 503"):
+        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert s3.faults.ledger.body_bytes["model.bin"] < 4 * MiB, "the error body was read whole"
+
+
+def test_identical_failures_over_many_files_are_grouped(s3: S3Store, tmp_path: Path) -> None:
+    objects = {f"shard-{i:02d}.bin": b"x" for i in range(40)}
+    _, env = _setup(s3, objects)
+    s3.faults.add(Rule("status", method="HEAD", status=403, times=None))
+    with pytest.raises(DownloadError) as info:
+        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    message = str(info.value)
+    assert message.count("HTTP 403") == 1 and "40 files: HTTP 403" in message, message
+    assert "first: shard-00.bin" in message
+    assert len(info.value.failures) == 40
+
+
+def test_retry_after_is_honoured(s3: S3Store, tmp_path: Path) -> None:
+    _, env = _setup(s3, {"model.bin": b"x" * 100})
+    s3.faults.add(Rule("status", method="GET", status=503, times=1, headers={"Retry-After": "2"}))
+    started = time.monotonic()
+    LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert time.monotonic() - started >= 2.0, "waited as long as the store asked"
+    assert (tmp_path / "model.bin").read_bytes() == b"x" * 100
+
+
+def test_names_up_to_name_max_download(s3: S3Store, tmp_path: Path) -> None:
+    name = "n" * 250 + ".bin"
+    _, env = _setup(s3, {"long.bin": b"long name"}, {"long.bin": name})
+    LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert (tmp_path / name).read_bytes() == b"long name"
+
+
+def test_many_files_stay_under_a_small_descriptor_limit(s3: S3Store, tmp_path: Path) -> None:
+    import resource
+    import subprocess
+    import sys
+
+    bucket = s3.bucket()
+    objects = {f"f{i:03d}.bin": payload(5_000 + i, seed=i) for i in range(300)}
+    for key, body in objects.items():
+        s3.put(bucket, key, body)
+    env = lazy_env(s3.url, bucket, {k: f"art/{k}" for k in objects},
+                   LAZY_LOADING_MAX_CONNECTIONS="8")
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = 256  # well under the file count, well over what 8 connections need
+
+    def lower() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "drum_servers.cli", "download", "--code-dir", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=120, preexec_fn=lower,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for key, body in list(objects.items())[::37]:
+        assert (tmp_path / "art" / key).read_bytes() == body

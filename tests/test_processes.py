@@ -86,11 +86,11 @@ def test_kill_9_then_resume_fetches_only_missing_ranges(s3: S3Store, tmp_path: P
 def test_temp_files_of_dead_processes_are_removed(s3: S3Store, tmp_path: Path) -> None:
     bucket = s3.bucket()
     s3.put(bucket, "a.bin", b"fresh")
-    debris = tmp_path / ".a.bin.99999-deadbeef.partial"
+    mine, other = target_id(tmp_path / "a.bin"), target_id(tmp_path / "other.bin")
+    debris = tmp_path / f".a.bin.{mine[:12]}.99999-deadbeef.partial"
     debris.write_bytes(b"junk from a crashed run")
     # A process killed between writing a record's temp file and renaming it.
     state = tmp_path / ".lazy_loading"
-    mine, other = target_id(tmp_path / "a.bin"), target_id(tmp_path / "other.bin")
     records = [state / "journal" / f".{mine}.log.99999.deadbeef.tmp",
                state / "manifest" / f".{mine}.json.99999.deadbeef.tmp"]
     not_ours = state / "manifest" / f".{other}.json.99999.deadbeef.tmp"
