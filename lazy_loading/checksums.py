@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import zlib
 from typing import Protocol
 
@@ -109,13 +110,21 @@ def encode(algorithm: str, raw: bytes) -> str:
     return raw.hex() if algorithm == "sha256" else base64.b64encode(raw).decode("ascii")
 
 
+_MULTIPART_ETAG = re.compile(r"-\d+\"?$")
+
+
 def pick_s3_checksum(head: dict[str, object]) -> tuple[str, str] | None:
     """The strongest full-object checksum in a HeadObject response that we can compute.
 
-    Composite checksums of multipart uploads (``…-N``) are checksums of part checksums and cannot
-    be recomputed without the upload's part boundaries, so they are skipped.
+    A checksum counts as full-object only when the store says so (``ChecksumType:
+    FULL_OBJECT``) or the object is a single-part upload. Composite checksums of multipart
+    uploads are checksums of part checksums: they cannot be recomputed without the upload's
+    part boundaries, and some stores (moto) return them without any mark. A download is never
+    failed on a value we cannot interpret, so those are skipped.
     """
-    if str(head.get("ChecksumType", "FULL_OBJECT")).upper() != "FULL_OBJECT":
+    kind = str(head.get("ChecksumType") or "").upper()
+    multipart_upload = bool(_MULTIPART_ETAG.search(str(head.get("ETag") or "")))
+    if kind != "FULL_OBJECT" and (kind or multipart_upload):
         return None
     for algorithm in S3_ALGORITHMS:
         value = head.get(algorithm)

@@ -440,6 +440,12 @@ class TransferEngine:
                         if part_algorithm and all(r.index in part_crcs for r in ranges)
                         else None)
             hashed = not multipart or (prefix is not None and prefix.complete)
+            if sink.unproven and not digests:
+                logger.warning(
+                    "%s: the store sent neither ETag nor Last-Modified with %d of %d ranges and "
+                    "the object has no checksum, so nothing proves they all come from one "
+                    "version; set files[%d].sha256 to verify it", remote.where,
+                    len(sink.unproven), len(ranges), transfer.index)
             owned, fd = fd, -1  # _finish closes it whatever happens: never closed twice
             await self._to_thread_settled(self._finish, transfer, remote, owned, temp, digests,
                                           hashed, combined)

@@ -213,6 +213,9 @@ class RangeSink:
     digests: DigestSet | None = None
     _bodies: set[Any] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # Ranges whose response carried neither ETag nor Last-Modified: nothing ties their bytes to
+    # the version the HEAD saw, so only a checksum can.
+    unproven: set[int] = field(default_factory=set)
 
     def track(self, body: Any) -> None:
         with self._lock:
@@ -235,7 +238,7 @@ class RangeSink:
         """The same sink (shared cancel and bodies) reporting bytes to ``on_bytes``, hashing
         into ``digests`` as well when given (a part's own CRC)."""
         return RangeSink(self.fd, on_bytes, self.cancel, digests or self.digests, self._bodies,
-                         self._lock)
+                         self._lock, self.unproven)
 
 
 def _interrupt(body: Any) -> None:
@@ -304,7 +307,9 @@ def fetch_range(client: Any, remote: RemoteObject, byte_range: ByteRange, whole:
         response = client.get_object(**params)
         body = response["Body"]
         sink.track(body)
-        _check_headers(response, remote, byte_range, whole, where)
+        if not _check_headers(response, remote, byte_range, whole, where):
+            with sink._lock:
+                sink.unproven.add(byte_range.index)
         read_into = _reader(body)
         buffer = _buffer()
         offset, written = byte_range.start, 0
@@ -357,7 +362,12 @@ def _finish_body(body: Any, reuse: bool) -> None:
 
 
 def _check_headers(response: dict[str, Any], remote: RemoteObject, byte_range: ByteRange,
-                   whole: bool, where: str) -> None:
+                   whole: bool, where: str) -> bool:
+    """Check a GET's headers against the HEAD; True when they prove it is the same version.
+
+    A store that ignores ``If-Match`` would otherwise serve a newer object's ranges into an
+    older one's file: the ETag is compared, else Last-Modified, and the total size always.
+    """
     length = response.get("ContentLength")
     if length is not None and int(length) != byte_range.length:
         if whole and remote.size == 0:
@@ -372,5 +382,14 @@ def _check_headers(response: dict[str, Any], remote: RemoteObject, byte_range: B
         if got != expected:
             raise TransientFailure(f"{where}: Content-Range {got!r}, expected {expected!r}")
     etag = response.get("ETag")
-    if etag and etag != remote.etag:
-        raise ObjectChanged(f"{where}: ETag changed from {remote.etag} to {etag}")
+    if etag:
+        if etag != remote.etag:
+            raise ObjectChanged(f"{where}: ETag changed from {remote.etag} to {etag}")
+        return True
+    modified = response.get("LastModified")
+    if modified is not None and remote.last_modified:
+        if str(modified) != remote.last_modified:
+            raise ObjectChanged(f"{where}: Last-Modified changed from {remote.last_modified} "
+                                f"to {modified}")
+        return True
+    return False

@@ -41,6 +41,7 @@ class Rule:
     rate: int = 0  # bytes per second for throttle
     headers: dict[str, str | None] = field(default_factory=dict)
     body: bytes | None = None
+    ignore_if_match: bool = False
     fired: int = 0
 
     def matches(self, method: str, key: str) -> bool:
@@ -91,6 +92,8 @@ class FaultInjector:
             key = parts[1] if len(parts) == 2 else ""
             rng = environ.get("HTTP_RANGE")
             rule = self._pick(method, key) if key else None
+            if rule is not None and rule.ignore_if_match:
+                environ.pop("HTTP_IF_MATCH", None)
             status_holder: list[Any] = []
             with self._lock:
                 self.ledger.requests.append((method, key, rng, rule.fired if rule else 0))
@@ -153,7 +156,7 @@ class FaultInjector:
                     continue
                 if rule is not None and rule.action == "corrupt" and sent == 0:
                     chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]  # same length, one bit pattern off
-                if rule is not None and rule.action == "throttle" and rule.rate:
+                if rule is not None and rule.action in ("throttle", "headers") and rule.rate:
                     for i in range(0, len(chunk), 65536):
                         piece = chunk[i:i + 65536]
                         time.sleep(len(piece) / rule.rate)

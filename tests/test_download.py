@@ -741,3 +741,62 @@ def test_many_files_stay_under_a_small_descriptor_limit(s3: S3Store, tmp_path: P
     assert result.returncode == 0, result.stderr[-2000:]
     for key, body in list(objects.items())[::37]:
         assert (tmp_path / "art" / key).read_bytes() == body
+
+
+@pytest.mark.parametrize("algorithm", ["CRC32", "CRC32C", "SHA1", "SHA256", "CRC64NVME"])
+def test_multipart_uploads_with_each_checksum_boto3_offers_download(
+    algorithm: str, s3: S3Store, tmp_path: Path
+) -> None:
+    from boto3.s3.transfer import TransferConfig
+
+    body = payload(9 * MiB + 17, seed=21)
+    source = tmp_path / "upload.bin"
+    source.write_bytes(body)
+    bucket = s3.bucket()
+    s3.client.upload_file(str(source), bucket, "model.bin",
+                          ExtraArgs={"ChecksumAlgorithm": algorithm},
+                          Config=TransferConfig(multipart_threshold=8 * MiB,
+                                                multipart_chunksize=8 * MiB))
+    env = lazy_env(s3.url, bucket, {"model.bin": "code/model.bin"})
+    LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert (tmp_path / "code" / "model.bin").read_bytes() == body
+
+
+@pytest.mark.parametrize("proof", ["last-modified", "checksum", "nothing"])
+def test_a_store_ignoring_if_match_never_yields_a_mix_of_two_versions(
+    proof: str, s3: S3Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import threading
+
+    v1, v2 = payload(4 * MiB, seed=31), payload(4 * MiB, seed=32)  # same size: no length check
+    bucket, env = _setup(s3, {"a.bin": v1}, LAZY_LOADING_PART_SIZE="1MiB",
+                         LAZY_LOADING_MAX_CONNECTIONS="1")
+    time.sleep(1.1)  # Last-Modified has one-second resolution
+    dropped: dict[str, str | None] = {"ETag": None}
+    if proof != "last-modified":
+        dropped["Last-Modified"] = None
+    if proof == "nothing":  # and no checksum in the HEAD either
+        s3.faults.add(Rule("headers", method="HEAD", times=None,
+                           headers={"x-amz-checksum-crc32": None}))
+    s3.faults.add(Rule("headers", key="a.bin", times=None, headers=dropped, rate=4 * MiB,
+                       ignore_if_match=True))
+    replaced = threading.Timer(0.3, lambda: s3.put(bucket, "a.bin", v2))
+    replaced.start()
+    handler = LazyLoadingHandler(code_dir=tmp_path, environ=env)
+    try:
+        if proof == "checksum":
+            with pytest.raises(DownloadError, match=r"ChecksumCRC32 mismatch"):
+                handler.download_lazy_loading_files()
+        else:
+            handler.download_lazy_loading_files()
+    finally:
+        replaced.join()
+    published = tmp_path / "a.bin"
+    if proof == "last-modified":
+        assert published.read_bytes() == v2, "restarted on the new version"
+        assert "Last-Modified changed" in caplog.text
+    elif proof == "checksum":
+        assert not published.exists(), "a mix is never published when a checksum can tell"
+    else:
+        assert "nothing proves they all come from one version" in caplog.text
+    assert no_debris(tmp_path) == []
