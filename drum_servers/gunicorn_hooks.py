@@ -22,7 +22,7 @@ from typing import Any
 from lazy_loading import LazyLoadingError
 
 from .model import ModelHooks
-from .readiness import current_state
+from .readiness import current_state, start_server_instance
 from .settings import ReadinessMode
 from .signals import sigterm_exits
 
@@ -30,8 +30,8 @@ logger = logging.getLogger("drum_servers")
 
 
 def on_starting(server: Any) -> None:
+    start_server_instance()
     state = current_state()
-    state.clear_ready_markers()
     try:
         ModelHooks.check(state.code_dir)
         if state.mode is ReadinessMode.BACKGROUND or not state.handler.is_lazy_loading_available:

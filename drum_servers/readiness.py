@@ -6,10 +6,12 @@ so a download done by ``post_fork`` is not repeated by the app, and ``/health/``
 
 from __future__ import annotations
 
-import contextlib
+import atexit
 import logging
 import os
 import platform
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -161,36 +163,32 @@ class ReadinessState:
         timer.start()
 
     # ----------------------------------------------------------------- sibling workers
-    @property
-    def _ready_dir(self) -> Path:
-        return self.handler.state_dir / "ready"
-
-    def clear_ready_markers(self) -> None:
-        """Master, before forking: forget markers of an earlier run (pids get reused)."""
-        for marker in self._ready_dir.glob("*"):
-            with contextlib.suppress(OSError):
-                marker.unlink()
-
     def _mark_ready(self) -> None:
-        if self.settings.workers > 1:
-            with contextlib.suppress(OSError):
-                self._ready_dir.mkdir(parents=True, exist_ok=True)
-                (self._ready_dir / str(os.getpid())).touch()
+        siblings = _siblings_dir
+        if siblings is None or self.settings.workers <= 1:
+            return
+        try:
+            (siblings / str(os.getpid())).touch()
+        except OSError as exc:
+            logger.error("cannot record this worker as ready in %s (%s): /health/ will answer "
+                         "503 until it can", siblings, exc.strerror)
 
     def workers_ready(self) -> int:
         """Live sibling workers (this one included) whose model is loaded."""
-        count = 0
-        for marker in self._ready_dir.glob("*"):
-            if marker.name.isdigit() and _alive(int(marker.name)):
-                count += 1
-        return count
+        if _siblings_dir is None:
+            return 1 if self.ready else 0
+        try:
+            names = os.listdir(_siblings_dir)
+        except OSError:
+            return 0
+        return sum(1 for name in names if name.isdigit() and _alive(int(name)))
 
     # ----------------------------------------------------------------- views
     def health(self) -> tuple[int, dict[str, Any]]:
         """Ready when this process is, and, under several workers, when all of them are: a
         balancer that saw 200 must not then meet a sibling worker still loading."""
         if self.ready:
-            expected = self.settings.workers
+            expected = self.settings.workers if _siblings_dir is not None else 1
             if expected <= 1:
                 return 200, {"status": "ready"}
             ready = self.workers_ready()
@@ -248,6 +246,30 @@ def _alive(pid: int) -> bool:
 
 _state: ReadinessState | None = None
 _state_lock = threading.Lock()
+
+# Markers of this server instance's ready workers: a private directory the gunicorn master makes
+# before forking, so a second server on the same code dir, or a read-only code dir, changes
+# nothing. Without a gunicorn master there are no siblings to wait for.
+_siblings_dir: Path | None = None
+
+
+def start_server_instance() -> None:
+    """gunicorn's master, before any fork: a fresh directory for its workers' ready markers,
+    removed when the master exits."""
+    global _siblings_dir
+    try:
+        _siblings_dir = Path(tempfile.mkdtemp(prefix="drum-servers-ready-"))
+    except OSError as exc:
+        logger.error("cannot create a directory for worker readiness (%s); /health/ will "
+                     "answer for each worker alone", exc.strerror)
+        return
+    master, made = os.getpid(), _siblings_dir
+
+    def remove() -> None:
+        if os.getpid() == master:
+            shutil.rmtree(made, ignore_errors=True)
+
+    atexit.register(remove)
 
 
 def current_state(code_dir: str | os.PathLike[str] | None = None,

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import threading
 import time
 import uuid
@@ -39,10 +40,11 @@ def target_id(target: Path) -> str:
 def write_atomic(path: Path, data: bytes, durable: bool = False) -> None:
     """Unique temp file, then ``os.replace``. Not fsynced unless ``durable``: a record lost in a
     power cut only costs a re-download, and fsyncs per record would dominate small files."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "wb") as fh:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644)
+        with open(fd, "wb") as fh:
             fh.write(data)
             if durable:
                 fh.flush()
@@ -67,15 +69,11 @@ def temp_path(target: Path) -> Path:
     return target.parent / f"{_temp_prefix(target)}{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
 
 
-def stale_temp_paths(target: Path) -> list[Path]:
-    """Temp files of ``target`` that earlier attempts left beside it (matched by name, not glob:
-    a target name may contain ``[`` or ``*``)."""
+def stale_temp_names(target: Path, dir_fd: int) -> list[str]:
+    """Temp files of ``target`` that earlier attempts left beside it, in the directory open as
+    ``dir_fd`` (matched by name, not glob: a target name may contain ``[`` or ``*``)."""
     prefix = _temp_prefix(target)
-    try:
-        names = os.listdir(target.parent)
-    except OSError:
-        return []
-    return [target.parent / n for n in names if n.startswith(prefix) and n.endswith(".partial")]
+    return [n for n in os.listdir(dir_fd) if n.startswith(prefix) and n.endswith(".partial")]
 
 
 def remove_stale_temps(state_dir: Path, target: Path) -> None:
@@ -96,7 +94,7 @@ def write_json_atomic(path: Path, payload: Any, durable: bool = False) -> None:
 
 def _read_json(path: Path) -> Any:
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), encoding="utf-8") as fh:
             return json.load(fh)
     except FileNotFoundError:
         return None
@@ -124,12 +122,14 @@ class ManifestEntry:
         )
 
     def intact(self, target: Path) -> bool:
-        """Cheap integrity check: same size and mtime as when we published it."""
+        """Cheap integrity check: still the regular file we published (not a symlink put in
+        its place), with the same size and mtime."""
         try:
-            st = target.stat()
+            st = os.lstat(target)
         except OSError:
             return False
-        return st.st_size == self.size and st.st_mtime_ns == self.mtime_ns
+        return (stat.S_ISREG(st.st_mode) and st.st_size == self.size
+                and st.st_mtime_ns == self.mtime_ns)
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> ManifestEntry:
@@ -235,9 +235,10 @@ class ResumeJournal:
         if not same or temp.parent != target.parent:
             return None
         try:
-            if temp.stat().st_size != remote.size:
-                return None
+            st = os.lstat(temp)
         except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode) or st.st_size != remote.size:
             return None
         return cls(state_dir, target, remote, part_size, temp=temp, done=done, crcs=crcs)
 
@@ -249,7 +250,8 @@ class ResumeJournal:
                                  "started": time.time()}, sort_keys=True)
             body = "".join(self._line(i) for i in sorted(self.done))
             write_atomic(self.path, f"{header}\n{body}".encode())
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            self._fd = os.open(self.path,
+                               os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW)
 
     def _line(self, index: int) -> str:
         crc = self.crcs.get(index)
@@ -263,9 +265,10 @@ class ResumeJournal:
             if self._fd >= 0:
                 os.write(self._fd, self._line(index).encode())
 
-    def adopt(self, temp: Path) -> None:
-        """Move the earlier attempt's temp file to our own name, then record it."""
-        os.replace(self.temp, temp)
+    def adopt(self, temp: Path, dir_fd: int) -> None:
+        """Move the earlier attempt's temp file to our own name (both in the directory open as
+        ``dir_fd``), then record it."""
+        os.replace(self.temp.name, temp.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         self.temp = temp
         self.start()
 
@@ -284,5 +287,6 @@ class ResumeJournal:
 def target_lock(state_dir: Path, target: Path) -> FileLock:
     """A non-thread-local lock so it can be taken and released from any thread of the process."""
     path = state_dir / "locks" / f"{target_id(target)}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink():  # filelock opens with O_CREAT | O_TRUNC, which would follow it
+        path.unlink()
     return FileLock(str(path), thread_local=False, is_singleton=False)

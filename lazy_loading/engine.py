@@ -28,12 +28,13 @@ from .cache import (
     ManifestEntry,
     ResumeJournal,
     remove_stale_temps,
-    stale_temp_paths,
+    stale_temp_names,
     target_lock,
     temp_path,
 )
 from .checksums import DigestSet, combinable, combine_parts
 from .client import S3ClientFactory, describe_endpoint
+from .dirfd import UnsafePath, fsync_dir, open_dir
 from .errors import DownloadError
 from .plan import FileTransfer, choose_part_size, order_for_transfer, split_ranges
 from .progress import DownloadState, ProgressTracker, format_bytes
@@ -404,8 +405,8 @@ class TransferEngine:
         ranges = split_ranges(remote.size, part_size) or [ByteRange(0, 0, -1)]
         multipart = len(ranges) > 1
         temp = temp_path(target)
-        journal, fd = await self._to_thread_settled(self._prepare, transfer, remote, part_size,
-                                                    multipart, temp)
+        journal, fd, dir_fd = await self._to_thread_settled(self._prepare, transfer, remote,
+                                                            part_size, multipart, temp)
         resumed = set(journal.done) if journal is not None else set()
         logger.info("fetching %s (%s) from %s", transfer.display, format_bytes(remote.size),
                     remote.where)
@@ -447,18 +448,19 @@ class TransferEngine:
                     "version; set files[%d].sha256 to verify it", remote.where,
                     len(sink.unproven), len(ranges), transfer.index)
             owned, fd = fd, -1  # _finish closes it whatever happens: never closed twice
-            await self._to_thread_settled(self._finish, transfer, remote, owned, temp, digests,
-                                          hashed, combined)
+            mtime_ns = await self._to_thread_settled(self._finish, transfer, remote, owned, temp,
+                                                     dir_fd, digests, hashed, combined)
         except BaseException:
-            await self._to_thread_settled(self._discard, fd, temp, journal)
+            await self._to_thread_settled(self._discard, fd, temp, dir_fd, journal)
             raise
         finally:
             self._sinks.discard(sink)
+            os.close(dir_fd)
         seconds = time.monotonic() - started
         fetched = sum(r.length for r in todo)
         entry = ManifestEntry(
             endpoint=remote.endpoint, bucket=remote.bucket, key=remote.key, etag=remote.etag,
-            size=remote.size, mtime_ns=target.stat().st_mtime_ns, version_id=remote.version_id,
+            size=remote.size, mtime_ns=mtime_ns, version_id=remote.version_id,
             checksum=remote.checksum, sha256=transfer.spec.sha256, published_at=time.time(),
         )
         await self._to_thread_settled(self._manifest.record, target, entry, self._settings.fsync)
@@ -504,22 +506,45 @@ class TransferEngine:
 
     # ----------------------------------------------------------------- blocking steps
     def _prepare(self, transfer: FileTransfer, remote: RemoteObject, part_size: int,
-                 multipart: bool, temp: Path) -> tuple[ResumeJournal | None, int]:
-        """Under the target lock: adopt a dead attempt's journal, sweep debris, create the temp."""
+                 multipart: bool, temp: Path) -> tuple[ResumeJournal | None, int, int]:
+        """Under the target lock: open the target's directory without following symlinks,
+        adopt a dead attempt's journal, sweep debris, create the temp file in that directory.
+        Returns the journal, the temp file's descriptor and the directory's."""
         target = transfer.target
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
+            dir_fd = open_dir(transfer.root, target.parent, create=True)
+        except UnsafePath as exc:
+            raise FatalFailure(f"{target}: {exc.strerror}; refusing to write there") from None
+        except OSError as exc:
+            raise FatalFailure(
+                f"{target.parent}: cannot write there ({exc.strerror}); artifacts need a "
+                "writable directory"
+            ) from None
+        try:
+            journal, fd = self._create_temp(transfer, remote, part_size, multipart, temp, dir_fd)
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        return journal, fd, dir_fd
+
+    def _create_temp(self, transfer: FileTransfer, remote: RemoteObject, part_size: int,
+                     multipart: bool, temp: Path, dir_fd: int) -> tuple[ResumeJournal | None, int]:
+        target = transfer.target
+        try:
             journal = (ResumeJournal.resume(self._state_dir, target, remote, part_size)
                        if multipart else None)
             remove_stale_temps(self._state_dir, target)
-            for stale in stale_temp_paths(target):
-                if journal is None or stale != journal.temp:
+            for stale in stale_temp_names(target, dir_fd):
+                if journal is None or stale != journal.temp.name:
                     with contextlib.suppress(OSError):
-                        stale.unlink()
-                        logger.info("removed leftover %s", stale.name)
+                        os.unlink(stale, dir_fd=dir_fd)
+                        logger.info("removed leftover %s", stale)
+            flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
             if journal is not None:
-                journal.adopt(temp)
-            fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                journal.adopt(temp, dir_fd)
+            else:
+                flags |= os.O_EXCL
+            fd = os.open(temp.name, flags, 0o644, dir_fd=dir_fd)
         except OSError as exc:
             raise FatalFailure(
                 f"{target.parent}: cannot write there ({exc.strerror}); artifacts need a "
@@ -539,7 +564,7 @@ class TransferEngine:
         except OSError as exc:
             os.close(fd)
             with contextlib.suppress(OSError):
-                temp.unlink()
+                os.unlink(temp.name, dir_fd=dir_fd)
             raise FatalFailure(f"{target}: cannot create the download file: {exc.strerror}") from None
         return journal, fd
 
@@ -575,8 +600,9 @@ class TransferEngine:
             prefix.part_done(byte_range.index)
 
     def _finish(self, transfer: FileTransfer, remote: RemoteObject, fd: int, temp: Path,
-                digests: DigestSet, inline: bool, combined: str | None) -> None:
-        """Verify, optionally fsync, and atomically rename the temp file onto the target."""
+                dir_fd: int, digests: DigestSet, inline: bool, combined: str | None) -> int:
+        """Verify, optionally fsync, and atomically rename the temp file onto the target, both
+        named in the directory open as ``dir_fd``. Returns the published file's mtime."""
         try:
             size = os.fstat(fd).st_size
             if size != remote.size:
@@ -585,11 +611,13 @@ class TransferEngine:
                 self._verify(transfer, remote, fd, digests, inline, combined)
             if self._settings.fsync:
                 os.fsync(fd)
+            mtime_ns = os.fstat(fd).st_mtime_ns
         finally:
             os.close(fd)
-        os.replace(temp, transfer.target)
+        os.replace(temp.name, transfer.target.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         if self._settings.fsync:
-            _fsync_dir(transfer.target.parent)
+            fsync_dir(dir_fd)
+        return mtime_ns
 
     def _verify(self, transfer: FileTransfer, remote: RemoteObject, fd: int,
                 digests: DigestSet, inline: bool, combined: str | None) -> None:
@@ -616,12 +644,12 @@ class TransferEngine:
                 raise FatalFailure(f"{remote.where}: {source} mismatch: expected "
                                    f"{expected[algorithm]}, downloaded {got}")
 
-    def _discard(self, fd: int, temp: Path, journal: ResumeJournal | None) -> None:
+    def _discard(self, fd: int, temp: Path, dir_fd: int, journal: ResumeJournal | None) -> None:
         if fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(fd)
         with contextlib.suppress(OSError):
-            temp.unlink()
+            os.unlink(temp.name, dir_fd=dir_fd)
         if journal is not None:
             journal.remove()
 
@@ -713,12 +741,3 @@ def _hash_fd(fd: int, size: int, digests: DigestSet, cancel: threading.Event,
             break
         digests.update(chunk)
         offset += len(chunk)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)

@@ -23,7 +23,13 @@ from .config import (
 from .engine import FileResult, TransferEngine
 from .environ import warn_about_environ
 from .errors import ConfigError, DownloadError, LazyLoadingError
-from .paths import STATE_DIR_NAME, resolve_code_dir, resolve_targets
+from .paths import (
+    STATE_DIR_NAME,
+    prepare_state_dir,
+    resolve_code_dir,
+    resolve_targets,
+    root_of,
+)
 from .plan import FileTransfer
 from .progress import (
     DownloadState,
@@ -183,11 +189,12 @@ class LazyLoadingHandler:
                 spec=spec,
                 repository=config.data.repository(spec.repository_id),
                 target=target,
+                root=root_of(target, code_dir, settings.allowed_roots),
                 display=_display(target, code_dir),
             )
             for index, (spec, target) in enumerate(zip(config.data.files, targets, strict=True))
         ]
-        _check_writable(code_dir / STATE_DIR_NAME)
+        _check_writable(code_dir)
         clients = S3ClientFactory(config, settings, self._environ)
         engine = TransferEngine(transfers, clients, settings, code_dir / STATE_DIR_NAME,
                                 self._tracker)
@@ -214,14 +221,16 @@ class LazyLoadingHandler:
             env[secret_env_name(cred_id)] = cred.to_env_json()
 
 
-def _check_writable(state_dir: Path) -> None:
+def _check_writable(code_dir: Path) -> None:
     """The cache, locks and journal live under the code dir: fail before any request if they
     cannot, with the fix rather than a traceback."""
+    state_dir = code_dir / STATE_DIR_NAME
     try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        probe = state_dir / f".probe-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
+        prepare_state_dir(code_dir)
+        fd = os.open(state_dir / f".probe-{os.getpid()}",
+                     os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+        os.unlink(state_dir / f".probe-{os.getpid()}")
     except OSError as exc:
         raise ConfigError(
             f"{state_dir}: not writable ({exc.strerror}); the code dir must be writable, since "

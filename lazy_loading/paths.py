@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -65,3 +67,33 @@ def resolve_targets(
                     "needs it to be a directory"
                 )
     return targets
+
+
+STATE_SUBDIRS = ("manifest", "journal", "locks")
+
+
+def root_of(target: Path, code_dir: Path, allowed_roots: Sequence[Path] = ()) -> Path:
+    """The root ``target`` must stay in (the code dir, or the allowed root holding it)."""
+    roots = [code_dir, *(Path(os.path.realpath(r)) for r in allowed_roots)]
+    return next(root for root in roots if _is_within(target, root))
+
+
+def prepare_state_dir(code_dir: Path) -> Path:
+    """Create ``.lazy_loading`` and its subdirectories as real directories inside the code dir.
+
+    A symlink there (planted, or left by an image) would put manifests and locks, and every
+    write and delete that follows, wherever it points: refuse it, with the fix.
+    """
+    state = code_dir / STATE_DIR_NAME
+    code_dir.mkdir(parents=True, exist_ok=True)
+    for directory in (state, *(state / sub for sub in STATE_SUBDIRS)):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(directory, 0o755)
+        st = os.lstat(directory)
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+            kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+            raise ConfigError(f"{directory} is {kind}; lazy loading keeps its state only in a "
+                              "real directory inside the code dir: remove it")
+    if os.path.realpath(state) != str(state):
+        raise ConfigError(f"{state} resolves outside the code dir; remove the link on its way")
+    return state

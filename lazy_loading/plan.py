@@ -18,6 +18,7 @@ class FileTransfer:
     spec: LazyLoadingFile
     repository: LazyLoadingRepository
     target: Path
+    root: Path  # the code dir or allowed root the target must stay in
     display: str
     remote: RemoteObject | None = None
 

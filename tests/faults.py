@@ -94,6 +94,8 @@ class FaultInjector:
             rule = self._pick(method, key) if key else None
             if rule is not None and rule.ignore_if_match:
                 environ.pop("HTTP_IF_MATCH", None)
+            if rule is not None and rule.action == "headers" and rule.seconds:
+                time.sleep(rule.seconds)  # a slow answer: a window for the test to act in
             status_holder: list[Any] = []
             with self._lock:
                 self.ledger.requests.append((method, key, rng, rule.fired if rule else 0))

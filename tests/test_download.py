@@ -294,9 +294,9 @@ def test_sha256_mismatch_is_never_published_and_its_descriptor_closed_once(
     real_prepare, real_close = TransferEngine._prepare, os.close
 
     def recording_prepare(self: TransferEngine, *args: Any) -> Any:
-        journal, fd = real_prepare(self, *args)
+        journal, fd, dir_fd = real_prepare(self, *args)
         opened.append(fd)
-        return journal, fd
+        return journal, fd, dir_fd
 
     def recording_close(fd: int) -> None:
         if fd in opened:
@@ -617,22 +617,39 @@ def test_corrupted_bytes_fail_the_checksum_and_are_never_published(
     assert no_debris(tmp_path) == []
 
 
-def test_unwritable_state_dir_is_one_clear_error_before_any_request(
-    s3: S3Store, tmp_path: Path
+@pytest.mark.parametrize(("planted", "expected"), [
+    ("file", r"\.lazy_loading is not a directory"),
+    ("state symlink", r"\.lazy_loading is a symlink"),
+    ("locks symlink", r"\.lazy_loading/locks is a symlink"),
+])
+def test_a_state_dir_that_is_not_a_real_directory_is_refused_before_any_request(
+    planted: str, expected: str, s3: S3Store, tmp_path: Path
 ) -> None:
-    # A file where the cache directory must go fails like a read-only code dir does, also for
-    # root (which ignores permission bits).
+    # A file where the cache directory must go, or a link that would put manifests and locks
+    # (and every write and delete that follows) somewhere else; root ignores permission bits.
+    code_dir, outside = tmp_path / "code", tmp_path / "outside"
+    code_dir.mkdir()
+    outside.mkdir()
+    (outside / "precious.txt").write_text("keep me")
     _, env = _setup(s3, {"a.bin": b"x"})
-    (tmp_path / ".lazy_loading").write_text("not a directory")
-    with pytest.raises(ConfigError, match=r"not writable .* the code dir must be writable"):
-        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    state = code_dir / ".lazy_loading"
+    if planted == "file":
+        state.write_text("not a directory")
+    elif planted == "state symlink":
+        state.symlink_to(outside)
+    else:
+        state.mkdir()
+        (state / "locks").symlink_to(outside)
+    with pytest.raises(ConfigError, match=expected):
+        LazyLoadingHandler(code_dir=code_dir, environ=env).download_lazy_loading_files()
     assert [r for r in s3.faults.ledger.requests if r[0] in ("HEAD", "GET")] == []
+    assert sorted(p.name for p in outside.iterdir()) == ["precious.txt"], "nothing written there"
 
 
 def test_parent_that_is_a_file_is_a_clear_error(s3: S3Store, tmp_path: Path) -> None:
     _, env = _setup(s3, {"a.bin": b"x"}, {"a.bin": "blocker/a.bin"})
     (tmp_path / "blocker").write_text("a file, not a directory")
-    with pytest.raises(DownloadError, match=r"blocker: cannot write there"):
+    with pytest.raises(DownloadError, match=r"blocker is a symlink or not a directory on the way"):
         LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
 
 
@@ -800,3 +817,33 @@ def test_a_store_ignoring_if_match_never_yields_a_mix_of_two_versions(
     else:
         assert "nothing proves they all come from one version" in caplog.text
     assert no_debris(tmp_path) == []
+
+
+def test_a_directory_swapped_for_a_symlink_after_validation_is_never_followed(
+    s3: S3Store, tmp_path: Path
+) -> None:
+    import threading
+
+    from lazy_loading.cache import target_id
+
+    code_dir, outside = tmp_path / "code", tmp_path / "outside"
+    (code_dir / "artifacts").mkdir(parents=True)
+    outside.mkdir()
+    target = code_dir / "artifacts" / "model.bin"
+    bait = outside / f".model.bin.{target_id(target)[:12]}.1-deadbeef.partial"
+    bait.write_text("not ours to delete")
+    _, env = _setup(s3, {"model.bin": b"weights"}, {"model.bin": "artifacts/model.bin"})
+    s3.faults.add(Rule("headers", method="HEAD", times=None, seconds=1.0))
+
+    def swap() -> None:  # while the HEADs are in flight, after the paths were validated
+        (code_dir / "artifacts").rename(code_dir / "moved")
+        (code_dir / "artifacts").symlink_to(outside)
+
+    swapper = threading.Timer(0.3, swap)
+    swapper.start()
+    try:
+        with pytest.raises(DownloadError, match=r"is a symlink or not a directory on the way"):
+            LazyLoadingHandler(code_dir=code_dir, environ=env).download_lazy_loading_files()
+    finally:
+        swapper.join()
+    assert sorted(p.name for p in outside.iterdir()) == [bait.name], "nothing written or removed"
