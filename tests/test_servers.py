@@ -324,3 +324,33 @@ def test_every_response_and_access_line_carries_the_request_id(
     access = [line for line in server.log().splitlines() if "/ping/" in line or "/no-such" in line]
     for rid in ("rid-ping", "rid-404", "rid-405"):
         assert any(f"request_id={rid}" in line for line in access), (rid, access)
+
+
+def test_readiness_belongs_to_one_server_instance_and_never_to_the_code_dir(
+    model_env: tuple[Path, dict[str, str], str], servers: list[RunningServer], tmp_path: Path,
+) -> None:
+    code_dir, env, _ = model_env
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.txt").write_text("keep me")
+    (code_dir / ".lazy_loading").mkdir()
+    (code_dir / ".lazy_loading" / "ready").symlink_to(outside)  # where markers used to live
+    first = start_server("gunicorn-flask-sync", code_dir, env, tmp_path / "first.log")
+    servers.append(first)
+    first.wait_ready()
+    second = start_server("gunicorn-flask-sync", code_dir, env, tmp_path / "second.log")
+    servers.append(second)
+    second.wait_ready()
+    time.sleep(0.5)
+    assert first.get("/health/").status_code == 200, "a second server cannot reset the first"
+    assert sorted(p.name for p in outside.iterdir()) == ["precious.txt"]
+
+
+def test_single_process_uvicorn_is_ready_whatever_max_workers_says(
+    model_env: tuple[Path, dict[str, str], str], servers: list[RunningServer], tmp_path: Path,
+) -> None:
+    code_dir, env, _ = model_env
+    server = start_server("uvicorn-fastapi", code_dir, {**env, "MAX_WORKERS": "4"},
+                          tmp_path / "server.log")
+    servers.append(server)
+    server.wait_ready(30)
