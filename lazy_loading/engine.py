@@ -1,5 +1,7 @@
 """The transfer engine: HEAD everything, plan, then fetch ranges of all files in parallel under
-one connection budget, verify, publish atomically and record what was published.
+one connection budget; each file is then verified (``verify``), published atomically
+(``publish``) and recorded in the manifest. ``local`` decides when a copy on disk will do,
+``retry`` when a request is worth sending again.
 
 Scheduling lives here (asyncio on the caller's loop); blocking S3 and file I/O runs in a thread
 pool sized to the connection budget, created per run so nothing survives into a forked child.
@@ -11,38 +13,29 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
-import shutil
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from filelock import FileLock, Timeout
 
-from .cache import (
-    Manifest,
-    ManifestEntry,
-    ResumeJournal,
-    remove_stale_temps,
-    stale_temp_names,
-    target_lock,
-    temp_path,
-)
+from .cache import Manifest, ManifestEntry, ResumeJournal, target_lock, temp_path
 from .checksums import DigestSet, combinable, combine_parts
 from .client import S3ClientFactory, describe_endpoint
-from .dirfd import UnsafePath, fsync_dir, open_dir
 from .errors import DownloadError
+from .local import LocalCopies
 from .plan import FileTransfer, choose_part_size, order_for_transfer, split_ranges
 from .progress import DownloadState, ProgressTracker, format_bytes
+from .publish import Publisher
+from .results import FileResult
+from .retry import Retrier
 from .revalidate import head_without_client
 from .s3io import (
     ByteRange,
     Cancelled,
-    FatalFailure,
     ObjectChanged,
     RangeSink,
     RemoteObject,
@@ -53,46 +46,21 @@ from .s3io import (
 )
 from .scheduler import PriorityPool
 from .settings import LazyLoadingSettings
+from .verify import PrefixHasher, digests_for
 
 logger = logging.getLogger("lazy_loading")
 
 T = TypeVar("T")
 
-_BACKOFF_BASE = 0.2
-_BACKOFF_CAP = 8.0
-_RETRY_AFTER_CAP = 60.0
-_CONNECT_ATTEMPTS = 3
-_HASH_READ = 4 * 1024 * 1024
 _LOCK_WAIT_LOG_EVERY = 10.0
 
-
-@dataclass(frozen=True)
-class FileResult:
-    """How one artifact became present."""
-
-    display: str
-    target: Path
-    size: int
-    etag: str
-    status: str  # "fetched" | "resumed" | "cached" | "offline"
-    seconds: float
-    bytes_fetched: int
-
-    def as_dict(self) -> dict[str, object]:
-        return {"path": self.display, "size": self.size, "etag": self.etag,
-                "status": self.status, "seconds": round(self.seconds, 3),
-                "bytes_fetched": self.bytes_fetched}
+__all__ = ["FileResult", "TransferEngine"]
 
 
 class _FileFailed(Exception):
     def __init__(self, transfer: FileTransfer, reason: str) -> None:
         super().__init__(reason)
         self.transfer, self.reason = transfer, reason
-
-
-def _backoff(attempt: int) -> float:
-    """Full-jitter exponential backoff (AWS architecture blog), attempt counted from 1."""
-    return random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** attempt))
 
 
 class TransferEngine:
@@ -105,6 +73,9 @@ class TransferEngine:
         self._manifest = Manifest(state_dir)
         self._tracker = tracker
         self._cancel = threading.Event()
+        self._local = LocalCopies(self._manifest, tracker)
+        self._publisher = Publisher(state_dir, settings, self._cancel)
+        self._retrier = Retrier(settings, tracker)
         self._sinks: set[RangeSink] = set()
         self._pool: PriorityPool | None = None
         self._unreachable = False
@@ -139,7 +110,8 @@ class TransferEngine:
     async def _run(self) -> list[FileResult]:
         failures = await self._head_all()
         if failures:
-            offline = self._offline_results(failures)
+            offline = (self._local.offline_results(self._transfers, failures)
+                       if self._unreachable else None)
             if offline is not None:
                 return offline
             raise DownloadError(
@@ -152,7 +124,7 @@ class TransferEngine:
         self._part_size = choose_part_size(sum(t.size for t in transfers),
                                            self._settings.max_connections,
                                            self._settings.part_size)
-        await self._to_thread(self._check_free_space, transfers)
+        await self._to_thread(self._local.check_free_space, transfers)
         self._tracker.start(len(transfers), sum(t.size for t in transfers))
         ticker = asyncio.ensure_future(self._log_progress())
         # Each file in flight holds a lock, a temp file and a journal open: bound them by the
@@ -255,7 +227,7 @@ class TransferEngine:
     def _head(self, transfer: FileTransfer) -> RemoteObject:
         repo = transfer.repository
         client = self._clients.get(repo)
-        return self._with_retries(
+        return self._retrier.call(
             lambda: head_object(client, describe_endpoint(repo), repo.bucket_name,
                                 transfer.spec.remote_path),
             self._cancel,
@@ -264,7 +236,7 @@ class TransferEngine:
     async def _all_cached(self) -> list[FileResult] | None:
         """Warm start: every file is published and intact, so one HEAD each, sent without a
         boto3 client or the I/O pool, settles it when nothing changed in the store."""
-        if not all(self._published(t, remote=None) for t in self._transfers):
+        if not all(self._local.published(t, remote=None) for t in self._transfers):
             return None
         remotes = await self._to_thread(head_without_client, self._transfers, self._clients,
                                         self._settings)
@@ -274,54 +246,11 @@ class TransferEngine:
         results = []
         for transfer, remote in zip(self._transfers, remotes, strict=True):
             transfer.remote = remote
-            result = self._cached(transfer, remote)
+            result = self._local.cached(transfer, remote)
             if result is None:  # replaced on disk meanwhile: the normal path re-checks under lock
                 return None
             results.append(result)
         return results
-
-    def _offline_results(self, failures: dict[str, str]) -> list[FileResult] | None:
-        """S3 unreachable but every file intact from an earlier run: serve the local copies."""
-        if not self._unreachable:
-            return None
-        results = []
-        for t in self._transfers:
-            entry = self._published(t, remote=None)
-            if entry is None:
-                logger.error("the store is unreachable and %s has no intact local copy of "
-                             "s3://%s/%s at %s", t.display, t.repository.bucket_name,
-                             t.spec.remote_path, describe_endpoint(t.repository))
-                return None
-            results.append(FileResult(t.display, t.target, entry.size, entry.etag, "offline",
-                                      0.0, 0))
-        logger.warning(
-            "the store is unreachable (%s); using %d intact local copies from an "
-            "earlier download", next(iter(failures.values())), len(results)
-        )
-        return results
-
-    # ----------------------------------------------------------------- retries
-    def _with_retries(self, call: Callable[[], T], cancel: threading.Event,
-                      on_retry: Callable[[], None] | None = None) -> T:
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return call()
-            except TransientFailure as exc:
-                limit = _CONNECT_ATTEMPTS if exc.connect_failure else self._settings.max_attempts
-                if attempt >= limit or cancel.is_set():
-                    raise
-                delay = _backoff(attempt)
-                if exc.retry_after is not None:  # the store knows best when to come back
-                    delay = max(delay, min(exc.retry_after, _RETRY_AFTER_CAP))
-                self._tracker.retry()
-                logger.warning("%s (attempt %d/%d), retrying in %.1f s",
-                               exc.message, attempt, limit, delay)
-                if on_retry is not None:
-                    on_retry()
-                if cancel.wait(delay):
-                    raise Cancelled() from None
 
     # ----------------------------------------------------------------- one file
     async def _materialize(self, transfer: FileTransfer) -> FileResult:
@@ -331,7 +260,7 @@ class TransferEngine:
             for attempt in range(2):
                 remote = transfer.remote
                 assert remote is not None
-                cached = self._cached(transfer, remote)
+                cached = self._local.cached(transfer, remote)
                 if cached is not None:
                     return cached
                 try:
@@ -370,32 +299,6 @@ class TransferEngine:
             await asyncio.sleep(delay)
             delay = min(0.25, delay * 2)
 
-    def _published(self, transfer: FileTransfer,
-                   remote: RemoteObject | None) -> ManifestEntry | None:
-        """The manifest entry of a local copy that can be used as is: intact on disk, checked
-        against the config's sha256 and, when ``remote`` is known, still the store's version."""
-        entry = self._manifest.lookup(transfer.target)
-        if entry is None or not entry.intact(transfer.target):
-            return None
-        repository = transfer.repository
-        if (entry.endpoint, entry.bucket, entry.key) != (
-                describe_endpoint(repository), repository.bucket_name, transfer.spec.remote_path):
-            return None  # the config now names another object for this path
-        if remote is not None and not entry.matches(remote):
-            return None
-        if transfer.spec.sha256 and entry.sha256 != transfer.spec.sha256:
-            return None
-        return entry
-
-    def _cached(self, transfer: FileTransfer, remote: RemoteObject) -> FileResult | None:
-        if self._published(transfer, remote) is None:
-            return None
-        self._tracker.file_done(skipped_bytes=remote.size)
-        logger.info("cached %s (%s), unchanged in the store",
-                    transfer.display, format_bytes(remote.size))
-        return FileResult(transfer.display, transfer.target, remote.size, remote.etag, "cached",
-                          0.0, 0)
-
     async def _download(self, transfer: FileTransfer, remote: RemoteObject) -> FileResult:
         started = time.monotonic()
         target = transfer.target
@@ -405,12 +308,12 @@ class TransferEngine:
         ranges = split_ranges(remote.size, part_size) or [ByteRange(0, 0, -1)]
         multipart = len(ranges) > 1
         temp = temp_path(target)
-        journal, fd, dir_fd = await self._to_thread_settled(self._prepare, transfer, remote,
+        journal, fd, dir_fd = await self._to_thread_settled(self._publisher.prepare, transfer, remote,
                                                             part_size, multipart, temp)
         resumed = set(journal.done) if journal is not None else set()
         logger.info("fetching %s (%s) from %s", transfer.display, format_bytes(remote.size),
                     remote.where)
-        digests = self._digests(transfer, remote)
+        digests = digests_for(transfer, remote, self._settings)
         sink = RangeSink(fd, self._tracker.add_bytes, threading.Event(),
                          digests if digests and not multipart else None)
         # A multi-part file checks its CRC from per-part values computed while each part's bytes
@@ -419,7 +322,7 @@ class TransferEngine:
                           and self._settings.verify_checksums and combinable(remote.checksum[0])
                           else None)
         part_crcs: dict[int, int] = dict(journal.crcs) if journal is not None else {}
-        prefix = (_PrefixHasher(fd, ranges, digests, resumed, sink.cancel)
+        prefix = (PrefixHasher(fd, ranges, digests, resumed, sink.cancel)
                   if multipart and digests and not (part_algorithm
                                                    and digests.algorithms == [part_algorithm])
                   else None)
@@ -448,10 +351,10 @@ class TransferEngine:
                     "version; set files[%d].sha256 to verify it", remote.where,
                     len(sink.unproven), len(ranges), transfer.index)
             owned, fd = fd, -1  # _finish closes it whatever happens: never closed twice
-            mtime_ns = await self._to_thread_settled(self._finish, transfer, remote, owned, temp,
+            mtime_ns = await self._to_thread_settled(self._publisher.finish, transfer, remote, owned, temp,
                                                      dir_fd, digests, hashed, combined)
         except BaseException:
-            await self._to_thread_settled(self._discard, fd, temp, dir_fd, journal)
+            await self._to_thread_settled(self._publisher.discard, fd, temp, dir_fd, journal)
             raise
         finally:
             self._sinks.discard(sink)
@@ -476,7 +379,7 @@ class TransferEngine:
     async def _run_parts(self, client: Any, remote: RemoteObject, todo: list[ByteRange],
                          whole: bool, sink: RangeSink, journal: ResumeJournal | None,
                          part_algorithm: str | None, part_crcs: dict[int, int],
-                         prefix: _PrefixHasher | None) -> None:
+                         prefix: PrefixHasher | None) -> None:
         """Fetch the ranges in the shared pool; on any failure stop this file's other parts and
         wait until no thread can still write to its descriptor."""
         assert self._pool is not None
@@ -494,83 +397,10 @@ class TransferEngine:
             await self._to_thread_settled(wait_futures, futures)
             raise
 
-    def _digests(self, transfer: FileTransfer, remote: RemoteObject) -> DigestSet:
-        """The checksums to verify: S3's full-object checksum and the config's sha256."""
-        algorithms: list[str] = []
-        if self._settings.verify_checksums:
-            if remote.checksum is not None:
-                algorithms.append(remote.checksum[0])
-            if transfer.spec.sha256:
-                algorithms.append("sha256")
-        return DigestSet(algorithms)
-
     # ----------------------------------------------------------------- blocking steps
-    def _prepare(self, transfer: FileTransfer, remote: RemoteObject, part_size: int,
-                 multipart: bool, temp: Path) -> tuple[ResumeJournal | None, int, int]:
-        """Under the target lock: open the target's directory without following symlinks,
-        adopt a dead attempt's journal, sweep debris, create the temp file in that directory.
-        Returns the journal, the temp file's descriptor and the directory's."""
-        target = transfer.target
-        try:
-            dir_fd = open_dir(transfer.root, target.parent, create=True)
-        except UnsafePath as exc:
-            raise FatalFailure(f"{target}: {exc.strerror}; refusing to write there") from None
-        except OSError as exc:
-            raise FatalFailure(
-                f"{target.parent}: cannot write there ({exc.strerror}); artifacts need a "
-                "writable directory"
-            ) from None
-        try:
-            journal, fd = self._create_temp(transfer, remote, part_size, multipart, temp, dir_fd)
-        except BaseException:
-            os.close(dir_fd)
-            raise
-        return journal, fd, dir_fd
-
-    def _create_temp(self, transfer: FileTransfer, remote: RemoteObject, part_size: int,
-                     multipart: bool, temp: Path, dir_fd: int) -> tuple[ResumeJournal | None, int]:
-        target = transfer.target
-        try:
-            journal = (ResumeJournal.resume(self._state_dir, target, remote, part_size)
-                       if multipart else None)
-            remove_stale_temps(self._state_dir, target)
-            for stale in stale_temp_names(target, dir_fd):
-                if journal is None or stale != journal.temp.name:
-                    with contextlib.suppress(OSError):
-                        os.unlink(stale, dir_fd=dir_fd)
-                        logger.info("removed leftover %s", stale)
-            flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-            if journal is not None:
-                journal.adopt(temp, dir_fd)
-            else:
-                flags |= os.O_EXCL
-            fd = os.open(temp.name, flags, 0o644, dir_fd=dir_fd)
-        except OSError as exc:
-            raise FatalFailure(
-                f"{target.parent}: cannot write there ({exc.strerror}); artifacts need a "
-                "writable directory"
-            ) from None
-        try:
-            if journal is None and remote.size:
-                try:
-                    os.posix_fallocate(fd, 0, remote.size)
-                except OSError as exc:
-                    if exc.errno not in (95, 22):  # EOPNOTSUPP, EINVAL: fall back to a sparse file
-                        raise
-                    os.ftruncate(fd, remote.size)
-            if multipart and journal is None:
-                journal = ResumeJournal(self._state_dir, target, remote, part_size, temp)
-                journal.start()
-        except OSError as exc:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(temp.name, dir_fd=dir_fd)
-            raise FatalFailure(f"{target}: cannot create the download file: {exc.strerror}") from None
-        return journal, fd
-
     def _fetch_part(self, client: Any, remote: RemoteObject, byte_range: ByteRange, whole: bool,
                     sink: RangeSink, journal: ResumeJournal | None, part_algorithm: str | None,
-                    part_crcs: dict[int, int], prefix: _PrefixHasher | None = None) -> None:
+                    part_crcs: dict[int, int], prefix: PrefixHasher | None = None) -> None:
         written = [0]
 
         def count(n: int) -> None:
@@ -589,7 +419,7 @@ class TransferEngine:
 
         if sink.cancel.is_set():
             raise Cancelled()
-        self._with_retries(lambda: fetch_range(client, remote, byte_range, whole, part_sink),
+        self._retrier.call(lambda: fetch_range(client, remote, byte_range, whole, part_sink),
                            sink.cancel, on_retry=undo)
         crc = part_digest.value(part_algorithm) if part_digest and part_algorithm else None
         if crc is not None:
@@ -598,80 +428,6 @@ class TransferEngine:
             journal.mark_done(byte_range.index, crc)
         if prefix is not None:
             prefix.part_done(byte_range.index)
-
-    def _finish(self, transfer: FileTransfer, remote: RemoteObject, fd: int, temp: Path,
-                dir_fd: int, digests: DigestSet, inline: bool, combined: str | None) -> int:
-        """Verify, optionally fsync, and atomically rename the temp file onto the target, both
-        named in the directory open as ``dir_fd``. Returns the published file's mtime."""
-        try:
-            size = os.fstat(fd).st_size
-            if size != remote.size:
-                raise FatalFailure(f"{remote.where}: wrote {size} bytes, expected {remote.size}")
-            if self._settings.verify_checksums:
-                self._verify(transfer, remote, fd, digests, inline, combined)
-            if self._settings.fsync:
-                os.fsync(fd)
-            mtime_ns = os.fstat(fd).st_mtime_ns
-        finally:
-            os.close(fd)
-        os.replace(temp.name, transfer.target.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        if self._settings.fsync:
-            fsync_dir(dir_fd)
-        return mtime_ns
-
-    def _verify(self, transfer: FileTransfer, remote: RemoteObject, fd: int,
-                digests: DigestSet, inline: bool, combined: str | None) -> None:
-        """Compare digests. Multi-part files use their combined part CRCs when that is all there
-        is to check; otherwise (a sha256 to check, no combinable CRC) they are read back once."""
-        if not digests:
-            return
-        expected: dict[str, str] = {}
-        if remote.checksum is not None:
-            expected[remote.checksum[0]] = remote.checksum[1]
-        if transfer.spec.sha256:
-            expected["sha256"] = transfer.spec.sha256
-        if not inline and combined is not None and remote.checksum is not None \
-                and digests.algorithms == [remote.checksum[0]]:
-            computed = {remote.checksum[0]: combined}
-        else:
-            if not inline:
-                digests.reset()
-                _hash_fd(fd, remote.size, digests, self._cancel)
-            computed = {a: digests.encoded(a) for a in digests.algorithms}
-        for algorithm, got in computed.items():
-            if got != expected[algorithm]:
-                source = f"files[{transfer.index}].sha256" if algorithm == "sha256" else algorithm
-                raise FatalFailure(f"{remote.where}: {source} mismatch: expected "
-                                   f"{expected[algorithm]}, downloaded {got}")
-
-    def _discard(self, fd: int, temp: Path, dir_fd: int, journal: ResumeJournal | None) -> None:
-        if fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(temp.name, dir_fd=dir_fd)
-        if journal is not None:
-            journal.remove()
-
-    def _check_free_space(self, transfers: list[FileTransfer]) -> None:
-        """Refuse to start when a filesystem cannot hold what must be fetched."""
-        needed: dict[int, tuple[Path, int]] = {}
-        for t in transfers:
-            if t.remote is not None and self._published(t, t.remote) is not None:
-                continue
-            anchor = t.target.parent
-            while not anchor.exists():
-                anchor = anchor.parent
-            dev = anchor.stat().st_dev
-            path, total = needed.get(dev, (anchor, 0))
-            needed[dev] = (path, total + t.size)
-        for path, total in needed.values():
-            free = shutil.disk_usage(path).free
-            if total > free:
-                raise DownloadError(
-                    f"not enough free disk space on {path}: the artifacts need "
-                    f"{format_bytes(total)}, {format_bytes(free)} is free"
-                )
 
     async def _log_progress(self) -> None:
         interval = self._settings.progress_interval
@@ -686,58 +442,3 @@ class TransferEngine:
             )
 
 
-class _PrefixHasher:
-    """Hashes a multi-part file in order while its parts are still in the page cache.
-
-    SHA digests cannot be combined from parts the way CRCs can. Instead, whenever a part
-    finishes, the thread that finished it hashes every finished part that now continues the
-    hashed prefix. One thread hashes at a time; the others go back to downloading. On a network
-    that is slower than the CPU, the digest is ready when the last part lands, instead of after
-    a second read of the whole file.
-    """
-
-    def __init__(self, fd: int, ranges: list[ByteRange], digests: DigestSet, done: set[int],
-                 cancel: threading.Event) -> None:
-        self._fd, self._ranges, self._digests, self._cancel = fd, ranges, digests, cancel
-        self._done = set(done)
-        self._next = 0
-        self._state = threading.Lock()
-        self._hashing = threading.Lock()
-        digests.reset()
-
-    @property
-    def complete(self) -> bool:
-        return self._next == len(self._ranges)
-
-    def _ready(self) -> ByteRange | None:
-        with self._state:
-            if self._next < len(self._ranges) and self._next in self._done:
-                return self._ranges[self._next]
-            return None
-
-    def part_done(self, index: int) -> None:
-        with self._state:
-            self._done.add(index)
-        # Re-check after releasing: a part finished while we held the lock would otherwise wait
-        # for the next part_done (or for the read-back at the end).
-        while self._ready() is not None and self._hashing.acquire(blocking=False):
-            try:
-                while (part := self._ready()) is not None:
-                    _hash_fd(self._fd, part.length, self._digests, self._cancel, part.start)
-                    with self._state:
-                        self._next += 1
-            finally:
-                self._hashing.release()
-
-
-def _hash_fd(fd: int, size: int, digests: DigestSet, cancel: threading.Event,
-             offset: int = 0) -> None:
-    end = offset + size
-    while offset < end:
-        if cancel.is_set():
-            raise Cancelled()
-        chunk = os.pread(fd, min(_HASH_READ, end - offset), offset)
-        if not chunk:
-            break
-        digests.update(chunk)
-        offset += len(chunk)

@@ -287,13 +287,13 @@ def test_sha256_mismatch_is_never_published_and_its_descriptor_closed_once(
     import os
     from collections import Counter
 
-    from lazy_loading.engine import TransferEngine
+    from lazy_loading.publish import Publisher
 
     opened: list[int] = []
     closes: Counter[int] = Counter()
-    real_prepare, real_close = TransferEngine._prepare, os.close
+    real_prepare, real_close = Publisher.prepare, os.close
 
-    def recording_prepare(self: TransferEngine, *args: Any) -> Any:
+    def recording_prepare(self: Publisher, *args: Any) -> Any:
         journal, fd, dir_fd = real_prepare(self, *args)
         opened.append(fd)
         return journal, fd, dir_fd
@@ -303,7 +303,7 @@ def test_sha256_mismatch_is_never_published_and_its_descriptor_closed_once(
             closes[fd] += 1
         real_close(fd)
 
-    monkeypatch.setattr(TransferEngine, "_prepare", recording_prepare)
+    monkeypatch.setattr(Publisher, "prepare", recording_prepare)
     monkeypatch.setattr(os, "close", recording_close)
     bucket = s3.bucket()
     s3.put(bucket, "a.bin", b"real bytes")
@@ -392,19 +392,19 @@ def test_a_file_cancelled_while_its_temp_file_is_created_leaves_nothing_behind(
     # in a thread. The cancelled task must still clean up what that thread made.
     import threading
 
-    from lazy_loading.engine import TransferEngine
+    from lazy_loading.publish import Publisher
 
-    real_prepare = TransferEngine._prepare
+    real_prepare = Publisher.prepare
     slow_done = threading.Event()
 
-    def slow_prepare(self: TransferEngine, transfer: Any, *args: Any) -> Any:
+    def slow_prepare(self: Publisher, transfer: Any, *args: Any) -> Any:
         result = real_prepare(self, transfer, *args)
         if transfer.display == "a.bin":
             time.sleep(0.5)
             slow_done.set()
         return result
 
-    monkeypatch.setattr(TransferEngine, "_prepare", slow_prepare)
+    monkeypatch.setattr(Publisher, "prepare", slow_prepare)
     bucket = s3.bucket()
     s3.put(bucket, "a.bin", payload(2 * MiB, 1))
     s3.put(bucket, "b.bin", b"small")
@@ -550,13 +550,13 @@ def test_target_in_an_allowed_root_outside_the_code_dir(s3: S3Store, tmp_path: P
 def test_multipart_crc_is_verified_from_part_crcs_without_reading_back(
     s3: S3Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, algorithm: str
 ) -> None:
-    from lazy_loading import engine
+    from lazy_loading import verify
     from lazy_loading.cache import Manifest
 
     def no_read_back(*args: object) -> None:
         raise AssertionError("the file was read back")
 
-    monkeypatch.setattr(engine, "_hash_fd", no_read_back)
+    monkeypatch.setattr(verify, "hash_fd", no_read_back)
     body = payload(5 * MiB + 17, seed=31)
     bucket = s3.bucket()
     s3.put(bucket, "a.bin", body, ChecksumAlgorithm=algorithm)
@@ -574,16 +574,16 @@ def test_multipart_sha256_is_hashed_part_by_part_in_order_not_read_back(
 ) -> None:
     import hashlib
 
-    from lazy_loading import engine
+    from lazy_loading import verify
 
     hashed: list[tuple[int, int]] = []
-    real_hash_fd = engine._hash_fd
+    real_hash_fd = verify.hash_fd
 
     def recording(fd: int, size: int, digests: Any, cancel: Any, offset: int = 0) -> None:
         hashed.append((offset, size))
         real_hash_fd(fd, size, digests, cancel, offset)
 
-    monkeypatch.setattr(engine, "_hash_fd", recording)
+    monkeypatch.setattr(verify, "hash_fd", recording)
     body = payload(6 * MiB + 5, seed=33)
     digest = hashlib.sha256(body).hexdigest() if good else "0" * 64
     bucket = s3.bucket()
@@ -698,12 +698,13 @@ def test_store_error_text_is_one_bounded_line_without_secrets(s3: S3Store, tmp_p
 
 
 def test_a_huge_error_body_is_not_read_whole(s3: S3Store, tmp_path: Path) -> None:
-    huge = b"<Error><Code>SlowDown</Code><Message>" + b"y" * (64 * MiB) + b"</Message></Error>"
+    huge = b"<Error><Code>SlowDown</Code><Message>" + b"y" * (160 * MiB) + b"</Message></Error>"
     _, env = _setup(s3, {"model.bin": b"x" * 100}, LAZY_LOADING_MAX_ATTEMPTS="1")
     s3.faults.add(Rule("status", method="GET", status=503, times=None, body=huge))
     with pytest.raises(DownloadError, match=r"HTTP 503"):
         LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
-    assert s3.faults.ledger.body_bytes["model.bin"] < 4 * MiB, "the error body was read whole"
+    # What the server got rid of, socket buffers on both sides included (a few MiB each).
+    assert s3.faults.ledger.body_bytes["model.bin"] < 40 * MiB, "the error body was read whole"
 
 
 def test_identical_failures_over_many_files_are_grouped(s3: S3Store, tmp_path: Path) -> None:

@@ -57,7 +57,7 @@ def test_parts_finishing_in_any_order_hash_to_the_whole_file(
     import threading
 
     from lazy_loading.checksums import DigestSet
-    from lazy_loading.engine import _PrefixHasher
+    from lazy_loading.verify import PrefixHasher
 
     body = random.Random(size).randbytes(size)
     path = tmp_path_factory.mktemp("h") / "f"
@@ -78,7 +78,7 @@ def test_parts_finishing_in_any_order_hash_to_the_whole_file(
         for index in resumed:
             r = ranges[index]
             os.pwrite(fd, body[r.start:r.end + 1], r.start)
-        hasher = _PrefixHasher(fd, ranges, digests, resumed, threading.Event())
+        hasher = PrefixHasher(fd, ranges, digests, resumed, threading.Event())
         workers = [threading.Thread(target=lambda chunk=order[k::threads]: [
             finish(i) for i in chunk]) for k in range(threads)]
         for worker in workers:

@@ -1,0 +1,126 @@
+"""Publishing one file: its temp file beside the target, then verify and rename, or remove.
+
+Every step works through a descriptor of the target's directory (``dirfd.open_dir``), so a
+directory swapped for a symlink after validation is never followed. The temp file is created
+under the target's lock, adopting a dead attempt's journal and temp file when one matches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from pathlib import Path
+
+from .cache import ResumeJournal, remove_stale_temps, stale_temp_names
+from .checksums import DigestSet
+from .dirfd import UnsafePath, fsync_dir, open_dir
+from .plan import FileTransfer
+from .s3io import FatalFailure, RemoteObject
+from .settings import LazyLoadingSettings
+from .verify import verify
+
+logger = logging.getLogger("lazy_loading")
+
+
+class Publisher:
+    """Creates, publishes or discards the temp files of one run (blocking: run in a thread)."""
+
+    def __init__(self, state_dir: Path, settings: LazyLoadingSettings,
+                 cancel: threading.Event) -> None:
+        self._state_dir = state_dir
+        self._settings = settings
+        self._cancel = cancel
+
+    def prepare(self, transfer: FileTransfer, remote: RemoteObject, part_size: int,
+                 multipart: bool, temp: Path) -> tuple[ResumeJournal | None, int, int]:
+        """Under the target lock: open the target's directory without following symlinks,
+        adopt a dead attempt's journal, sweep debris, create the temp file in that directory.
+        Returns the journal, the temp file's descriptor and the directory's."""
+        target = transfer.target
+        try:
+            dir_fd = open_dir(transfer.root, target.parent, create=True)
+        except UnsafePath as exc:
+            raise FatalFailure(f"{target}: {exc.strerror}; refusing to write there") from None
+        except OSError as exc:
+            raise FatalFailure(
+                f"{target.parent}: cannot write there ({exc.strerror}); artifacts need a "
+                "writable directory"
+            ) from None
+        try:
+            journal, fd = self._create_temp(transfer, remote, part_size, multipart, temp, dir_fd)
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        return journal, fd, dir_fd
+
+    def _create_temp(self, transfer: FileTransfer, remote: RemoteObject, part_size: int,
+                     multipart: bool, temp: Path, dir_fd: int) -> tuple[ResumeJournal | None, int]:
+        target = transfer.target
+        try:
+            journal = (ResumeJournal.resume(self._state_dir, target, remote, part_size)
+                       if multipart else None)
+            remove_stale_temps(self._state_dir, target)
+            for stale in stale_temp_names(target, dir_fd):
+                if journal is None or stale != journal.temp.name:
+                    with contextlib.suppress(OSError):
+                        os.unlink(stale, dir_fd=dir_fd)
+                        logger.info("removed leftover %s", stale)
+            flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            if journal is not None:
+                journal.adopt(temp, dir_fd)
+            else:
+                flags |= os.O_EXCL
+            fd = os.open(temp.name, flags, 0o644, dir_fd=dir_fd)
+        except OSError as exc:
+            raise FatalFailure(
+                f"{target.parent}: cannot write there ({exc.strerror}); artifacts need a "
+                "writable directory"
+            ) from None
+        try:
+            if journal is None and remote.size:
+                try:
+                    os.posix_fallocate(fd, 0, remote.size)
+                except OSError as exc:
+                    if exc.errno not in (95, 22):  # EOPNOTSUPP, EINVAL: fall back to a sparse file
+                        raise
+                    os.ftruncate(fd, remote.size)
+            if multipart and journal is None:
+                journal = ResumeJournal(self._state_dir, target, remote, part_size, temp)
+                journal.start()
+        except OSError as exc:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(temp.name, dir_fd=dir_fd)
+            raise FatalFailure(f"{target}: cannot create the download file: {exc.strerror}") from None
+        return journal, fd
+
+    def finish(self, transfer: FileTransfer, remote: RemoteObject, fd: int, temp: Path,
+                dir_fd: int, digests: DigestSet, inline: bool, combined: str | None) -> int:
+        """Verify, optionally fsync, and atomically rename the temp file onto the target, both
+        named in the directory open as ``dir_fd``. Returns the published file's mtime."""
+        try:
+            size = os.fstat(fd).st_size
+            if size != remote.size:
+                raise FatalFailure(f"{remote.where}: wrote {size} bytes, expected {remote.size}")
+            if self._settings.verify_checksums:
+                verify(transfer, remote, fd, digests, inline, combined, self._cancel)
+            if self._settings.fsync:
+                os.fsync(fd)
+            mtime_ns = os.fstat(fd).st_mtime_ns
+        finally:
+            os.close(fd)
+        os.replace(temp.name, transfer.target.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        if self._settings.fsync:
+            fsync_dir(dir_fd)
+        return mtime_ns
+
+    def discard(self, fd: int, temp: Path, dir_fd: int, journal: ResumeJournal | None) -> None:
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(temp.name, dir_fd=dir_fd)
+        if journal is not None:
+            journal.remove()
