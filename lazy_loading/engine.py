@@ -124,7 +124,7 @@ class TransferEngine:
         self._part_size = choose_part_size(sum(t.size for t in transfers),
                                            self._settings.max_connections,
                                            self._settings.part_size)
-        await self._to_thread(self._local.check_free_space, transfers)
+        await self._to_thread(self._local.check_free_space, transfers, self._resumable)
         self._tracker.start(len(transfers), sum(t.size for t in transfers))
         ticker = asyncio.ensure_future(self._log_progress())
         # Each file in flight holds a lock, a temp file and a journal open: bound them by the
@@ -164,6 +164,12 @@ class TransferEngine:
         if errors:
             raise DownloadError(f"failed to download {len(errors)} lazy-loading file(s)", errors)
         return [task.result() for task in tasks]
+
+    def _resumable(self, transfer: FileTransfer) -> bool:
+        """A killed run left this file's preallocated temp file and journal to adopt."""
+        assert transfer.remote is not None
+        return ResumeJournal.resume(self._state_dir, transfer.target, transfer.remote,
+                                    self._part_size) is not None
 
     async def _to_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """For steps that leave nothing on disk: a cancelled task may abandon the thread."""

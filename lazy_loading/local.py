@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from .cache import Manifest, ManifestEntry
@@ -72,11 +73,16 @@ class LocalCopies:
         )
         return results
 
-    def check_free_space(self, transfers: list[FileTransfer]) -> None:
-        """Refuse to start when a filesystem cannot hold what must be fetched."""
+    def check_free_space(self, transfers: list[FileTransfer],
+                         allocated: Callable[[FileTransfer], bool]) -> None:
+        """Refuse to start when a filesystem cannot hold what must be fetched. A file whose
+        temp file is ``allocated`` already (a killed run's, to be resumed) needs no more room:
+        counting it again would refuse every restart on a volume under twice the size."""
         needed: dict[int, tuple[Path, int]] = {}
         for t in transfers:
             if t.remote is not None and self.published(t, t.remote) is not None:
+                continue
+            if allocated(t):
                 continue
             anchor = t.target.parent
             while not anchor.exists():

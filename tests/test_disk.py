@@ -65,3 +65,41 @@ def test_disk_full_mid_download_is_clear_and_leaves_nothing_half_written(
     published = [p for p in ("a.bin", "b.bin") if (small_disk / p).exists()]
     for name in published:
         assert (small_disk / name).read_bytes() == payload(2 * MiB, 1 if name == "a.bin" else 2)
+
+
+def test_a_killed_download_resumes_on_a_volume_under_twice_its_size(
+    s3: S3Store, small_disk: Path
+) -> None:
+    import signal
+    import sys
+    import time
+
+    from lazy_loading.cache import ResumeJournal
+    from tests.faults import Rule
+
+    bucket = s3.bucket()
+    body = payload(2 * MiB, 7)
+    s3.put(bucket, "a.bin", body)
+    env = lazy_env(s3.url, bucket, {"a.bin": "a.bin"}, LAZY_LOADING_PART_SIZE="1MiB",
+                   LAZY_LOADING_MAX_CONNECTIONS="1")
+    s3.faults.add(Rule("throttle", key="a.bin", times=None, rate=512 * 1024))
+    argv = [sys.executable, "-m", "drum_servers.cli", "download", "--code-dir", str(small_disk)]
+    proc = subprocess.Popen(argv, env=env, stderr=subprocess.DEVNULL)
+    journal_dir = small_disk / ".lazy_loading" / "journal"
+    deadline = time.monotonic() + 30
+    resumable = False
+    try:
+        while time.monotonic() < deadline and not resumable:
+            found = [ResumeJournal.read(p) for p in journal_dir.glob("*.log")]
+            resumable = any(f is not None and f[1] for f in found)
+            time.sleep(0.05)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    assert resumable, "killed after one part was journaled"
+    assert not (small_disk / "a.bin").exists()
+    assert shutil.disk_usage(small_disk).free < 2 * MiB, "the partial file holds the room"
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (small_disk / "a.bin").read_bytes() == body
+    assert no_debris(small_disk) == []
