@@ -124,7 +124,7 @@ class TransferEngine:
         self._part_size = choose_part_size(sum(t.size for t in transfers),
                                            self._settings.max_connections,
                                            self._settings.part_size)
-        await self._to_thread(self._local.check_free_space, transfers, self._resumable)
+        await self._to_thread(self._local.check_free_space, transfers, self._needs_no_room)
         self._tracker.start(len(transfers), sum(t.size for t in transfers))
         ticker = asyncio.ensure_future(self._log_progress())
         # Each file in flight holds a lock, a temp file and a journal open: bound them by the
@@ -165,11 +165,51 @@ class TransferEngine:
             raise DownloadError(f"failed to download {len(errors)} lazy-loading file(s)", errors)
         return [task.result() for task in tasks]
 
-    def _resumable(self, transfer: FileTransfer) -> bool:
-        """A killed run left this file's preallocated temp file and journal to adopt."""
+    def _needs_no_room(self, transfer: FileTransfer) -> bool:
+        """A killed run left this file's preallocated temp file and journal to adopt, or the
+        file itself is already there, unrecorded, waiting to be verified."""
         assert transfer.remote is not None
-        return ResumeJournal.resume(self._state_dir, transfer.target, transfer.remote,
-                                    self._part_size) is not None
+        return self._unrecorded_candidate(transfer) or ResumeJournal.resume(
+            self._state_dir, transfer.target, transfer.remote, self._part_size) is not None
+
+    def _unrecorded_candidate(self, transfer: FileTransfer) -> bool:
+        remote = transfer.remote
+        return (remote is not None and bool(digests_for(transfer, remote, self._settings))
+                and self._manifest.lookup(transfer.target) is None
+                and self._local.same_size_file(transfer.target, remote.size))
+
+    def _adopt_unrecorded(self, transfer: FileTransfer, remote: RemoteObject) -> FileResult | None:
+        """A file the manifest does not know (its record was lost to a full disk, or a copy
+        placed by hand) is kept when it verifies against the object's checksum or the config's
+        sha256: one read instead of a download, and no free space needed."""
+        digests = digests_for(transfer, remote, self._settings)
+        mtime_ns = self._local.verified_copy(transfer, remote, digests, self._cancel)
+        if mtime_ns is None:
+            return None
+        self._record(transfer, self._entry(transfer, remote, mtime_ns))
+        self._tracker.file_done(skipped_bytes=remote.size)
+        logger.info("kept %s (%s): already here and verified against the store's checksum",
+                    transfer.display, format_bytes(remote.size))
+        return FileResult(transfer.display, transfer.target, remote.size, remote.etag, "cached",
+                          0.0, 0)
+
+    @staticmethod
+    def _entry(transfer: FileTransfer, remote: RemoteObject, mtime_ns: int) -> ManifestEntry:
+        return ManifestEntry(
+            endpoint=remote.endpoint, bucket=remote.bucket, key=remote.key, etag=remote.etag,
+            size=remote.size, mtime_ns=mtime_ns, version_id=remote.version_id,
+            checksum=remote.checksum, sha256=transfer.spec.sha256, published_at=time.time(),
+        )
+
+    def _record(self, transfer: FileTransfer, entry: ManifestEntry) -> None:
+        """The file is published and verified either way; a record lost to a full disk only
+        means the next start verifies the file again instead of trusting it."""
+        try:
+            self._manifest.record(transfer.target, entry, self._settings.fsync)
+        except OSError as exc:
+            logger.warning("%s is published and verified, but its record could not be "
+                           "written (%s); the next start checks it again",
+                           transfer.display, exc.strerror)
 
     async def _to_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """For steps that leave nothing on disk: a cancelled task may abandon the thread."""
@@ -267,6 +307,8 @@ class TransferEngine:
                 remote = transfer.remote
                 assert remote is not None
                 cached = self._local.cached(transfer, remote)
+                if cached is None and self._unrecorded_candidate(transfer):
+                    cached = await self._to_thread(self._adopt_unrecorded, transfer, remote)
                 if cached is not None:
                     return cached
                 try:
@@ -367,12 +409,8 @@ class TransferEngine:
             os.close(dir_fd)
         seconds = time.monotonic() - started
         fetched = sum(r.length for r in todo)
-        entry = ManifestEntry(
-            endpoint=remote.endpoint, bucket=remote.bucket, key=remote.key, etag=remote.etag,
-            size=remote.size, mtime_ns=mtime_ns, version_id=remote.version_id,
-            checksum=remote.checksum, sha256=transfer.spec.sha256, published_at=time.time(),
-        )
-        await self._to_thread_settled(self._manifest.record, target, entry, self._settings.fsync)
+        await self._to_thread_settled(self._record, transfer,
+                                      self._entry(transfer, remote, mtime_ns))
         if journal is not None:
             journal.remove()
         self._tracker.file_done()

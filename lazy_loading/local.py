@@ -8,17 +8,22 @@ when known, still the store's version (ETag, size); with a ``sha256`` in the con
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from .cache import Manifest, ManifestEntry
+from .checksums import DigestSet
 from .client import describe_endpoint
 from .errors import DownloadError
 from .plan import FileTransfer
 from .progress import ProgressTracker, format_bytes
 from .results import FileResult
-from .s3io import RemoteObject
+from .s3io import FatalFailure, RemoteObject
+from .verify import verify
 
 logger = logging.getLogger("lazy_loading")
 
@@ -97,3 +102,30 @@ class LocalCopies:
                     f"not enough free disk space on {path}: the artifacts need "
                     f"{format_bytes(total)}, {format_bytes(free)} is free"
                 )
+
+    @staticmethod
+    def same_size_file(target: Path, size: int) -> bool:
+        try:
+            st = os.lstat(target)
+        except OSError:
+            return False
+        return stat.S_ISREG(st.st_mode) and st.st_size == size
+
+    @staticmethod
+    def verified_copy(transfer: FileTransfer, remote: RemoteObject, digests: DigestSet,
+                      cancel: threading.Event) -> int | None:
+        """The mtime of the file at the target when it is the object (every digest matches)."""
+        try:
+            fd = os.open(transfer.target, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size != remote.size:
+                return None
+            verify(transfer, remote, fd, digests, inline=False, combined=None, cancel=cancel)
+            return st.st_mtime_ns
+        except (FatalFailure, OSError):
+            return None
+        finally:
+            os.close(fd)

@@ -103,3 +103,25 @@ def test_a_killed_download_resumes_on_a_volume_under_twice_its_size(
     assert result.returncode == 0, result.stderr[-2000:]
     assert (small_disk / "a.bin").read_bytes() == body
     assert no_debris(small_disk) == []
+
+
+def test_a_full_disk_at_the_record_keeps_the_verified_file_and_restarts_work(
+    s3: S3Store, small_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    bucket = s3.bucket()
+    body = payload(1 * MiB, 9)
+    s3.put(bucket, "a.bin", body)  # single-part, with the store's CRC32
+    env = lazy_env(s3.url, bucket, {"a.bin": "a.bin"})
+    free = shutil.disk_usage(small_disk).free
+    (small_disk / "filler").write_bytes(b"\0" * (free - 1 * MiB))  # room for the file alone
+    with caplog.at_level(logging.WARNING, logger="lazy_loading"):
+        LazyLoadingHandler(code_dir=small_disk, environ=env).download_lazy_loading_files()
+    assert (small_disk / "a.bin").read_bytes() == body
+    assert "its record could not be written (No space left on device)" in caplog.text
+    fetched = s3.faults.ledger.body_bytes["a.bin"]
+    results = LazyLoadingHandler(code_dir=small_disk, environ=env).download_lazy_loading_files()
+    assert [r.status for r in results] == ["cached"]
+    assert s3.faults.ledger.body_bytes["a.bin"] == fetched, "kept after verifying, not fetched"
+    assert no_debris(small_disk) == []
