@@ -53,6 +53,8 @@ logger = logging.getLogger("lazy_loading")
 T = TypeVar("T")
 
 _LOCK_WAIT_LOG_EVERY = 10.0
+AUTO_TIMEOUT_BASE = 120.0
+AUTO_TIMEOUT_RATE = 1024 * 1024  # bytes per second, all connections together
 
 __all__ = ["FileResult", "TransferEngine"]
 
@@ -80,6 +82,11 @@ class TransferEngine:
         self._pool: PriorityPool | None = None
         self._unreachable = False
         self._part_size = 0
+        started = time.monotonic()
+        # With LAZY_LOADING_TIMEOUT=auto: a budget for the HEADs, then one that grows with the
+        # bytes to fetch, so a store that never finishes cannot hang a server's start forever.
+        self.deadline = started + AUTO_TIMEOUT_BASE
+        self.started = started
 
     # ----------------------------------------------------------------- orchestration
     async def run(self) -> list[FileResult]:
@@ -125,7 +132,9 @@ class TransferEngine:
                                            self._settings.max_connections,
                                            self._settings.part_size)
         await self._to_thread(self._local.check_free_space, transfers, self._needs_no_room)
-        self._tracker.start(len(transfers), sum(t.size for t in transfers))
+        total = sum(t.size for t in transfers)
+        self.deadline = self.started + AUTO_TIMEOUT_BASE + total / AUTO_TIMEOUT_RATE
+        self._tracker.start(len(transfers), total)
         ticker = asyncio.ensure_future(self._log_progress())
         # Each file in flight holds a lock, a temp file and a journal open: bound them by the
         # connection budget, not by the number of files.
@@ -363,7 +372,9 @@ class TransferEngine:
                     remote.where)
         digests = digests_for(transfer, remote, self._settings)
         sink = RangeSink(fd, self._tracker.add_bytes, threading.Event(),
-                         digests if digests and not multipart else None)
+                         digests if digests and not multipart else None,
+                         min_rate=self._settings.min_rate,
+                         rate_window=self._settings.rate_window)
         # A multi-part file checks its CRC from per-part values computed while each part's bytes
         # are hot, combined at the end: no second read of the file.
         part_algorithm = (remote.checksum[0] if multipart and remote.checksum is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -20,7 +21,7 @@ from .config import (
     load_values_file,
     secret_env_name,
 )
-from .engine import FileResult, TransferEngine
+from .engine import AUTO_TIMEOUT_BASE, FileResult, TransferEngine
 from .environ import warn_about_environ
 from .errors import ConfigError, DownloadError, LazyLoadingError
 from .paths import (
@@ -199,11 +200,13 @@ class LazyLoadingHandler:
         engine = TransferEngine(transfers, clients, settings, code_dir / STATE_DIR_NAME,
                                 self._tracker)
         try:
-            return await asyncio.wait_for(engine.run(), settings.timeout)
-        except asyncio.TimeoutError:
-            raise DownloadError(
-                f"lazy loading gave up after LAZY_LOADING_TIMEOUT={settings.timeout:g} s"
-            ) from None
+            if settings.timeout is not None:
+                try:
+                    return await asyncio.wait_for(engine.run(), settings.timeout)
+                except asyncio.TimeoutError:
+                    raise DownloadError(f"lazy loading gave up after LAZY_LOADING_TIMEOUT="
+                                        f"{settings.timeout:g} s") from None
+            return await _within_deadline(engine)
         finally:
             clients.close()
 
@@ -219,6 +222,32 @@ class LazyLoadingHandler:
         env[DATA_ENV] = data.model_dump_json()
         for cred_id, cred in credentials.items():
             env[secret_env_name(cred_id)] = cred.to_env_json()
+
+
+async def _within_deadline(engine: TransferEngine) -> list[FileResult]:
+    """Run the engine until it is done or its own deadline (which it moves once it knows how
+    many bytes it must fetch) has passed."""
+    task = asyncio.ensure_future(engine.run())
+    try:
+        while True:
+            remaining = engine.deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            done, _ = await asyncio.wait({task}, timeout=remaining)
+            if done:
+                return task.result()
+    except BaseException:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        raise
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    raise DownloadError(
+        f"lazy loading gave up after {time.monotonic() - engine.started:.0f} s "
+        f"(LAZY_LOADING_TIMEOUT=auto: {AUTO_TIMEOUT_BASE:g} s plus 1 s per MiB to fetch; set "
+        "LAZY_LOADING_TIMEOUT in seconds to change it); the store is too slow or not answering")
 
 
 def _check_writable(code_dir: Path) -> None:

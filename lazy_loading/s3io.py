@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -216,6 +217,10 @@ class RangeSink:
     # Ranges whose response carried neither ETag nor Last-Modified: nothing ties their bytes to
     # the version the HEAD saw, so only a checksum can.
     unproven: set[int] = field(default_factory=set)
+    # Below ``min_rate`` bytes/s over ``rate_window`` seconds a connection counts as stalled,
+    # however steadily its bytes trickle in (each one would reset a socket timeout).
+    min_rate: int = 0
+    rate_window: float = 30.0
 
     def track(self, body: Any) -> None:
         with self._lock:
@@ -238,7 +243,7 @@ class RangeSink:
         """The same sink (shared cancel and bodies) reporting bytes to ``on_bytes``, hashing
         into ``digests`` as well when given (a part's own CRC)."""
         return RangeSink(self.fd, on_bytes, self.cancel, digests or self.digests, self._bodies,
-                         self._lock, self.unproven)
+                         self._lock, self.unproven, self.min_rate, self.rate_window)
 
 
 def _interrupt(body: Any) -> None:
@@ -268,16 +273,31 @@ def _buffer() -> memoryview:
 
 
 def _reader(body: Any) -> Callable[[memoryview], int]:
-    """``readinto`` straight from the HTTP response when botocore hands us a plain one.
+    """Read what the socket has (at most one ``recv``) into our buffer, without a copy.
 
-    botocore's ``StreamingBody.read`` and urllib3's ``readinto`` each allocate and copy every
-    chunk; on 2 cores those copies cost more than the socket. ``http.client``'s ``readinto``
-    fills our buffer directly and still enforces Content-Length. Any other body type (checksum
-    wrappers, future botocore versions) falls back to ``read``.
+    ``readinto1`` returns as soon as some bytes arrived, so progress moves while a slow store
+    trickles and the rate rule can see it; a plain ``readinto`` would block until the whole
+    1 MiB buffer is full. It reads straight from the HTTP response when botocore hands us a
+    plain one, keeping ``http.client``'s own Content-Length bookkeeping: botocore's
+    ``StreamingBody.read`` and urllib3's ``readinto`` each allocate and copy every chunk, which
+    on 2 cores costs more than the socket. Any other body type falls back to ``read``.
     """
     fp = getattr(getattr(body, "_raw_stream", None), "_fp", None)
-    if type(body) is StreamingBody and isinstance(fp, http.client.HTTPResponse):
-        return fp.readinto
+    if (type(body) is StreamingBody and isinstance(fp, http.client.HTTPResponse)
+            and not fp.chunked and fp.length is not None and hasattr(fp.fp, "readinto1")):
+        def read_some(view: memoryview) -> int:
+            want = min(len(view), fp.length or 0)
+            if want <= 0 or fp.fp is None:
+                return 0
+            n = int(fp.fp.readinto1(view[:want]))
+            fp.length = (fp.length or 0) - n
+            if n == 0 or fp.length == 0:
+                # What http.client does at the end of a body: the connection (not the socket)
+                # is then free for the next request on it.
+                fp._close_conn()  # type: ignore[attr-defined]
+            return n
+
+        return read_some
 
     def read_into(view: memoryview) -> int:
         data = body.read(len(view))
@@ -285,6 +305,29 @@ def _reader(body: Any) -> Callable[[memoryview], int]:
         return len(data)
 
     return read_into
+
+
+class _RateWindow:
+    """Bytes over the last window; too few is a stall, whatever the socket timeout says."""
+
+    def __init__(self, min_rate: int, window: float) -> None:
+        self._min_bytes = min_rate * window
+        self._window = window
+        self._start = time.monotonic()
+        self._bytes = 0
+
+    def add(self, n: int, where: str) -> None:
+        if not self._min_bytes:
+            return
+        self._bytes += n
+        now = time.monotonic()
+        if now - self._start >= self._window:
+            if self._bytes < self._min_bytes:
+                rate = self._bytes / (now - self._start)
+                raise TransientFailure(
+                    f"{where}: too slow ({rate:.0f} B/s over {now - self._start:.0f} s, below "
+                    f"LAZY_LOADING_MIN_RATE={self._min_bytes / self._window:.0f} B/s)")
+            self._start, self._bytes = now, 0
 
 
 def fetch_range(client: Any, remote: RemoteObject, byte_range: ByteRange, whole: bool,
@@ -312,24 +355,29 @@ def fetch_range(client: Any, remote: RemoteObject, byte_range: ByteRange, whole:
                 sink.unproven.add(byte_range.index)
         read_into = _reader(body)
         buffer = _buffer()
+        rate = _RateWindow(sink.min_rate, sink.rate_window)
         offset, written = byte_range.start, 0
         while written < byte_range.length:
-            if sink.cancel.is_set():
-                raise Cancelled()
-            n = read_into(buffer[: min(READ_SIZE, byte_range.length - written)])
-            if not n:
-                raise TransientFailure(
-                    f"{where}: body ended after {written} of {byte_range.length} bytes"
-                )
-            chunk = buffer[:n]
+            # Fill the buffer from as many reads as it takes, then write it with one pwrite.
+            want, filled = min(READ_SIZE, byte_range.length - written), 0
+            while filled < want:
+                if sink.cancel.is_set():
+                    raise Cancelled()
+                n = read_into(buffer[filled:want])
+                if not n:
+                    raise TransientFailure(f"{where}: body ended after {written + filled} of "
+                                           f"{byte_range.length} bytes")
+                filled += n
+                sink.on_bytes(n)
+                rate.add(n, where)
+            chunk = buffer[:filled]
             done = 0
-            while done < n:
+            while done < filled:
                 done += os.pwrite(sink.fd, chunk[done:], offset + done)
             if sink.digests is not None:
                 sink.digests.update(chunk)
-            offset += n
-            written += n
-            sink.on_bytes(n)
+            offset += filled
+            written += filled
         if read_into(buffer[:1]):
             if whole and remote.size == 0:
                 raise FatalFailure(f"{where}: HEAD said 0 bytes but the body is not empty; the "

@@ -35,6 +35,7 @@ class LazyLoadingSettings(BaseModel):
     max_connections: int = Field(16, ge=1, le=256)
     part_size: int | None = Field(None, ge=1 * MiB, le=5 * 1024 * MiB)
     stall_timeout: float = Field(15.0, gt=0, le=3600)
+    min_rate: int = Field(1024, ge=0)
     timeout: float | None = Field(None, gt=0)
     max_attempts: int = Field(8, ge=1, le=100)
     allowed_roots: tuple[Path, ...] = ()
@@ -49,6 +50,21 @@ class LazyLoadingSettings(BaseModel):
         if isinstance(value, str):
             return None if value.strip().lower() == "auto" else parse_size(value)
         return value
+
+    @field_validator("min_rate", mode="before")
+    @classmethod
+    def _parse_min_rate(cls, value: object) -> object:
+        return parse_size(value) if isinstance(value, str) else value
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _auto_timeout(cls, value: object) -> object:
+        return None if isinstance(value, str) and value.strip().lower() == "auto" else value
+
+    @property
+    def rate_window(self) -> float:
+        """The window ``min_rate`` is measured over: twice the stall timeout."""
+        return 2 * self.stall_timeout
 
     @field_validator("allowed_roots", mode="before")
     @classmethod

@@ -106,12 +106,14 @@ class KeepAliveStore:
     Records ``(method, client port)`` per request, so a test can count TCP connections.
     """
 
-    def __init__(self, objects: dict[str, bytes]) -> None:
+    def __init__(self, objects: dict[str, bytes], trickle_head: float = 0.0) -> None:
+        import contextlib
         import hashlib
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         self.requests: list[tuple[str, int]] = []
+        self.stopping = threading.Event()
         store = self
 
         class _Handler(BaseHTTPRequestHandler):
@@ -138,6 +140,18 @@ class KeepAliveStore:
 
             def do_HEAD(self) -> None:
                 body = self._object()
+                if body is not None and trickle_head:
+                    # Headers one byte at a time: every byte resets a socket timeout.
+                    raw = (f"HTTP/1.1 200 OK\r\nETag: \"{hashlib.md5(body).hexdigest()}\"\r\n"
+                           f"Content-Length: {len(body)}\r\n\r\n").encode()
+                    with contextlib.suppress(OSError):
+                        for i in range(len(raw)):
+                            if store.stopping.is_set():
+                                return
+                            self.wfile.write(raw[i:i + 1])
+                            self.wfile.flush()
+                            time.sleep(trickle_head)
+                    return
                 if body is not None:
                     self._headers(200, body, len(body))
                     self.end_headers()
@@ -166,5 +180,6 @@ class KeepAliveStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
         self._server.shutdown()
         self._server.server_close()

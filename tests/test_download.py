@@ -848,3 +848,49 @@ def test_a_directory_swapped_for_a_symlink_after_validation_is_never_followed(
     finally:
         swapper.join()
     assert sorted(p.name for p in outside.iterdir()) == [bait.name], "nothing written or removed"
+
+
+def test_a_trickling_body_is_a_stall_and_progress_moves_meanwhile(
+    s3: S3Store, tmp_path: Path
+) -> None:
+    import threading
+
+    _, env = _setup(s3, {"model.bin": payload(64 * 1024, seed=3)}, LAZY_LOADING_STALL_TIMEOUT="1",
+                    LAZY_LOADING_MAX_ATTEMPTS="2")
+    s3.faults.add(Rule("trickle", key="model.bin", times=None, seconds=0.05))  # 20 B/s
+    handler = LazyLoadingHandler(code_dir=tmp_path, environ=env)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            handler.download_lazy_loading_files()
+        except BaseException as exc:
+            failure.append(exc)
+
+    worker = threading.Thread(target=run)
+    started = time.monotonic()
+    worker.start()
+    seen = 0
+    while worker.is_alive() and time.monotonic() - started < 30:
+        seen = max(seen, handler.progress().bytes_done)
+        time.sleep(0.1)
+    worker.join(30)
+    assert seen > 0, "progress moved as the bytes trickled in"
+    assert failure and isinstance(failure[0], DownloadError), failure
+    assert "too slow" in str(failure[0]) and "LAZY_LOADING_MIN_RATE=1024 B/s" in str(failure[0])
+    assert time.monotonic() - started < 20
+    assert no_debris(tmp_path) == []
+
+
+def test_trickling_headers_cannot_hang_a_start_forever(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lazy_loading import engine
+
+    monkeypatch.setattr(engine, "AUTO_TIMEOUT_BASE", 3.0)  # 120 s by default
+    with KeepAliveStore({"model.bin": b"x" * 100}, trickle_head=0.5) as store:
+        env = lazy_env(store.url, "bkt", {"model.bin": "model.bin"})
+        started = time.monotonic()
+        with pytest.raises(DownloadError, match=r"gave up after 3 s \(LAZY_LOADING_TIMEOUT=auto"):
+            LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+        assert time.monotonic() - started < 10
