@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Iterator
 from typing import TypeVar
 
 from lazy_loading import DownloadError
+from lazy_loading.bridge import cancel_from_signal_handler
 
 T = TypeVar("T")
 
@@ -27,18 +28,31 @@ def _main_thread() -> bool:
 
 @contextlib.contextmanager
 def sigterm_exits() -> Iterator[None]:
-    """For blocking downloads in the main thread: SIGTERM raises ``SystemExit(143)``, so the
-    engine's cleanup runs while the exception unwinds."""
+    """For blocking downloads in the main thread: SIGTERM ends the call with
+    ``SystemExit(143)`` after the engine's cleanup ran. The download running on this thread's
+    loop is cancelled (raising inside a running loop could lose a wake-up and hang it); outside
+    a loop, the exception is raised at once."""
     if not _main_thread():
         yield
         return
+    interrupted = False
 
     def _exit(signum: int, frame: object) -> None:
-        raise SystemExit(SIGTERM_EXIT_CODE)
+        nonlocal interrupted
+        interrupted = True
+        if not cancel_from_signal_handler():
+            raise SystemExit(SIGTERM_EXIT_CODE)
 
     previous = signal.signal(signal.SIGTERM, _exit)
     try:
         yield
+    except (asyncio.CancelledError, DownloadError):
+        if interrupted:
+            raise SystemExit(SIGTERM_EXIT_CODE) from None
+        raise
+    else:
+        if interrupted:  # the download finished just before the cancel reached it
+            raise SystemExit(SIGTERM_EXIT_CODE)
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -69,9 +69,34 @@ async def _with_timeout(coro_fn: Callable[..., Awaitable[T]], args: tuple[Any, .
     return await asyncio.wait_for(coro_fn(*args), timeout)
 
 
+_roots = threading.local()  # the task run_sync runs on this thread's own loop, if any
+
+
 def _run_here(coro_fn: Callable[..., Awaitable[T]], args: tuple[Any, ...],
               timeout: float | None, ctx: contextvars.Context) -> T:
-    return ctx.run(asyncio.run, _with_timeout(coro_fn, args, timeout))
+    async def root() -> T:
+        _roots.task = asyncio.current_task()
+        try:
+            return await _with_timeout(coro_fn, args, timeout)
+        finally:
+            _roots.task = None
+
+    return ctx.run(asyncio.run, root())
+
+
+def cancel_from_signal_handler() -> bool:
+    """For a signal handler of the thread that runs ``run_sync`` on its own loop: cancel that
+    run instead of raising, and say whether there was one.
+
+    An exception raised by a signal handler lands wherever the loop happens to be, possibly in
+    the callback that hands a worker thread's result to its waiter; that waiter then never
+    wakes and the loop's shutdown hangs. Cancelling the task lets every cleanup run normally.
+    """
+    task: asyncio.Task[Any] | None = getattr(_roots, "task", None)
+    if task is None or task.done():
+        return False
+    task.get_loop().call_soon_threadsafe(task.cancel)
+    return True
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
