@@ -179,9 +179,11 @@ class ResumeJournal:
     """
 
     def __init__(self, state_dir: Path, target: Path, remote: RemoteObject, part_size: int,
-                 temp: Path, done: set[int] | None = None,
-                 crcs: dict[int, int] | None = None) -> None:
+                 temp: Path, crc_algorithm: str, done: set[int] | None = None,
+                 crcs: dict[int, int] | None = None, durable: bool = False) -> None:
         self.path = self.path_for(state_dir, target)
+        self.crc_algorithm = crc_algorithm  # of every part's CRC, checked again on resume
+        self.durable = durable
         self.target = target
         self.remote = remote
         self.part_size = part_size
@@ -198,7 +200,8 @@ class ResumeJournal:
     def _identity(self) -> dict[str, Any]:
         r = self.remote
         return {"target": str(self.target), "endpoint": r.endpoint, "bucket": r.bucket,
-                "key": r.key, "etag": r.etag, "size": r.size, "part_size": self.part_size}
+                "key": r.key, "etag": r.etag, "size": r.size, "part_size": self.part_size,
+                "crc": self.crc_algorithm}
 
     @staticmethod
     def read(path: Path) -> tuple[dict[str, Any], set[int], dict[int, int]] | None:
@@ -222,10 +225,11 @@ class ResumeJournal:
         return header, done, crcs
 
     @classmethod
-    def resume(cls, state_dir: Path, target: Path, remote: RemoteObject,
-               part_size: int) -> ResumeJournal | None:
+    def resume(cls, state_dir: Path, target: Path, remote: RemoteObject, part_size: int,
+               crc_algorithm: str, durable: bool = False) -> ResumeJournal | None:
         """The journal of an earlier, dead attempt at the same object version, if usable."""
-        probe = cls(state_dir, target, remote, part_size, temp=target)
+        probe = cls(state_dir, target, remote, part_size, temp=target,
+                    crc_algorithm=crc_algorithm)
         found = cls.read(probe.path)
         if found is None:
             return None
@@ -240,7 +244,8 @@ class ResumeJournal:
             return None
         if not stat.S_ISREG(st.st_mode) or st.st_size != remote.size:
             return None
-        return cls(state_dir, target, remote, part_size, temp=temp, done=done, crcs=crcs)
+        return cls(state_dir, target, remote, part_size, temp=temp, crc_algorithm=crc_algorithm,
+                   done=done, crcs=crcs, durable=durable)
 
     def start(self) -> None:
         """(Re)write the header and the parts done so far, then append from here on."""
@@ -258,12 +263,23 @@ class ResumeJournal:
         return f"{index}\n" if crc is None else f"{index} {crc}\n"
 
     def mark_done(self, index: int, crc: int | None = None) -> None:
+        """Record a finished part. With ``durable`` the caller has synced the part's data
+        already, and the record is synced too: never a record on disk before its data."""
         with self._lock:
             self.done.add(index)
             if crc is not None:
                 self.crcs[index] = crc
             if self._fd >= 0:
                 os.write(self._fd, self._line(index).encode())
+                if self.durable:
+                    os.fdatasync(self._fd)
+
+    def forget(self, indexes: set[int]) -> None:
+        """Parts whose bytes on disk failed their check: they are fetched again."""
+        with self._lock:
+            self.done -= indexes
+            for index in indexes:
+                self.crcs.pop(index, None)
 
     def adopt(self, temp: Path, dir_fd: int) -> None:
         """Move the earlier attempt's temp file to our own name (both in the directory open as

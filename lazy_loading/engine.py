@@ -46,7 +46,7 @@ from .s3io import (
 )
 from .scheduler import PriorityPool
 from .settings import LazyLoadingSettings
-from .verify import PrefixHasher, digests_for
+from .verify import PrefixHasher, digests_for, part_check_algorithm
 
 logger = logging.getLogger("lazy_loading")
 
@@ -179,7 +179,8 @@ class TransferEngine:
         file itself is already there, unrecorded, waiting to be verified."""
         assert transfer.remote is not None
         return self._unrecorded_candidate(transfer) or ResumeJournal.resume(
-            self._state_dir, transfer.target, transfer.remote, self._part_size) is not None
+            self._state_dir, transfer.target, transfer.remote, self._part_size,
+            part_check_algorithm(transfer.remote, self._settings)) is not None
 
     def _unrecorded_candidate(self, transfer: FileTransfer) -> bool:
         remote = transfer.remote
@@ -380,6 +381,7 @@ class TransferEngine:
         part_algorithm = (remote.checksum[0] if multipart and remote.checksum is not None
                           and self._settings.verify_checksums and combinable(remote.checksum[0])
                           else None)
+        check_algorithm = part_check_algorithm(remote, self._settings) if multipart else None
         part_crcs: dict[int, int] = dict(journal.crcs) if journal is not None else {}
         prefix = (PrefixHasher(fd, ranges, digests, resumed, sink.cancel)
                   if multipart and digests and not (part_algorithm
@@ -397,7 +399,7 @@ class TransferEngine:
             todo = [r for r in ranges if r.index not in resumed]
             client = self._clients.get(transfer.repository)
             await self._run_parts(client, remote, todo, not multipart, sink, journal,
-                                  part_algorithm, part_crcs, prefix)
+                                  check_algorithm, part_crcs, prefix)
             combined = (combine_parts(part_algorithm, [(part_crcs[r.index], r.length)
                                                        for r in ranges])
                         if part_algorithm and all(r.index in part_crcs for r in ranges)
@@ -433,14 +435,14 @@ class TransferEngine:
 
     async def _run_parts(self, client: Any, remote: RemoteObject, todo: list[ByteRange],
                          whole: bool, sink: RangeSink, journal: ResumeJournal | None,
-                         part_algorithm: str | None, part_crcs: dict[int, int],
+                         check_algorithm: str | None, part_crcs: dict[int, int],
                          prefix: PrefixHasher | None) -> None:
         """Fetch the ranges in the shared pool; on any failure stop this file's other parts and
         wait until no thread can still write to its descriptor."""
         assert self._pool is not None
         futures = [
             self._pool.submit((r.index, -remote.size), self._fetch_part, client, remote, r, whole,
-                              sink, journal, part_algorithm, part_crcs, prefix)
+                              sink, journal, check_algorithm, part_crcs, prefix)
             for r in todo
         ]
         try:
@@ -454,7 +456,7 @@ class TransferEngine:
 
     # ----------------------------------------------------------------- blocking steps
     def _fetch_part(self, client: Any, remote: RemoteObject, byte_range: ByteRange, whole: bool,
-                    sink: RangeSink, journal: ResumeJournal | None, part_algorithm: str | None,
+                    sink: RangeSink, journal: ResumeJournal | None, check_algorithm: str | None,
                     part_crcs: dict[int, int], prefix: PrefixHasher | None = None) -> None:
         written = [0]
 
@@ -462,7 +464,7 @@ class TransferEngine:
             written[0] += n
             sink.on_bytes(n)
 
-        part_digest = DigestSet([part_algorithm]) if part_algorithm else None
+        part_digest = DigestSet([check_algorithm]) if check_algorithm else None
         part_sink = sink.with_counter(count, part_digest)
 
         def undo() -> None:
@@ -476,10 +478,12 @@ class TransferEngine:
             raise Cancelled()
         self._retrier.call(lambda: fetch_range(client, remote, byte_range, whole, part_sink),
                            sink.cancel, on_retry=undo)
-        crc = part_digest.value(part_algorithm) if part_digest and part_algorithm else None
+        crc = part_digest.value(check_algorithm) if part_digest and check_algorithm else None
         if crc is not None:
             part_crcs[byte_range.index] = crc
         if journal is not None:
+            if self._settings.fsync:  # the part's bytes reach the disk before its record does
+                os.fdatasync(sink.fd)
             journal.mark_done(byte_range.index, crc)
         if prefix is not None:
             prefix.part_done(byte_range.index)

@@ -16,10 +16,10 @@ from pathlib import Path
 from .cache import ResumeJournal, remove_stale_temps, stale_temp_names
 from .checksums import DigestSet
 from .dirfd import UnsafePath, fsync_dir, open_dir
-from .plan import FileTransfer
+from .plan import FileTransfer, split_ranges
 from .s3io import FatalFailure, RemoteObject
 from .settings import LazyLoadingSettings
-from .verify import verify
+from .verify import part_check_algorithm, parts_failing_their_crc, verify
 
 logger = logging.getLogger("lazy_loading")
 
@@ -59,7 +59,9 @@ class Publisher:
                      multipart: bool, temp: Path, dir_fd: int) -> tuple[ResumeJournal | None, int]:
         target = transfer.target
         try:
-            journal = (ResumeJournal.resume(self._state_dir, target, remote, part_size)
+            crc = part_check_algorithm(remote, self._settings)
+            journal = (ResumeJournal.resume(self._state_dir, target, remote, part_size, crc,
+                                            self._settings.fsync)
                        if multipart else None)
             remove_stale_temps(self._state_dir, target)
             for stale in stale_temp_names(target, dir_fd):
@@ -73,6 +75,8 @@ class Publisher:
             else:
                 flags |= os.O_EXCL
             fd = os.open(temp.name, flags, 0o644, dir_fd=dir_fd)
+            if journal is not None and journal.done:
+                self._check_resumed_parts(journal, fd)
         except OSError as exc:
             raise FatalFailure(
                 f"{target.parent}: cannot write there ({exc.strerror}); artifacts need a "
@@ -87,7 +91,8 @@ class Publisher:
                         raise
                     os.ftruncate(fd, remote.size)
             if multipart and journal is None:
-                journal = ResumeJournal(self._state_dir, target, remote, part_size, temp)
+                journal = ResumeJournal(self._state_dir, target, remote, part_size, temp, crc,
+                                        durable=self._settings.fsync)
                 journal.start()
         except OSError as exc:
             os.close(fd)
@@ -95,6 +100,19 @@ class Publisher:
                 os.unlink(temp.name, dir_fd=dir_fd)
             raise FatalFailure(f"{target}: cannot create the download file: {exc.strerror}") from None
         return journal, fd
+
+    def _check_resumed_parts(self, journal: ResumeJournal, fd: int) -> None:
+        """Journaled parts are read back and checked against their CRCs: after a power cut a
+        record can be on disk while its part's bytes are not (zeros in their place)."""
+        ranges = [r for r in split_ranges(journal.remote.size, journal.part_size)
+                  if r.index in journal.done]
+        bad = parts_failing_their_crc(fd, ranges, journal.crcs, journal.crc_algorithm,
+                                      self._cancel)
+        if bad:
+            logger.warning("%d resumed part(s) of %s failed their check; fetching them again",
+                           len(bad), journal.target)
+            journal.forget(bad)
+            journal.start()
 
     def finish(self, transfer: FileTransfer, remote: RemoteObject, fd: int, temp: Path,
                 dir_fd: int, digests: DigestSet, inline: bool, combined: str | None) -> int:

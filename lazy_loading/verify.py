@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 
-from .checksums import DigestSet
+from .checksums import DigestSet, combinable
 from .plan import FileTransfer
 from .s3io import ByteRange, Cancelled, FatalFailure, RemoteObject
 from .settings import LazyLoadingSettings
@@ -28,6 +28,31 @@ def digests_for(transfer: FileTransfer, remote: RemoteObject,
         if transfer.spec.sha256:
             algorithms.append("sha256")
     return DigestSet(algorithms)
+
+
+_JOURNAL_CRC = "ChecksumCRC32C"  # awscrt's: about 9 GiB/s, so checking a part is nearly free
+
+
+def part_check_algorithm(remote: RemoteObject, settings: LazyLoadingSettings) -> str:
+    """The CRC each part of a multi-part file is computed with as it streams in: the object's
+    own, when its parts can be combined into it, else CRC32C. Journaled with the part, it lets a
+    resumed run check the bytes a killed (or powered-off) one left on disk."""
+    if remote.checksum is not None and settings.verify_checksums and combinable(remote.checksum[0]):
+        return remote.checksum[0]
+    return _JOURNAL_CRC
+
+
+def parts_failing_their_crc(fd: int, ranges: list[ByteRange], crcs: dict[int, int],
+                            algorithm: str, cancel: threading.Event) -> set[int]:
+    """Resumed parts whose bytes on disk do not match the CRC journaled for them."""
+    bad = set()
+    for part in ranges:
+        expected = crcs.get(part.index)
+        digest = DigestSet([algorithm])
+        hash_fd(fd, part.length, digest, cancel, part.start)
+        if expected is None or digest.value(algorithm) != expected:
+            bad.add(part.index)
+    return bad
 
 
 def verify(transfer: FileTransfer, remote: RemoteObject, fd: int, digests: DigestSet,

@@ -196,3 +196,42 @@ def test_cli_download_from_a_values_file(s3: S3Store, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert (code / "art" / "m.bin").read_bytes() == b"from the values file"
     assert "values-file-secret" not in result.stderr + result.stdout
+
+
+def test_a_resumed_part_whose_bytes_never_reached_the_disk_is_fetched_again(
+    s3: S3Store, tmp_path: Path
+) -> None:
+    # A power cut can leave a journal record on disk while its part's bytes are not (zeros):
+    # resumed parts are checked against their journaled CRCs, never trusted as they are.
+    bucket = s3.bucket()
+    body = payload(6 * MiB, seed=43)
+    s3.put(bucket, "big.bin", body)  # single-part upload: CRC32, combinable
+    env = lazy_env(s3.url, bucket, {"big.bin": "big.bin"}, LAZY_LOADING_PART_SIZE="1MiB",
+                   LAZY_LOADING_MAX_CONNECTIONS="1", LAZY_LOADING_VERIFY_CHECKSUMS="false")
+    s3.faults.add(Rule("throttle", key="big.bin", times=None, rate=2 * MiB))
+    journal_dir = tmp_path / ".lazy_loading" / "journal"
+    proc = subprocess.Popen(_download_cmd(tmp_path), env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    done: set[int] = set()
+    while time.monotonic() < deadline and len(done) < 2:
+        for path in journal_dir.glob("*.log"):
+            found = ResumeJournal.read(path)
+            if found is not None:
+                done = found[1]
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    assert 0 in done, "the first part was journaled before the kill"
+    (partial,) = no_debris(tmp_path)
+    with open(partial, "r+b") as fh:  # part 0's bytes "lost": zeros, as after a power cut
+        fh.write(b"\0" * MiB)
+    s3.faults.reset()
+    result = subprocess.run(_download_cmd(tmp_path), env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "big.bin").read_bytes() == body, "no zeroed part is ever published"
+    assert "resumed part(s) of" in result.stderr and "failed their check" in result.stderr
+    requested = {int(rng.split("=")[1].split("-")[0]) // MiB
+                 for method, key, rng, _ in s3.faults.ledger.requests
+                 if method == "GET" and key == "big.bin" and rng}
+    assert 0 in requested
