@@ -7,8 +7,10 @@ the cache is keyed by PID and also cleared in the child by ``os.register_at_fork
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
+import warnings
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -17,11 +19,20 @@ import boto3
 import botocore.session
 from botocore.config import Config
 from botocore.loaders import Loader
+from urllib3.exceptions import InsecureRequestWarning
 
 from .config import LazyLoadingConfig, LazyLoadingRepository, S3Credentials
 from .settings import LazyLoadingSettings
 
 _DEFAULT_REGION = "us-east-1"
+_AMBIENT_ENDPOINTS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+
+logger = logging.getLogger("lazy_loading")
+
+
+def _quiet_insecure_warnings() -> None:
+    """urllib3 warns on every unverified request; the user opted out, and one line says so."""
+    warnings.filterwarnings("ignore", category=InsecureRequestWarning)
 
 
 def describe_endpoint(repository: LazyLoadingRepository) -> str:
@@ -45,6 +56,11 @@ class S3ClientFactory:
         self._config = config
         self._settings = settings
         self._environ = os.environ if environ is None else environ
+        ambient = [n for n in _AMBIENT_ENDPOINTS if self._environ.get(n)]
+        if ambient and any(r.endpoint_url is None for r in config.data.repositories):
+            logger.warning("%s is set but not used: a repository without endpointUrl reads from "
+                           "AWS S3; set endpointUrl on the repository to use another endpoint",
+                           " and ".join(ambient))
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._clients: dict[str, Any] = {}
@@ -88,7 +104,15 @@ class S3ClientFactory:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
             tcp_keepalive=True,
+            # A repository's endpoint is its endpointUrl, else AWS S3: never AWS_ENDPOINT_URL or
+            # a profile's endpoint_url, which would receive the credentials unannounced.
+            ignore_configured_endpoint_urls=True,
         )
+        if not repository.verify_certificate:
+            _quiet_insecure_warnings()
+            logger.warning("TLS certificate verification is off for repository %s at %s "
+                           "(verifyCertificate: false)", repository.repository_id,
+                           describe_endpoint(repository))
         client = self._session.client(
             "s3",
             aws_access_key_id=creds.aws_access_key_id,

@@ -894,3 +894,21 @@ def test_trickling_headers_cannot_hang_a_start_forever(
         with pytest.raises(DownloadError, match=r"gave up after 3 s \(LAZY_LOADING_TIMEOUT=auto"):
             LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
         assert time.monotonic() - started < 10
+
+
+def test_an_ambient_aws_endpoint_never_receives_a_repository_without_endpoint_url(
+    s3: S3Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.servers import free_port
+
+    _, env = _setup(s3, {"a.bin": b"x"})
+    data = json.loads(env["MLOPS_LAZY_LOADING_DATA"])
+    del data["repositories"][0]["endpointUrl"]  # meant for AWS S3
+    # AWS S3 itself is reached through a proxy on loopback that refuses: no request leaves.
+    env = {**env, "MLOPS_LAZY_LOADING_DATA": json.dumps(data), "AWS_ENDPOINT_URL": s3.url,
+           "HTTPS_PROXY": f"http://127.0.0.1:{free_port()}", "LAZY_LOADING_MAX_ATTEMPTS": "1"}
+    with caplog.at_level(logging.WARNING, logger="lazy_loading"), pytest.raises(DownloadError):
+        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert [r for r in s3.faults.ledger.requests if r[0] in ("HEAD", "GET")] == [], \
+        "the ambient endpoint got the request (and the session token)"
+    assert "AWS_ENDPOINT_URL is set but not used" in caplog.text

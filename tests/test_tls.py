@@ -5,8 +5,10 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import logging
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,13 +92,18 @@ def test_verification_is_on_by_default_and_fails_clearly(
 
 @pytest.mark.parametrize("key", ["verifyCertificate", "verify_certificate"])
 def test_verification_off_for_this_repository_only(
-    https_s3: tuple[str, Path], tmp_path: Path, key: str
+    https_s3: tuple[str, Path], tmp_path: Path, key: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     url, _ = https_s3
-    with pytest.warns(urllib3.exceptions.InsecureRequestWarning):
+    with warnings.catch_warnings(record=True) as caught, \
+            caplog.at_level(logging.WARNING, logger="lazy_loading"):
+        warnings.simplefilter("always")
         LazyLoadingHandler(code_dir=tmp_path,
                            environ=_env(url, **{key: False})).download_lazy_loading_files()
     assert (tmp_path / "m.bin").read_bytes() == b"secure bytes"
+    assert not [w for w in caught if issubclass(w.category,
+                                                urllib3.exceptions.InsecureRequestWarning)]
+    assert caplog.text.count("TLS certificate verification is off for repository") == 1
     import ssl
 
     assert ssl._create_default_https_context is ssl.create_default_context, \
