@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import time
@@ -160,7 +161,10 @@ class LazyLoadingHandler:
             return []
         started = time.monotonic()
         try:
-            results = await self._download()
+            try:
+                results = await self._download()
+            except OSError as exc:  # a local resource ran out where no step expected it
+                raise DownloadError(_local_failure(exc)) from None
         except LazyLoadingError as exc:
             self._tracker.set_state(DownloadState.FAILED, str(exc))
             raise
@@ -222,6 +226,14 @@ class LazyLoadingHandler:
         env[DATA_ENV] = data.model_dump_json()
         for cred_id, cred in credentials.items():
             env[secret_env_name(cred_id)] = cred.to_env_json()
+
+
+def _local_failure(exc: OSError) -> str:
+    where = f"{exc.filename}: " if exc.filename else ""
+    hint = {errno.EMFILE: "; raise the open-files limit (ulimit -n) or lower "
+                          "LAZY_LOADING_MAX_CONNECTIONS",
+            errno.ENOSPC: "; free some space or give the code dir a larger volume"}
+    return f"local I/O error: {where}{exc.strerror or exc}{hint.get(exc.errno or 0, '')}"
 
 
 async def _within_deadline(engine: TransferEngine) -> list[FileResult]:

@@ -912,3 +912,26 @@ def test_an_ambient_aws_endpoint_never_receives_a_repository_without_endpoint_ur
     assert [r for r in s3.faults.ledger.requests if r[0] in ("HEAD", "GET")] == [], \
         "the ambient endpoint got the request (and the session token)"
     assert "AWS_ENDPOINT_URL is set but not used" in caplog.text
+
+
+def test_running_out_of_descriptors_anyway_is_one_line_naming_the_fix(
+    s3: S3Store, tmp_path: Path
+) -> None:
+    import resource
+    import subprocess
+    import sys
+
+    bucket = s3.bucket()
+    for i in range(40):
+        s3.put(bucket, f"f{i}", b"x" * 1000)
+    env = lazy_env(s3.url, bucket, {f"f{i}": f"art/f{i}" for i in range(40)})
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    result = subprocess.run(
+        [sys.executable, "-m", "drum_servers.cli", "download", "--code-dir", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=120,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (25, hard)),
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "Too many open files; raise the open-files limit" in last
