@@ -122,3 +122,17 @@ def test_aws_ca_bundle_env(https_s3: tuple[str, Path], tmp_path: Path) -> None:
     env = {**_env(url), "AWS_CA_BUNDLE": str(cert)}
     LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
     assert (tmp_path / "m.bin").read_bytes() == b"secure bytes"
+
+
+def test_a_certificate_for_another_host_is_one_short_line(
+    https_s3: tuple[str, Path], tmp_path: Path
+) -> None:
+    url, cert = https_s3
+    other_name = url.replace("127.0.0.1", "localhost")  # the certificate names 127.0.0.1 only
+    with pytest.raises(DownloadError) as info:
+        LazyLoadingHandler(code_dir=tmp_path, environ=_env(other_name, caBundle=str(cert))
+                           ).download_lazy_loading_files()
+    message = str(info.value)
+    assert "TLS error" in message and "\n" not in message and len(message) < 400, message
+    assert "subjectAltName" not in message and "notAfter" not in message
+    assert "the certificate does not name this host" in message
