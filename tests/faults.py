@@ -1,7 +1,10 @@
-"""A WSGI fault-injection layer around moto's S3 app, with a request/body-byte ledger.
+"""Misbehaving S3 stores for tests.
 
-Rules are matched in order against each request (method, key, and whether it is ranged); a rule
-fires ``times`` times (``None`` = forever). Deterministic: no randomness unless a test seeds it.
+* ``FaultInjector``: a WSGI layer around moto's S3 app, with a request/body-byte ledger. Rules
+  are matched in order against each request (method, key); a rule fires ``times`` times
+  (``None`` = forever). Deterministic: no randomness unless a test seeds it.
+* ``MisbehavingStore``: a small S3-like server of its own, for faults a WSGI layer cannot make
+  (headers that trickle byte by byte, keep-alive connection counting).
 """
 
 from __future__ import annotations
@@ -191,3 +194,95 @@ def _replace(headers: list[tuple[str, str]], changes: dict[str, str | None]) -> 
     lowered = {name.lower() for name in changes}
     kept = [(h, v) for h, v in headers if h.lower() not in lowered]
     return kept + [(h, v) for h, v in changes.items() if v is not None]
+
+
+class MisbehavingStore:
+    """A small S3-like store of its own, for what moto cannot play: threaded, HTTP/1.1
+    keep-alive, path-style HEAD and ranged GET, and one selectable misbehaviour per run.
+
+    ``misbehaviour``: None (a well-behaved store), or ``"trickle-head"`` (HEAD response headers
+    one byte every ``seconds``). Records ``(method, client port)`` per request, so a test can
+    count TCP connections.
+    """
+
+    def __init__(self, objects: dict[str, bytes], misbehaviour: str | None = None,
+                 seconds: float = 0.5) -> None:
+        if misbehaviour not in (None, "trickle-head"):
+            raise ValueError(misbehaviour)
+        trickle_head = seconds if misbehaviour == "trickle-head" else 0.0
+        import contextlib
+        import hashlib
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[tuple[str, int]] = []
+        self.stopping = threading.Event()
+        store = self
+
+        class _Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _object(self) -> bytes | None:
+                store.requests.append((self.command, self.client_address[1]))
+                key = self.path.lstrip("/").split("/", 1)[-1]
+                body = objects.get(key)
+                if body is None:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                return body
+
+            def _headers(self, status: int, body: bytes, length: int) -> None:
+                self.send_response(status)
+                self.send_header("ETag", f'"{hashlib.md5(body).hexdigest()}"')
+                self.send_header("Content-Length", str(length))
+                self.send_header("Last-Modified", "Fri, 27 Nov 2026 00:00:00 GMT")
+
+            def do_HEAD(self) -> None:
+                body = self._object()
+                if body is not None and trickle_head:
+                    # Headers one byte at a time: every byte resets a socket timeout.
+                    raw = (f"HTTP/1.1 200 OK\r\nETag: \"{hashlib.md5(body).hexdigest()}\"\r\n"
+                           f"Content-Length: {len(body)}\r\n\r\n").encode()
+                    with contextlib.suppress(OSError):
+                        for i in range(len(raw)):
+                            if store.stopping.is_set():
+                                return
+                            self.wfile.write(raw[i:i + 1])
+                            self.wfile.flush()
+                            time.sleep(trickle_head)
+                    return
+                if body is not None:
+                    self._headers(200, body, len(body))
+                    self.end_headers()
+
+            def do_GET(self) -> None:
+                body = self._object()
+                if body is None:
+                    return
+                start, end = 0, len(body) - 1
+                if rng := self.headers.get("Range"):
+                    first, last = rng.removeprefix("bytes=").split("-")
+                    start, end = int(first), int(last)
+                self._headers(206 if rng else 200, body, end - start + 1)
+                if rng:
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{len(body)}")
+                self.end_headers()
+                self.wfile.write(body[start:end + 1])
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> MisbehavingStore:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self._server.shutdown()
+        self._server.server_close()

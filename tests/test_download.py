@@ -16,8 +16,7 @@ import pytest
 
 from lazy_loading import ConfigError, DownloadError, LazyLoadingHandler
 from tests.conftest import S3Store, lazy_env, no_debris, payload
-from tests.faults import Rule
-from tests.servers import KeepAliveStore
+from tests.faults import MisbehavingStore, Rule
 
 MiB = 1024 * 1024
 
@@ -60,7 +59,7 @@ def test_parts_reuse_one_connection(tmp_path: Path) -> None:
     moto's werkzeug server closes every connection, so this uses a keep-alive HTTP/1.1 store.
     """
     body = payload(6 * MiB, seed=4)
-    with KeepAliveStore({"a.bin": body}) as store:
+    with MisbehavingStore({"a.bin": body}) as store:
         env = lazy_env(store.url, "bucket", {"a.bin": "a.bin"}, LAZY_LOADING_PART_SIZE="1MiB",
                        LAZY_LOADING_MAX_CONNECTIONS="1")
         LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
@@ -228,7 +227,7 @@ def test_locally_modified_file_is_fetched_again(s3: S3Store, tmp_path: Path) -> 
 def test_store_refusing_connections_falls_back_to_intact_local_copies_of_the_same_objects(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with KeepAliveStore({"a.bin": b"cached bytes"}) as store:
+    with MisbehavingStore({"a.bin": b"cached bytes"}) as store:
         env = lazy_env(store.url, "bkt", {"a.bin": "a.bin"})
         LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
     # The store is gone now: connections are refused.
@@ -888,7 +887,7 @@ def test_trickling_headers_cannot_hang_a_start_forever(
     from lazy_loading import engine
 
     monkeypatch.setattr(engine, "AUTO_TIMEOUT_BASE", 3.0)  # 120 s by default
-    with KeepAliveStore({"model.bin": b"x" * 100}, trickle_head=0.5) as store:
+    with MisbehavingStore({"model.bin": b"x" * 100}, "trickle-head", seconds=0.5) as store:
         env = lazy_env(store.url, "bkt", {"model.bin": "model.bin"})
         started = time.monotonic()
         with pytest.raises(DownloadError, match=r"gave up after 3 s \(LAZY_LOADING_TIMEOUT=auto"):
