@@ -7,6 +7,7 @@ factory sees every record from every logger, so it covers libraries we do not co
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -23,15 +24,18 @@ _PATTERNS = [
 ]
 
 _secrets: set[str] = set()
+_FORMATTER = logging.Formatter()
 _lock = threading.Lock()
 _installed = False
 
 
 def register_secret(value: str) -> None:
-    """Mask ``value`` wherever it would appear in a log message from now on."""
+    """Mask ``value`` wherever it would appear in a log record from now on, also in the forms
+    a traceback or a ``repr`` would show it (``\\n`` escaped, JSON-escaped)."""
     if len(value) >= 4:
+        forms = {value, repr(value)[1:-1], json.dumps(value)[1:-1]}
         with _lock:
-            _secrets.add(value)
+            _secrets.update(f for f in forms if len(f) >= 4)
     install()
 
 
@@ -62,6 +66,13 @@ def install() -> None:
         cleaned = redact(message)
         if cleaned != message:
             record.msg, record.args = cleaned, None
+        # A traceback shows exception messages and reprs of values: format it now and drop the
+        # live exception, so every formatter (JSON ones too) prints only the redacted text.
+        if record.exc_info and record.exc_info[0] is not None and not record.exc_text:
+            record.exc_text = redact(_FORMATTER.formatException(record.exc_info))
+            record.exc_info = None
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
         return record
 
     logging.setLogRecordFactory(factory)

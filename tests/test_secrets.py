@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import subprocess
@@ -106,3 +107,30 @@ def test_scrubbing_can_be_turned_off(
         monkeypatch.setenv(name, value)
     LazyLoadingHandler(code_dir=tmp_path).download_lazy_loading_files()
     assert "MLOPS_REPOSITORY_SECRET_KEEP_ME" in os.environ
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_tracebacks_and_escaped_forms_of_a_secret_are_redacted(log_format: str) -> None:
+
+    from lazy_loading.redact import register_secret
+
+    secret = "TRACEBACK-SECRET-9f1c\nsecond line"  # a token read from a file, say
+    register_secret(secret)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    if log_format == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(JsonFormatter("%(message)s"))
+    logger = logging.getLogger("test.redaction")
+    logger.addHandler(handler)
+    try:
+        try:
+            raise ValueError(f"bad header value {secret!r} and raw {secret}")
+        except ValueError:
+            logger.exception("request failed with %r", secret)
+    finally:
+        logger.removeHandler(handler)
+    text = stream.getvalue()
+    assert "Traceback" in text or "ValueError" in text
+    assert "TRACEBACK-SECRET-9f1c" not in text, text
