@@ -35,8 +35,13 @@ from drum_servers.gunicorn_hooks import on_starting, post_fork
 from drum_servers.logs import ACCESS_LOG_FORMAT, logging_config
 from drum_servers.metrics import mark_process_dead
 from drum_servers.settings import ServerSettings
+from lazy_loading import ConfigError
 
-_settings = ServerSettings.from_environ()
+try:
+    _settings = ServerSettings.from_environ()
+except ConfigError as _exc:  # one line and exit 1, not gunicorn's config traceback
+    print(f"error: {_exc}", file=sys.stderr)
+    raise SystemExit(1) from None
 
 # Import the app module once in the master so forked workers share it instead of each paying
 # for the import (the app itself is still created per worker).

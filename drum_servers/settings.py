@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
@@ -43,6 +44,8 @@ _ENV_NAMES = {
 
 register_known(_ENV_NAMES.values())
 
+_PREFIX_SEGMENT = re.compile(r"^[A-Za-z0-9._~-]+$")
+
 
 class ServerSettings(BaseModel):
     """Every server knob; the README's configuration table documents each env var."""
@@ -67,8 +70,12 @@ class ServerSettings(BaseModel):
     @field_validator("url_prefix")
     @classmethod
     def _normalize_prefix(cls, value: str) -> str:
-        value = value.strip().strip("/")
-        return f"/{value}" if value else ""
+        value = value.strip()
+        inner = value.strip("/")
+        if inner and not all(_PREFIX_SEGMENT.match(part) for part in inner.split("/")):
+            raise ValueError("must be a path such as /api/v1: letters, digits, '.', '_', '~' and "
+                             "'-' between single slashes")
+        return f"/{inner}" if inner else ""
 
     @field_validator("address")
     @classmethod

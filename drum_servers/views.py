@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lazy_loading.redact import redact
+from lazy_loading.s3io import store_text
 
 from . import metrics as _metrics
 from .readiness import ReadinessState
@@ -53,7 +54,11 @@ def predict(state: ReadinessState, body: bytes, content_type: str | None,
         return _json(503, {"message": f"model not ready: {state.phase.value}"},
                      {"Retry-After": str(RETRY_AFTER_SECONDS)})
     mimetype, charset = parse_content_type(content_type)
-    data = decode_body(body, mimetype, charset)
+    try:
+        data = decode_body(body, mimetype, charset)
+    except (LookupError, UnicodeError, ValueError) as exc:  # the client's charset, not ours
+        logger.warning("cannot decode a %s request body: %s", mimetype, store_text(str(exc)))
+        return _json(500, {"message": f"ERROR: {store_text(str(exc), 200)}"})
     try:
         result = state.hooks.score_unstructured(
             state.model, data, mimetype=mimetype, charset=charset, query=dict(query)

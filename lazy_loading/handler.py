@@ -105,7 +105,8 @@ class LazyLoadingHandler:
             raise ConfigError(
                 f"lazy loading is not configured: set {DATA_ENV} or {VALUES_FILE_ENV}"
             )
-        resolve_targets(config.data, self.code_dir, self.settings.allowed_roots, config.source)
+        resolve_targets(config.data, self.code_dir, self.settings.allowed_roots, config.source,
+                        self.settings.replace_model_code)
         return config
 
     def subscribe(self, callback: ProgressCallback) -> None:
@@ -187,7 +188,8 @@ class LazyLoadingHandler:
         assert config is not None
         settings = self.settings
         code_dir = self.code_dir
-        targets = resolve_targets(config.data, code_dir, settings.allowed_roots, config.source)
+        targets = resolve_targets(config.data, code_dir, settings.allowed_roots, config.source,
+                                  settings.replace_model_code)
         transfers = [
             FileTransfer(
                 index=index,

@@ -12,6 +12,7 @@ from .config import LazyLoadingData
 from .errors import ConfigError
 
 STATE_DIR_NAME = ".lazy_loading"
+MODEL_CODE = "custom.py"
 
 
 def resolve_code_dir(code_dir: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Path:
@@ -25,7 +26,8 @@ def _is_within(path: Path, root: Path) -> bool:
 
 
 def resolve_targets(
-    data: LazyLoadingData, code_dir: Path, allowed_roots: Sequence[Path] = (), source: str = ""
+    data: LazyLoadingData, code_dir: Path, allowed_roots: Sequence[Path] = (), source: str = "",
+    replace_model_code: bool = False,
 ) -> list[Path]:
     """Resolve every ``localPath`` (symlinks included) and check it stays inside a root.
 
@@ -49,6 +51,9 @@ def resolve_targets(
             )
         if target == state_dir or target.is_relative_to(state_dir):
             raise ConfigError(f"{field} points into {STATE_DIR_NAME}/, which this package owns")
+        if target == code_dir / MODEL_CODE and not replace_model_code:
+            raise ConfigError(f"{field} would replace the model's own {MODEL_CODE}; set "
+                              "LAZY_LOADING_REPLACE_MODEL_CODE=true if that is what you want")
         if target.is_dir():
             raise ConfigError(f"{field} resolves to an existing directory {target}; name a file")
         if target in seen:

@@ -43,6 +43,7 @@ class LazyLoadingSettings(BaseModel):
     verify_checksums: bool = True
     fsync: bool = False
     scrub_env: bool = True
+    replace_model_code: bool = False
 
     @field_validator("part_size", mode="before")
     @classmethod

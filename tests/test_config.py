@@ -114,6 +114,8 @@ CASES: list[tuple[str, dict[str, str], str]] = [
      r"MLOPS_LAZY_LOADING_DATA: duplicate key 'files'"),
     ("JSON nested 100,000 deep", _env(None, raw="[" * 100_000 + "]" * 100_000),
      r"MLOPS_LAZY_LOADING_DATA: nested too deeply"),
+    ("localPath replaces custom.py", _env(_data(files=[_file(localPath="custom.py")])),
+     r"files\[0\]\.localPath 'custom\.py' would replace the model's own custom\.py"),
 ]
 
 
