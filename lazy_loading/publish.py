@@ -44,10 +44,7 @@ class Publisher:
         except UnsafePath as exc:
             raise FatalFailure(f"{target}: {exc.strerror}; refusing to write there") from None
         except OSError as exc:
-            raise FatalFailure(
-                f"{target.parent}: cannot write there ({exc.strerror}); artifacts need a "
-                "writable directory"
-            ) from None
+            raise _unwritable(target, exc) from None
         try:
             journal, fd = self._create_temp(transfer, remote, part_size, multipart, temp, dir_fd)
         except BaseException:
@@ -78,10 +75,7 @@ class Publisher:
             if journal is not None and journal.done:
                 self._check_resumed_parts(journal, fd)
         except OSError as exc:
-            raise FatalFailure(
-                f"{target.parent}: cannot write there ({exc.strerror}); artifacts need a "
-                "writable directory"
-            ) from None
+            raise _unwritable(target, exc) from None
         try:
             if journal is None and remote.size:
                 try:
@@ -142,3 +136,8 @@ class Publisher:
             os.unlink(temp.name, dir_fd=dir_fd)
         if journal is not None:
             journal.remove()
+
+
+def _unwritable(target: Path, exc: OSError) -> FatalFailure:
+    return FatalFailure(f"{target.parent}: cannot write there ({exc.strerror}); artifacts need "
+                        "a writable directory")

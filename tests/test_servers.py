@@ -6,7 +6,7 @@ import json
 import os
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -44,6 +44,23 @@ def servers() -> Iterator[list[RunningServer]]:
     yield running
     for server in running:
         server.stop()
+
+
+ServerStarter = Callable[..., RunningServer]
+
+
+@pytest.fixture
+def serve(model_env: tuple[Path, dict[str, str], str], servers: list[RunningServer],
+          tmp_path: Path) -> ServerStarter:
+    """Start ``kind`` on the sample model (``env`` overrides added); stopped after the test."""
+    code_dir, base_env, _ = model_env
+
+    def start(kind: str, log_name: str = "server.log", **env: str) -> RunningServer:
+        server = start_server(kind, code_dir, {**base_env, **env}, tmp_path / log_name)
+        servers.append(server)
+        return server
+
+    return start
 
 
 def _no_secret(*texts: str) -> None:
@@ -227,12 +244,9 @@ def test_json_logs_and_metrics_aggregated_across_gunicorn_workers(
 
 @pytest.mark.parametrize("kind", ["uvicorn-fastapi", "gunicorn-flask-sync"])
 def test_openapi_docs_work_and_query_strings_cannot_grow_the_metrics(
-    kind: str, model_env: tuple[Path, dict[str, str], str], servers: list[RunningServer],
-    tmp_path: Path,
+    kind: str, serve: ServerStarter
 ) -> None:
-    code_dir, env, _ = model_env
-    server = start_server(kind, code_dir, env, tmp_path / "server.log")
-    servers.append(server)
+    server = serve(kind)
     server.wait_ready()
     if kind == "uvicorn-fastapi":
         schema = server.get("/openapi.json")
@@ -302,12 +316,9 @@ def test_misspelled_variables_are_named_and_a_model_without_artifacts_serves(
 
 @pytest.mark.parametrize("kind", ["gunicorn-flask-sync", "uvicorn-fastapi", "gunicorn-fastapi"])
 def test_every_response_and_access_line_carries_the_request_id(
-    kind: str, model_env: tuple[Path, dict[str, str], str], servers: list[RunningServer],
-    tmp_path: Path,
+    kind: str, serve: ServerStarter
 ) -> None:
-    code_dir, env, _ = model_env
-    server = start_server(kind, code_dir, env, tmp_path / "server.log")
-    servers.append(server)
+    server = serve(kind)
     server.wait_ready()
     client = httpx.Client(base_url=server.base, timeout=5)
     answers = {
@@ -327,44 +338,33 @@ def test_every_response_and_access_line_carries_the_request_id(
 
 
 def test_readiness_belongs_to_one_server_instance_and_never_to_the_code_dir(
-    model_env: tuple[Path, dict[str, str], str], servers: list[RunningServer], tmp_path: Path,
+    model_env: tuple[Path, dict[str, str], str], serve: ServerStarter, tmp_path: Path,
 ) -> None:
-    code_dir, env, _ = model_env
+    code_dir, _, _ = model_env
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "precious.txt").write_text("keep me")
     (code_dir / ".lazy_loading").mkdir()
     (code_dir / ".lazy_loading" / "ready").symlink_to(outside)  # where markers used to live
-    first = start_server("gunicorn-flask-sync", code_dir, env, tmp_path / "first.log")
-    servers.append(first)
+    first = serve("gunicorn-flask-sync", "first.log")
     first.wait_ready()
-    second = start_server("gunicorn-flask-sync", code_dir, env, tmp_path / "second.log")
-    servers.append(second)
+    second = serve("gunicorn-flask-sync", "second.log")
     second.wait_ready()
     time.sleep(0.5)
     assert first.get("/health/").status_code == 200, "a second server cannot reset the first"
     assert sorted(p.name for p in outside.iterdir()) == ["precious.txt"]
 
 
-def test_single_process_uvicorn_is_ready_whatever_max_workers_says(
-    model_env: tuple[Path, dict[str, str], str], servers: list[RunningServer], tmp_path: Path,
-) -> None:
-    code_dir, env, _ = model_env
-    server = start_server("uvicorn-fastapi", code_dir, {**env, "MAX_WORKERS": "4"},
-                          tmp_path / "server.log")
-    servers.append(server)
-    server.wait_ready(30)
+def test_single_process_uvicorn_is_ready_whatever_max_workers_says(serve: ServerStarter) -> None:
+    serve("uvicorn-fastapi", MAX_WORKERS="4").wait_ready(30)
 
 
 @pytest.mark.parametrize("prefix", ["<path:p>", "{x}", "//api//v1//", "api v1"])
 @pytest.mark.parametrize("kind", ["gunicorn-flask-sync", "uvicorn-fastapi"])
 def test_an_invalid_url_prefix_stops_the_server_with_one_line(
-    kind: str, prefix: str, model_env: tuple[Path, dict[str, str], str],
-    servers: list[RunningServer], tmp_path: Path,
+    kind: str, prefix: str, serve: ServerStarter
 ) -> None:
-    code_dir, env, _ = model_env
-    server = start_server(kind, code_dir, {**env, "URL_PREFIX": prefix}, tmp_path / "server.log")
-    servers.append(server)
+    server = serve(kind, URL_PREFIX=prefix)
     assert server.wait_exit(60) != 0
     assert "URL_PREFIX: must be a path such as /api/v1" in server.log()
 
@@ -372,12 +372,9 @@ def test_an_invalid_url_prefix_stops_the_server_with_one_line(
 @pytest.mark.parametrize("charset", ["no-such-charset", "base64", "idna"])
 @pytest.mark.parametrize("kind", ["gunicorn-flask-sync", "uvicorn-fastapi"])
 def test_an_undecodable_charset_is_a_json_error_with_a_request_id(
-    kind: str, charset: str, model_env: tuple[Path, dict[str, str], str],
-    servers: list[RunningServer], tmp_path: Path,
+    kind: str, charset: str, serve: ServerStarter
 ) -> None:
-    code_dir, env, _ = model_env
-    server = start_server(kind, code_dir, env, tmp_path / "server.log")
-    servers.append(server)
+    server = serve(kind)
     server.wait_ready()
     resp = server.post("/predictUnstructured/", content="héllo".encode(),
                        headers={"Content-Type": f"text/plain; charset={charset}",
