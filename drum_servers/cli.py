@@ -12,7 +12,7 @@ from lazy_loading import ConfigError, LazyLoadingError, LazyLoadingHandler, Prog
 from lazy_loading.environ import warn_about_environ
 
 from . import settings as _settings  # noqa: F401 - registers the servers' variable names
-from .signals import sigterm_exits
+from .signals import stop_signals_exit
 
 logger = logging.getLogger("drum_servers")
 
@@ -57,7 +57,7 @@ def cmd_download(args: argparse.Namespace) -> int:
         handler.subscribe(update)  # type: ignore[arg-type]
         logging.getLogger("lazy_loading").setLevel(logging.WARNING)
     try:
-        with sigterm_exits():
+        with stop_signals_exit():
             results = handler.download_lazy_loading_files()
     except LazyLoadingError as exc:
         if bar is not None:

@@ -26,7 +26,7 @@ from .logs import (
 )
 from .readiness import ReadinessState, current_state
 from .settings import ReadinessMode
-from .signals import sigterm_cancels
+from .signals import stop_signals_cancel
 
 logger = logging.getLogger("drum_servers")
 
@@ -124,7 +124,7 @@ def make_lifespan(code_dir: str | os.PathLike[str] | None = None, *,
             task = asyncio.create_task(_prepare_or_exit(state))
         else:
             try:
-                await sigterm_cancels(state.prepare_async())
+                await stop_signals_cancel(state.prepare_async())
             except LazyLoadingError as exc:
                 state.fail(exc)
                 logger.error("%s", exc)

@@ -24,7 +24,7 @@ from lazy_loading import LazyLoadingError
 from .model import ModelHooks
 from .readiness import current_state, start_server_instance
 from .settings import ReadinessMode
-from .signals import sigterm_exits
+from .signals import stop_signals_exit
 
 logger = logging.getLogger("drum_servers")
 
@@ -36,7 +36,7 @@ def on_starting(server: Any) -> None:
         ModelHooks.check(state.code_dir)
         if state.mode is ReadinessMode.BACKGROUND or not state.handler.is_lazy_loading_available:
             return
-        with sigterm_exits():
+        with stop_signals_exit():
             state.download()
     except LazyLoadingError as exc:
         server.log.error("%s", exc)
@@ -48,7 +48,7 @@ def post_fork(server: Any, worker: Any) -> None:
     if state.mode is ReadinessMode.BACKGROUND:
         return
     try:
-        with sigterm_exits():
+        with stop_signals_exit():
             state.download()
     except LazyLoadingError as exc:
         server.log.error("worker %s: %s", worker.pid, exc)

@@ -1,8 +1,9 @@
-"""Make SIGTERM stop a download promptly, with its temp files removed, in every host process.
+"""Make a stop signal end a download promptly, with its temp files removed, in every host process.
 
-Without this, SIGTERM either kills the process on the spot (CLI, gunicorn master: temp files
-stay behind), is swallowed until gunicorn's graceful timeout (a worker in ``post_fork`` still has
-the master's handler), or waits for the whole download (uvicorn defers it until startup ends).
+Without this, SIGTERM (or SIGINT, SIGHUP, SIGQUIT) either kills the process on the spot (CLI,
+gunicorn master before its own handlers exist: temp files stay behind), is swallowed until
+gunicorn's graceful timeout (a worker in ``post_fork`` still has the master's handler), or waits
+for the whole download (uvicorn defers it until startup ends).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from lazy_loading.bridge import cancel_from_signal_handler
 T = TypeVar("T")
 
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 
 def _main_thread() -> bool:
@@ -27,61 +29,68 @@ def _main_thread() -> bool:
 
 
 @contextlib.contextmanager
-def sigterm_exits() -> Iterator[None]:
-    """For blocking downloads in the main thread: SIGTERM ends the call with
-    ``SystemExit(143)`` after the engine's cleanup ran. The download running on this thread's
-    loop is cancelled (raising inside a running loop could lose a wake-up and hang it); outside
-    a loop, the exception is raised at once."""
+def stop_signals_exit() -> Iterator[None]:
+    """For blocking downloads in the main thread: a stop signal ends the call with
+    ``SystemExit(128 + signal)`` after the engine's cleanup ran. The download running on this
+    thread's loop is cancelled (raising inside a running loop could lose a wake-up and hang
+    it); outside a loop, the exception is raised at once."""
     if not _main_thread():
         yield
         return
-    interrupted = False
+    received: list[int] = []
 
     def _exit(signum: int, frame: object) -> None:
-        nonlocal interrupted
-        interrupted = True
+        received.append(signum)
         if not cancel_from_signal_handler():
-            raise SystemExit(SIGTERM_EXIT_CODE)
+            raise SystemExit(128 + signum)
 
-    previous = signal.signal(signal.SIGTERM, _exit)
+    # A signal the process was told to ignore (nohup's SIGHUP, a background job's SIGINT) stays
+    # ignored.
+    previous = {sig: signal.signal(sig, _exit) for sig in STOP_SIGNALS
+                if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield
-    except (asyncio.CancelledError, DownloadError):
-        if interrupted:
-            raise SystemExit(SIGTERM_EXIT_CODE) from None
+    except (asyncio.CancelledError, DownloadError, KeyboardInterrupt):
+        if received:
+            raise SystemExit(128 + received[0]) from None
         raise
     else:
-        if interrupted:  # the download finished just before the cancel reached it
-            raise SystemExit(SIGTERM_EXIT_CODE)
+        if received:  # the download finished just before the cancel reached it
+            raise SystemExit(128 + received[0])
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-async def sigterm_cancels(awaitable: Awaitable[T]) -> T:
-    """For downloads on a running loop (a lifespan): SIGTERM cancels them and raises
-    ``DownloadError``, so startup fails at once; the server's own handler is restored after."""
+async def stop_signals_cancel(awaitable: Awaitable[T]) -> T:
+    """For downloads on a running loop (a lifespan): SIGTERM or SIGINT cancels them and raises
+    ``DownloadError``, so startup fails at once; the server's own handlers are restored after."""
     task = asyncio.ensure_future(awaitable)
     if not _main_thread():
         return await task
     loop = asyncio.get_running_loop()
-    interrupted = False
+    received: list[int] = []
 
-    def _cancel() -> None:
-        nonlocal interrupted
-        interrupted = True
+    def _cancel(signum: int) -> None:
+        received.append(signum)
         task.cancel()
 
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)
+                if signal.getsignal(sig) is not signal.SIG_IGN}
+    handled = tuple(previous)
     try:
-        loop.add_signal_handler(signal.SIGTERM, _cancel)
+        for sig in handled:
+            loop.add_signal_handler(sig, _cancel, sig)
     except (NotImplementedError, RuntimeError, ValueError):
         return await task
     try:
         return await task
     except asyncio.CancelledError:
-        if interrupted:
-            raise DownloadError("download interrupted by SIGTERM") from None
+        if received:
+            name = signal.Signals(received[0]).name
+            raise DownloadError(f"download interrupted by {name}") from None
         raise
     finally:
-        loop.remove_signal_handler(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, handler)

@@ -39,9 +39,23 @@ def _argv(kind: str, code_dir: Path) -> tuple[list[str], dict[str, str]]:
             "--host", "127.0.0.1", "--port", str(port)], {}
 
 
-@pytest.mark.parametrize("kind", ["cli", "gunicorn-master", "post-fork-hook", "uvicorn-lifespan"])
-def test_sigterm_mid_download_exits_promptly_and_cleans_up(
-    kind: str, s3: S3Store, tmp_path: Path
+def _default_dispositions() -> None:
+    """The child starts with default signal handling, whatever this process inherited."""
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+CASES = [*((kind, signal.SIGTERM) for kind in
+           ("cli", "gunicorn-master", "post-fork-hook", "uvicorn-lifespan")),
+         *((kind, sig) for kind in ("cli", "gunicorn-master")
+           for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)),
+         ("uvicorn-lifespan", signal.SIGINT)]
+
+
+@pytest.mark.parametrize(("kind", "stop_with"), CASES,
+                         ids=[f"{kind}-{sig.name}" for kind, sig in CASES])
+def test_a_stop_signal_mid_download_exits_promptly_and_cleans_up(
+    kind: str, stop_with: signal.Signals, s3: S3Store, tmp_path: Path
 ) -> None:
     bucket = s3.bucket()
     s3.put(bucket, "big.bin", payload(8 * MiB, seed=3))
@@ -54,7 +68,7 @@ def test_sigterm_mid_download_exits_promptly_and_cleans_up(
     log = tmp_path / "out.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, env={**env, **extra}, stdout=out, stderr=subprocess.STDOUT,
-                                cwd=ROOT, start_new_session=True)
+                                cwd=ROOT, start_new_session=True, preexec_fn=_default_dispositions)
     try:
         deadline = time.monotonic() + 30
         while not no_debris(code_dir):
@@ -62,7 +76,7 @@ def test_sigterm_mid_download_exits_promptly_and_cleans_up(
             time.sleep(0.05)
         time.sleep(0.3)
         sent = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(stop_with)
         code = proc.wait(15)
         elapsed = time.monotonic() - sent
     finally:
