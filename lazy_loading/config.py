@@ -33,6 +33,7 @@ from .redact import register_secret
 
 DATA_ENV = "MLOPS_LAZY_LOADING_DATA"
 SECRET_ENV_PREFIX = "MLOPS_REPOSITORY_SECRET_"
+FILE_SUFFIX = "_FILE"
 VALUES_FILE_ENV = "LAZY_LOADING_FILE"
 
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -362,15 +363,22 @@ def _credentials_from_env(
         if cred_id in credentials:
             continue
         names = [secret_env_name(cred_id), SECRET_ENV_PREFIX + cred_id.upper()]
-        name = next((n for n in names if n in environ or (from_os and n in _scrubbed)), None)
-        if name is not None and from_os and scrub and name in os.environ:
-            _scrubbed[name] = os.environ.pop(name)
-        if name is None:
+        name = next((n for n in names if environ.get(n) or (from_os and n in _scrubbed)), None)
+        file_name = next((n + FILE_SUFFIX for n in names if environ.get(n + FILE_SUFFIX)), None)
+        if name is not None and file_name is not None:
+            raise ConfigError(f"both {name} and {file_name} are set; set only one")
+        if file_name is not None:
+            name, raw = file_name, _read_secret_file(file_name, environ[file_name])
+        elif name is None:
             raise ConfigError(
                 f"{names[0]} is not set (credential {cred_id!r} of repositories[{index}]); set it "
                 'to JSON {"credentialType": "s3", "awsAccessKeyId": ..., "awsSecretAccessKey": ...}'
+                f", or {names[0]}{FILE_SUFFIX} to a file holding that JSON"
             )
-        raw = environ[name] if name in environ else _scrubbed[name]
+        else:
+            if from_os and scrub and name in os.environ:
+                _scrubbed[name] = os.environ.pop(name)
+            raw = environ[name] if name in environ else _scrubbed[name]
         payload = _parse_json(name, raw)
         if not isinstance(payload, Mapping):
             raise ConfigError(f"{name}: expected a JSON object with credentialType and keys")
@@ -388,6 +396,25 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", node.value[index][0].start_mark)
         return super().construct_mapping(node, deep=deep)
+
+
+_SECRET_FILE_LIMIT = 64 * 1024
+
+
+def _read_secret_file(variable: str, path: str) -> str:
+    """A credential from a file, as Kubernetes mounts a Secret: unlike an environment variable
+    it is not in ``/proc/<pid>/environ`` of every process that inherits the environment."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(_SECRET_FILE_LIMIT + 1)
+    except OSError as exc:
+        raise ConfigError(f"{variable}: cannot read {path} ({exc.strerror})") from None
+    if len(raw) > _SECRET_FILE_LIMIT:
+        raise ConfigError(f"{variable}: {path} is larger than a credential can be")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{variable}: {path} is not UTF-8 text") from None
 
 
 def load_values_file(path: str | os.PathLike[str]) -> tuple[LazyLoadingData, dict[str, S3Credentials]]:

@@ -342,3 +342,19 @@ def test_values_file_duplicates_and_deep_nesting_are_one_line(text: str, tmp_pat
         LazyLoadingHandler(code_dir=tmp_path, environ={}, values_file=values).load_config()
     assert "\n" not in str(info.value)
     assert "duplicate key 'files'" in str(info.value) or "nested too deeply" in str(info.value)
+
+
+def test_credentials_from_a_file(tmp_path: Path) -> None:
+    secret_file = tmp_path / "credential"
+    secret_file.write_text(json.dumps(CRED) + "\n")
+    env = _env(_data(), cred=None)
+    env["MLOPS_REPOSITORY_SECRET_C1_FILE"] = str(secret_file)
+    config = LazyLoadingHandler(code_dir=tmp_path, environ=env).load_config()
+    assert config.credentials["c1"].aws_secret_access_key.get_secret_value() == SECRET_CANARY
+    with pytest.raises(ConfigError, match=r"both MLOPS_REPOSITORY_SECRET_C1 and "
+                                          r"MLOPS_REPOSITORY_SECRET_C1_FILE are set"):
+        LazyLoadingHandler(code_dir=tmp_path, environ={**env, **_env(_data())}).load_config()
+    env["MLOPS_REPOSITORY_SECRET_C1_FILE"] = str(tmp_path / "missing")
+    with pytest.raises(ConfigError, match=r"MLOPS_REPOSITORY_SECRET_C1_FILE: cannot read "
+                                          r".*missing \(No such file or directory\)"):
+        LazyLoadingHandler(code_dir=tmp_path, environ=env).load_config()

@@ -87,12 +87,19 @@ def test_probes_and_secret_wiring(name: str) -> None:
     assert server["readinessProbe"]["httpGet"]["path"] == "/health/"
     assert server["livenessProbe"]["httpGet"]["path"] == "/ping/"
     containers = [server, *spec.get("initContainers", [])]
+    volumes = {v["name"]: v for v in spec["volumes"]}
     for container in containers:
         env = _env(container)
-        secret = env["MLOPS_REPOSITORY_SECRET_MODEL_CREDS"]["valueFrom"]["secretKeyRef"]
-        assert secret == {"name": "model-s3-credentials", "key": "credential"}
+        # Credentials come as a mounted Secret file, never as an env value (/proc/<pid>/environ).
+        path = Path(env["MLOPS_REPOSITORY_SECRET_MODEL_CREDS_FILE"]["value"])
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        mount = mounts[str(path.parent)]
+        assert mount.get("readOnly") is True
+        assert volumes[mount["name"]]["secret"]["secretName"] == "model-s3-credentials"
+        assert path.name == "credential"
         assert "configMapKeyRef" in env["MLOPS_LAZY_LOADING_DATA"]["valueFrom"]
-        assert not any("value" in e and "Secret" in e["name"] for e in env.values())
+        assert not any(name.startswith("MLOPS_REPOSITORY_SECRET_") and not name.endswith("_FILE")
+                       for name in env)
     graceful = int(_env(server)["DRUM_GUNICORN_GRACEFUL_TIMEOUT"]["value"])
     assert spec["terminationGracePeriodSeconds"] > graceful
     mounts = {m["mountPath"]: m["name"] for m in server["volumeMounts"]}

@@ -386,3 +386,30 @@ def test_an_undecodable_charset_is_a_json_error_with_a_request_id(
     assert resp.json()["message"].startswith("ERROR: ")
     assert resp.headers["x-request-id"] == "rid-charset"
     assert "Traceback" not in server.log()
+
+
+@pytest.mark.parametrize("source", ["file", "environment"])
+def test_what_proc_environ_shows_of_the_credentials(
+    source: str, model_env: tuple[Path, dict[str, str], str], serve: ServerStarter,
+    tmp_path: Path,
+) -> None:
+    _, env, _ = model_env
+    name = "MLOPS_REPOSITORY_SECRET_CRED_1"
+    overrides = {}
+    if source == "file":
+        secret_file = tmp_path / "credential"
+        secret_file.write_text(env[name])
+        overrides = {name: "", f"{name}_FILE": str(secret_file)}
+    server = serve("gunicorn-flask-sync", **overrides)
+    server.wait_ready()
+    assert server.post("/predictUnstructured/", json={"x": [1.0]}).status_code == 200
+    from tests.procs import live_descendants
+
+    pids = [server.proc.pid, *live_descendants(server.proc.pid)]
+    assert len(pids) >= 4, "the master and its three workers"
+    environs = [Path(f"/proc/{pid}/environ").read_bytes() for pid in pids]
+    leaked = [SECRET_CANARY.encode() in e or TOKEN_CANARY.encode() in e for e in environs]
+    if source == "file":
+        assert not any(leaked), "a credential file keeps the secret out of /proc/<pid>/environ"
+    else:  # what the README says: environment secrets stay visible there
+        assert all(leaked)
