@@ -45,6 +45,9 @@ class Rule:
     headers: dict[str, str | None] = field(default_factory=dict)
     body: bytes | None = None
     ignore_if_match: bool = False
+    # Run once, when the first matching response is ready and before its body is sent: with one
+    # connection, the client cannot ask for anything else until it has that body.
+    on_first_response: Callable[[], None] | None = None
     fired: int = 0
 
     def matches(self, method: str, key: str) -> bool:
@@ -135,6 +138,9 @@ class FaultInjector:
 
     def _body(self, result: Iterable[bytes], key: str, rule: Rule | None) -> Iterator[bytes]:
         sent = 0
+        if rule is not None and rule.on_first_response is not None:
+            hook, rule.on_first_response = rule.on_first_response, None
+            hook()
         try:
             for chunk in result:
                 if not chunk:
@@ -178,6 +184,7 @@ class FaultInjector:
             close = getattr(result, "close", None)
             if close is not None:
                 close()
+
 
     def _counted(self, key: str, body: bytes) -> Iterator[bytes]:
         """An error body in pieces, counted as they are handed to the socket."""
