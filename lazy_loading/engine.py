@@ -82,11 +82,8 @@ class TransferEngine:
         self._pool: PriorityPool | None = None
         self._unreachable = False
         self._part_size = 0
-        started = time.monotonic()
-        # With LAZY_LOADING_TIMEOUT=auto: a budget for the HEADs, then one that grows with the
-        # bytes to fetch, so a store that never finishes cannot hang a server's start forever.
-        self.deadline = started + AUTO_TIMEOUT_BASE
-        self.started = started
+        self.started = time.monotonic()
+        self.deadline = self.started + (settings.timeout or AUTO_TIMEOUT_BASE)
 
     # ----------------------------------------------------------------- orchestration
     async def run(self) -> list[FileResult]:
@@ -133,7 +130,8 @@ class TransferEngine:
                                            self._settings.part_size)
         await self._to_thread(self._local.check_free_space, transfers, self._needs_no_room)
         total = sum(t.size for t in transfers)
-        self.deadline = self.started + AUTO_TIMEOUT_BASE + total / AUTO_TIMEOUT_RATE
+        if self._settings.timeout is None:
+            self.deadline = self.started + AUTO_TIMEOUT_BASE + total / AUTO_TIMEOUT_RATE
         self._tracker.start(len(transfers), total)
         ticker = asyncio.ensure_future(self._log_progress())
         # Each file in flight holds a lock, a temp file and a journal open: bound them by the
@@ -173,6 +171,17 @@ class TransferEngine:
         if errors:
             raise DownloadError(f"failed to download {len(errors)} lazy-loading file(s)", errors)
         return [task.result() for task in tasks]
+
+    def deadline_passed(self) -> str:
+        """What to say when ``deadline`` has passed. With LAZY_LOADING_TIMEOUT=auto it is a
+        budget for the HEADs, then one that grows with the bytes to fetch, so a store that
+        never finishes cannot hang a server's start forever."""
+        if self._settings.timeout is not None:
+            return f"lazy loading gave up after LAZY_LOADING_TIMEOUT={self._settings.timeout:g} s"
+        return (f"lazy loading gave up after {time.monotonic() - self.started:.0f} s "
+                f"(LAZY_LOADING_TIMEOUT=auto: {AUTO_TIMEOUT_BASE:g} s plus 1 s per MiB to fetch; "
+                "set LAZY_LOADING_TIMEOUT in seconds to change it); the store is too slow or not "
+                "answering")
 
     def _needs_no_room(self, transfer: FileTransfer) -> bool:
         """A killed run left this file's preallocated temp file and journal to adopt, or the

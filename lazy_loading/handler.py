@@ -22,7 +22,7 @@ from .config import (
     load_values_file,
     secret_env_name,
 )
-from .engine import AUTO_TIMEOUT_BASE, FileResult, TransferEngine
+from .engine import FileResult, TransferEngine
 from .environ import warn_about_environ
 from .errors import ConfigError, DownloadError, LazyLoadingError
 from .paths import (
@@ -206,12 +206,6 @@ class LazyLoadingHandler:
         engine = TransferEngine(transfers, clients, settings, code_dir / STATE_DIR_NAME,
                                 self._tracker)
         try:
-            if settings.timeout is not None:
-                try:
-                    return await asyncio.wait_for(engine.run(), settings.timeout)
-                except asyncio.TimeoutError:
-                    raise DownloadError(f"lazy loading gave up after LAZY_LOADING_TIMEOUT="
-                                        f"{settings.timeout:g} s") from None
             return await _within_deadline(engine)
         finally:
             clients.close()
@@ -239,29 +233,20 @@ def _local_failure(exc: OSError) -> str:
 
 
 async def _within_deadline(engine: TransferEngine) -> list[FileResult]:
-    """Run the engine until it is done or its own deadline (which it moves once it knows how
-    many bytes it must fetch) has passed."""
+    """Run the engine until it is done or its deadline (which it may move once it knows how
+    many bytes it must fetch) has passed; then cancel it, letting its cleanup run."""
     task = asyncio.ensure_future(engine.run())
     try:
-        while True:
-            remaining = engine.deadline - time.monotonic()
-            if remaining <= 0:
-                break
+        while (remaining := engine.deadline - time.monotonic()) > 0:
             done, _ = await asyncio.wait({task}, timeout=remaining)
             if done:
                 return task.result()
-    except BaseException:
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-        raise
-    task.cancel()
-    with contextlib.suppress(BaseException):
-        await task
-    raise DownloadError(
-        f"lazy loading gave up after {time.monotonic() - engine.started:.0f} s "
-        f"(LAZY_LOADING_TIMEOUT=auto: {AUTO_TIMEOUT_BASE:g} s plus 1 s per MiB to fetch; set "
-        "LAZY_LOADING_TIMEOUT in seconds to change it); the store is too slow or not answering")
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+    raise DownloadError(engine.deadline_passed())
 
 
 def _check_writable(code_dir: Path) -> None:
