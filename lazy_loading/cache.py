@@ -31,6 +31,8 @@ from .s3io import RemoteObject
 logger = logging.getLogger("lazy_loading")
 
 MANIFEST_VERSION = 1
+MANIFEST_DIR, JOURNAL_DIR, LOCKS_DIR = "manifest", "journal", "locks"
+STATE_SUBDIRS = (MANIFEST_DIR, JOURNAL_DIR, LOCKS_DIR)
 
 
 def target_id(target: Path) -> str:
@@ -145,7 +147,7 @@ class Manifest:
     """
 
     def __init__(self, state_dir: Path) -> None:
-        self.dir = state_dir / "manifest"
+        self.dir = state_dir / MANIFEST_DIR
 
     def path(self, target: Path) -> Path:
         return self.dir / f"{target_id(target)}.json"
@@ -195,7 +197,7 @@ class ResumeJournal:
 
     @staticmethod
     def path_for(state_dir: Path, target: Path) -> Path:
-        return state_dir / "journal" / f"{target_id(target)}.log"
+        return state_dir / JOURNAL_DIR / f"{target_id(target)}.log"
 
     def _identity(self) -> dict[str, Any]:
         r = self.remote
@@ -302,7 +304,7 @@ class ResumeJournal:
 
 def target_lock(state_dir: Path, target: Path) -> FileLock:
     """A non-thread-local lock so it can be taken and released from any thread of the process."""
-    path = state_dir / "locks" / f"{target_id(target)}.lock"
+    path = state_dir / LOCKS_DIR / f"{target_id(target)}.lock"
     if path.is_symlink():  # filelock opens with O_CREAT | O_TRUNC, which would follow it
         path.unlink()
     return FileLock(str(path), thread_local=False, is_singleton=False)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import stat
 from pathlib import Path
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
@@ -56,14 +55,6 @@ def _child(parent: int, name: str, directory: Path, create: bool) -> int:
             raise UnsafePath(exc.errno, f"{name} is a symlink or not a directory on the way to "
                                         f"{directory}") from None
         raise
-
-
-def is_regular_file(name: str, dir_fd: int) -> bool:
-    """``name`` in the directory exists and is a regular file itself (not a symlink to one)."""
-    try:
-        return stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
-    except OSError:
-        return False
 
 
 def fsync_dir(dir_fd: int) -> None:

@@ -8,6 +8,7 @@ import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from .cache import STATE_SUBDIRS
 from .config import LazyLoadingData
 from .errors import ConfigError
 
@@ -19,6 +20,10 @@ def resolve_code_dir(code_dir: str | os.PathLike[str] | None, environ: Mapping[s
     """``code_dir`` argument, else ``CODE_DIR``, else the current directory; symlinks resolved."""
     raw = code_dir if code_dir is not None else (environ.get("CODE_DIR") or os.getcwd())
     return Path(os.path.realpath(os.fspath(raw)))
+
+
+def _roots(code_dir: Path, allowed_roots: Sequence[Path]) -> list[Path]:
+    return [code_dir, *(Path(os.path.realpath(r)) for r in allowed_roots)]
 
 
 def _is_within(path: Path, root: Path) -> bool:
@@ -34,7 +39,7 @@ def resolve_targets(
     ``realpath`` follows every symlink that exists already, so a link planted inside the code
     dir that points elsewhere is caught, as is ``..`` and an absolute path outside the roots.
     """
-    roots = [code_dir, *(Path(os.path.realpath(r)) for r in allowed_roots)]
+    roots = _roots(code_dir, allowed_roots)
     state_dir = code_dir / STATE_DIR_NAME
     targets: list[Path] = []
     seen: dict[Path, int] = {}
@@ -74,13 +79,9 @@ def resolve_targets(
     return targets
 
 
-STATE_SUBDIRS = ("manifest", "journal", "locks")
-
-
 def root_of(target: Path, code_dir: Path, allowed_roots: Sequence[Path] = ()) -> Path:
     """The root ``target`` must stay in (the code dir, or the allowed root holding it)."""
-    roots = [code_dir, *(Path(os.path.realpath(r)) for r in allowed_roots)]
-    return next(root for root in roots if _is_within(target, root))
+    return next(root for root in _roots(code_dir, allowed_roots) if _is_within(target, root))
 
 
 def prepare_state_dir(code_dir: Path) -> Path:
