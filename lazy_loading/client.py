@@ -56,6 +56,13 @@ class S3ClientFactory:
         self._config = config
         self._settings = settings
         self._environ = os.environ if environ is None else environ
+        # Here rather than per client: warm starts send their HEADs without building one.
+        for repository in config.data.repositories:
+            if not repository.verify_certificate:
+                _quiet_insecure_warnings()
+                logger.warning("TLS certificate verification is off for repository %s at %s "
+                               "(verifyCertificate: false)", repository.repository_id,
+                               describe_endpoint(repository))
         ambient = [n for n in _AMBIENT_ENDPOINTS if self._environ.get(n)]
         if ambient and any(r.endpoint_url is None for r in config.data.repositories):
             logger.warning("%s is set but not used: a repository without endpointUrl reads from "
@@ -108,11 +115,6 @@ class S3ClientFactory:
             # a profile's endpoint_url, which would receive the credentials unannounced.
             ignore_configured_endpoint_urls=True,
         )
-        if not repository.verify_certificate:
-            _quiet_insecure_warnings()
-            logger.warning("TLS certificate verification is off for repository %s at %s "
-                           "(verifyCertificate: false)", repository.repository_id,
-                           describe_endpoint(repository))
         client = self._session.client(
             "s3",
             aws_access_key_id=creds.aws_access_key_id,
