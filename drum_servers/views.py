@@ -9,8 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from lazy_loading.redact import redact
-from lazy_loading.s3io import store_text
+from lazy_loading.redact import one_line, redact
 
 from . import metrics as _metrics
 from .readiness import ReadinessState
@@ -57,8 +56,8 @@ def predict(state: ReadinessState, body: bytes, content_type: str | None,
     try:
         data = decode_body(body, mimetype, charset)
     except (LookupError, UnicodeError, ValueError) as exc:  # the client's charset, not ours
-        logger.warning("cannot decode a %s request body: %s", mimetype, store_text(str(exc)))
-        return _json(500, {"message": f"ERROR: {store_text(str(exc), 200)}"})
+        logger.warning("cannot decode a %s request body: %s", mimetype, one_line(str(exc)))
+        return _json(500, {"message": f"ERROR: {one_line(str(exc), 200)}"})
     try:
         result = state.hooks.score_unstructured(
             state.model, data, mimetype=mimetype, charset=charset, query=dict(query)

@@ -48,6 +48,17 @@ def redact(text: str) -> str:
     return text
 
 
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+
+
+def one_line(text: str, limit: int = 120) -> str:
+    """Text someone else chose (a store's error, a client's charset), made safe for one log
+    line or response: secrets masked, no control characters (a newline would forge a log
+    line), bounded."""
+    text = _UNPRINTABLE.sub(" ", redact(str(text))).strip()
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def install() -> None:
     """Wrap the log record factory once per process (idempotent)."""
     global _installed

@@ -33,7 +33,7 @@ from botocore.response import StreamingBody
 from urllib3.exceptions import HTTPError as Urllib3HTTPError
 
 from .checksums import DigestSet, pick_s3_checksum
-from .redact import redact
+from .redact import one_line
 
 READ_SIZE = 1024 * 1024
 
@@ -106,16 +106,6 @@ class Cancelled(Exception):
 
 
 _ERROR_CODE = re.compile(r"^[A-Za-z0-9.]{1,64}$")
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
-
-
-def store_text(text: str, limit: int = 120) -> str:
-    """Text the store (or the network) chose, made safe for one log line: secrets masked, no
-    control characters (a newline would forge a log line), bounded."""
-    text = _UNPRINTABLE.sub(" ", redact(str(text))).strip()
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def _status(exc: ClientError) -> tuple[int, str]:
     meta = exc.response.get("ResponseMetadata", {})
     code = str(exc.response.get("Error", {}).get("Code", "") or "")
@@ -150,7 +140,7 @@ def classify(exc: BaseException, where: str) -> TransferFailure:
             reason = "the certificate does not name this host"  # not the whole certificate
         hint = ("; set caBundle on the repository or AWS_CA_BUNDLE, or verifyCertificate: false"
                 if "CERTIFICATE_VERIFY_FAILED" in reason or "certificate" in reason.lower() else "")
-        return FatalFailure(f"{where}: TLS error: {store_text(_first_line(reason))}{hint}")
+        return FatalFailure(f"{where}: TLS error: {one_line(_first_line(reason))}{hint}")
     if isinstance(exc, EndpointConnectionError):
         reason = str(getattr(exc, "kwargs", {}).get("error", "")) or type(exc).__name__
         if "Name or service not known" in reason or "nodename nor servname" in reason \
@@ -166,7 +156,7 @@ def classify(exc: BaseException, where: str) -> TransferFailure:
     if isinstance(exc, (BotoCoreError, Urllib3HTTPError, ConnectionError, TimeoutError)):
         return TransientFailure(f"{where}: {type(exc).__name__}")
     if isinstance(exc, OSError):
-        return FatalFailure(f"{where}: local I/O error: {store_text(exc.strerror or str(exc))}")
+        return FatalFailure(f"{where}: local I/O error: {one_line(exc.strerror or str(exc))}")
     return FatalFailure(f"{where}: unexpected {type(exc).__name__}")
 
 
