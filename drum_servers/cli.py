@@ -134,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--server", choices=["flask", "fastapi"], default="flask")
     serve.add_argument("--workers", type=int, help="worker processes (default: $MAX_WORKERS or 1)")
     serve.add_argument("--address", help="host:port (default: $ADDRESS or 0.0.0.0:8080)")
-    serve.add_argument("--worker-class", choices=["sync", "gevent"],
-                       help="Flask worker class (default: $DRUM_GUNICORN_WORKER_CLASS or sync)")
+    serve.add_argument("--worker-class", choices=["gthread", "sync", "gevent"],
+                       help="Flask worker class (default: $DRUM_GUNICORN_WORKER_CLASS or gthread)")
     serve.add_argument("--lazy-loading-file", help="DRUM values YAML (default: $LAZY_LOADING_FILE)")
     serve.add_argument("--mode", choices=["blocking", "background"],
                        help="readiness mode (default: $LAZY_LOADING_MODE or blocking)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -65,6 +66,20 @@ class RequestIdMiddleware:
             current_request_id.reset(token)
 
 
+async def _read_body(request: Request, limit: int) -> bytes | views.View:
+    """The body, held once: ``Request.body()`` would keep its chunks and their join together,
+    and a ``BytesIO`` hands its own buffer to ``getvalue()``."""
+    announced = views.declared_length(request.headers.get("content-length"))
+    if announced is not None and announced > limit:
+        return views.body_too_large(limit)  # before a byte of it is read
+    buffer = io.BytesIO()
+    async for chunk in request.stream():
+        buffer.write(chunk)
+        if buffer.tell() > limit:
+            return views.body_too_large(limit)
+    return buffer.getvalue()
+
+
 def make_router(state_getter: Callable[[], ReadinessState], prefix: str = "") -> APIRouter:
     router = APIRouter(prefix=prefix)
 
@@ -85,7 +100,9 @@ def make_router(state_getter: Callable[[], ReadinessState], prefix: str = "") ->
         import anyio.to_thread
 
         state = state_getter()
-        body = await request.body()
+        body = await _read_body(request, state.settings.max_request_body)
+        if isinstance(body, views.View):
+            return _respond(body)
 
         def call() -> views.View:
             return views.predict(state, body, request.headers.get("content-type"),

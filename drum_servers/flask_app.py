@@ -43,11 +43,20 @@ def init_app(app: Flask, code_dir: str | os.PathLike[str] | None = None, *,
                                methods=["GET"], strict_slashes=False)
 
     def predict() -> Response:
-        return _respond(views.handle(
-            "predict",
-            lambda: views.predict(state, request.get_data(cache=False),
-                                  request.headers.get("Content-Type"), request.args.to_dict()),
-        ))
+        return _respond(views.handle("predict", _predict))
+
+    def _predict() -> views.View:
+        limit = state.settings.max_request_body
+        announced = views.declared_length(request.headers.get("Content-Length"))
+        if announced is not None and announced > limit:
+            return views.body_too_large(limit)  # before a byte of it is read
+        body = request.stream.read(limit + 1)
+        if len(body) > limit:
+            return views.body_too_large(limit)
+        if announced is not None and len(body) < announced:
+            return views.body_cut_short(len(body), announced)
+        return views.predict(state, body, request.headers.get("Content-Type"),
+                             request.args.to_dict())
 
     for path in views.PREDICT_ROUTES:
         blueprint.add_url_rule(path, f"post_{path.strip('/')}", predict, methods=["POST"],

@@ -34,7 +34,7 @@ import contextlib
 from drum_servers.gunicorn_hooks import on_starting, post_fork
 from drum_servers.logs import ACCESS_LOG_FORMAT, logging_config
 from drum_servers.metrics import mark_process_dead
-from drum_servers.settings import ServerSettings
+from drum_servers.settings import ServerSettings, WorkerClass
 from lazy_loading import ConfigError
 
 try:
@@ -51,7 +51,9 @@ with contextlib.suppress(ImportError):
 wsgi_app = "drum_servers.flask_app:create_app()"
 bind = [_settings.address]
 workers = _settings.workers
-worker_class = _settings.worker_class.value
+worker_class = _settings.worker_class.gunicorn_name
+# gunicorn turns a "sync" worker with threads > 1 into its own gthread worker
+threads = _settings.threads if _settings.worker_class is WorkerClass.GTHREAD else 1
 worker_connections = _settings.worker_connections
 timeout = _settings.timeout
 graceful_timeout = _settings.graceful_timeout
@@ -77,6 +79,7 @@ def child_exit(server: object, worker: object) -> None:
 __all__ = [
     "access_log_format", "accesslog", "backlog", "bind", "child_exit", "control_socket_disable",
     "errorlog", "graceful_timeout", "keepalive", "logconfig_dict", "loglevel", "max_requests",
-    "max_requests_jitter", "on_starting", "post_fork", "preload_app", "timeout", "worker_class",
+    "max_requests_jitter", "on_starting", "post_fork", "preload_app", "threads", "timeout",
+    "worker_class",
     "worker_connections", "workers", "wsgi_app",
 ]

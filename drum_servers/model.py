@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,15 @@ REQUIRED_HOOKS = ("load_model", "score_unstructured")
 
 @dataclass
 class ModelHooks:
+    """The hooks, called as DRUM calls them: ``score_unstructured`` at most
+    ``max_concurrent`` at a time in a process (DRUM: one), so a model need not be thread-safe."""
+
     module: ModuleType
     code_dir: Path
+    max_concurrent: int = 1
+
+    def __post_init__(self) -> None:
+        self._slots = threading.BoundedSemaphore(self.max_concurrent)
 
     @staticmethod
     def check(code_dir: Path) -> None:
@@ -53,7 +61,7 @@ class ModelHooks:
                 raise ConfigError(f"{path} must define {required}()")
 
     @classmethod
-    def load(cls, code_dir: Path) -> ModelHooks:
+    def load(cls, code_dir: Path, max_concurrent: int = 1) -> ModelHooks:
         """Import ``<code_dir>/custom.py`` with the code dir on ``sys.path``, as DRUM does."""
         path = code_dir / "custom.py"
         if not path.is_file():
@@ -66,7 +74,7 @@ class ModelHooks:
         module = importlib.util.module_from_spec(spec)
         sys.modules[CUSTOM_MODULE] = module
         spec.loader.exec_module(module)
-        hooks = cls(module, code_dir)
+        hooks = cls(module, code_dir, max_concurrent)
         for required in REQUIRED_HOOKS:
             if not callable(getattr(module, required, None)):
                 raise ConfigError(f"{path} must define {required}()")
@@ -89,4 +97,5 @@ class ModelHooks:
     def score_unstructured(self, model: Any, data: str | bytes, **kwargs: Any) -> Any:
         fn = self._hook("score_unstructured")
         assert fn is not None
-        return fn(model, data, **kwargs)
+        with self._slots:
+            return fn(model, data, **kwargs)

@@ -95,7 +95,7 @@ class ReadinessState:
             if self.phase is Phase.READY:
                 return
             self._set(Phase.LOADING)
-            hooks = ModelHooks.load(self.code_dir)
+            hooks = ModelHooks.load(self.code_dir, self.settings.max_concurrent_predictions)
             hooks.init()
             self.model = hooks.load_model()
             self.hooks = hooks

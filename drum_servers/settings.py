@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lazy_loading import ConfigError
 from lazy_loading.environ import register_known
+from lazy_loading.settings import parse_size
 
 
 class ReadinessMode(str, Enum):
@@ -20,8 +21,13 @@ class ReadinessMode(str, Enum):
 
 
 class WorkerClass(str, Enum):
+    GTHREAD = "gthread"
     SYNC = "sync"
     GEVENT = "gevent"
+
+    @property
+    def gunicorn_name(self) -> str:
+        return "drum_servers.workers.ThreadWorker" if self is WorkerClass.GTHREAD else self.value
 
 
 _ENV_NAMES = {
@@ -37,6 +43,10 @@ _ENV_NAMES = {
     "max_requests": "DRUM_GUNICORN_MAX_REQUESTS",
     "max_requests_jitter": "DRUM_GUNICORN_MAX_REQUESTS_JITTER",
     "worker_connections": "DRUM_GUNICORN_WORKER_CONNECTIONS",
+    "threads": "DRUM_GUNICORN_THREADS",
+    "read_timeout": "DRUM_GUNICORN_READ_TIMEOUT",
+    "max_concurrent_predictions": "MAX_CONCURRENT_PREDICTIONS",
+    "max_request_body": "MAX_REQUEST_BODY_BYTES",
     "backlog": "DRUM_GUNICORN_BACKLOG",
     "failure_exit_delay": "LAZY_LOADING_FAILURE_EXIT_DELAY",
 }
@@ -57,15 +67,24 @@ class ServerSettings(BaseModel):
     url_prefix: str = ""
     address: str = "0.0.0.0:8080"
     workers: int = Field(1, ge=1, le=64)
-    worker_class: WorkerClass = WorkerClass.SYNC
+    worker_class: WorkerClass = WorkerClass.GTHREAD
     timeout: int = Field(120, ge=1, le=3600)
     graceful_timeout: int = Field(30, ge=1, le=3600)
     keepalive: int = Field(5, ge=0, le=3600)
     max_requests: int = Field(0, ge=0, le=10_000_000)
     max_requests_jitter: int = Field(0, ge=0, le=10_000_000)
     worker_connections: int = Field(1000, ge=1, le=100_000)
+    threads: int = Field(4, ge=1, le=256)
+    read_timeout: int = Field(10, ge=1, le=3600)
+    max_concurrent_predictions: int = Field(1, ge=1, le=256)
+    max_request_body: int = Field(100 * 1024 * 1024, ge=0, le=1 << 40)
     backlog: int = Field(2048, ge=1, le=65535)
     failure_exit_delay: float = Field(3.0, ge=0, le=60)
+
+    @field_validator("max_request_body", mode="before")
+    @classmethod
+    def _parse_size(cls, value: object) -> object:
+        return parse_size(value) if isinstance(value, str) else value
 
     @field_validator("url_prefix")
     @classmethod

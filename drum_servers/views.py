@@ -46,6 +46,22 @@ def info(state: ReadinessState) -> View:
     return _json(200, state.info())
 
 
+def body_too_large(limit: int) -> View:
+    return _json(413, {"message": f"ERROR: the request body is larger than {limit} bytes "
+                                  "(MAX_REQUEST_BODY_BYTES)"})
+
+
+def body_cut_short(received: int, announced: int) -> View:
+    """The client went away mid-body: the model must not score a truncated request."""
+    logger.warning("request body cut short: %d of %d bytes", received, announced)
+    return _json(400, {"message": f"ERROR: the request body ended after {received} of "
+                                  f"{announced} bytes"})
+
+
+def declared_length(header: str | None) -> int | None:
+    return int(header) if header is not None and header.strip().isdigit() else None
+
+
 def predict(state: ReadinessState, body: bytes, content_type: str | None,
             query: Mapping[str, str]) -> View:
     """Call ``score_unstructured``; 503 before ready, 500 with a short message on a hook error."""

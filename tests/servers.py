@@ -27,9 +27,12 @@ def server_argv(kind: str, port: int, code_dir: Path) -> tuple[list[str], dict[s
     """The exact commands the README gives, per server kind."""
     py = sys.executable
     address = {"ADDRESS": f"127.0.0.1:{port}"}
-    if kind == "gunicorn-flask-sync":
+    if kind == "gunicorn-flask":  # the default worker class
         return [py, "-m", "gunicorn", "-c", str(ROOT / "deploy/gunicorn.conf.py")], {
             **address, "MAX_WORKERS": "3"}
+    if kind == "gunicorn-flask-sync":
+        return [py, "-m", "gunicorn", "-c", str(ROOT / "deploy/gunicorn.conf.py")], {
+            **address, "MAX_WORKERS": "3", "DRUM_GUNICORN_WORKER_CLASS": "sync"}
     if kind == "gunicorn-flask-gevent":
         return [py, "-m", "gunicorn", "-c", str(ROOT / "deploy/gunicorn.conf.py")], {
             **address, "MAX_WORKERS": "2", "DRUM_GUNICORN_WORKER_CLASS": "gevent"}
@@ -45,8 +48,8 @@ def server_argv(kind: str, port: int, code_dir: Path) -> tuple[list[str], dict[s
     raise ValueError(kind)
 
 
-WORKERS = {"gunicorn-flask-sync": 3, "gunicorn-flask-gevent": 2, "gunicorn-fastapi": 3,
-           "uvicorn-fastapi": 1, "drum-servers-serve": 2}
+WORKERS = {"gunicorn-flask": 3, "gunicorn-flask-sync": 3, "gunicorn-flask-gevent": 2,
+           "gunicorn-fastapi": 3, "uvicorn-fastapi": 1, "drum-servers-serve": 2}
 
 
 @dataclass
@@ -91,7 +94,7 @@ class RunningServer:
 def start_server(kind: str, code_dir: Path, env: dict[str, str], log_path: Path) -> RunningServer:
     port = free_port()
     argv, extra = server_argv(kind, port, code_dir)
-    full_env = {**env, **extra, "CODE_DIR": str(code_dir), "PYTHONUNBUFFERED": "1"}
+    full_env = {**extra, **env, "CODE_DIR": str(code_dir), "PYTHONUNBUFFERED": "1"}
     full_env.setdefault("HOME", str(code_dir.parent))
     log = open(log_path, "wb")  # noqa: SIM115 - the child owns it for its lifetime
     proc = subprocess.Popen(argv, env=full_env, stdout=log, stderr=subprocess.STDOUT,

@@ -42,7 +42,9 @@ def _variants(deploy: Path, port: int) -> dict[str, tuple[list[str], dict[str, s
     address = {"ADDRESS": f"127.0.0.1:{port}", "MAX_WORKERS": "2"}
     flask_conf, fastapi_conf = str(deploy / "gunicorn.conf.py"), str(deploy / "gunicorn_uvicorn.conf.py")
     return {
-        "gunicorn flask sync (deploy/)": (gunicorn(flask_conf), address),
+        "gunicorn flask gthread, the default (deploy/)": (gunicorn(flask_conf), address),
+        "gunicorn flask sync (deploy/)": (gunicorn(flask_conf),
+                                          {**address, "DRUM_GUNICORN_WORKER_CLASS": "sync"}),
         "gunicorn flask gevent (deploy/)": (gunicorn(flask_conf),
                                             {**address, "DRUM_GUNICORN_WORKER_CLASS": "gevent"}),
         "gunicorn fastapi (deploy/)": (gunicorn(fastapi_conf), address),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -125,7 +126,7 @@ def test_missing_object_stops_the_server_non_zero(
     _no_secret(log)
 
 
-@pytest.mark.parametrize("kind", ["gunicorn-flask-sync", "gunicorn-flask-gevent", "uvicorn-fastapi",
+@pytest.mark.parametrize("kind", ["gunicorn-flask", "gunicorn-flask-gevent", "uvicorn-fastapi",
                                   "gunicorn-fastapi"])
 def test_background_mode_answers_ping_while_downloading(
     kind: str, s3: S3Store, model_env: tuple[Path, dict[str, str], str],
@@ -161,7 +162,7 @@ def test_background_mode_answers_ping_while_downloading(
     assert server.post("/predictUnstructured/", json={"x": [1.0]}).status_code == 200
 
 
-@pytest.mark.parametrize("kind", ["gunicorn-flask-sync", "uvicorn-fastapi"])
+@pytest.mark.parametrize("kind", ["gunicorn-flask", "uvicorn-fastapi"])
 def test_background_failure_reports_then_exits_non_zero(
     kind: str, s3: S3Store, model_env: tuple[Path, dict[str, str], str],
     servers: list[RunningServer], tmp_path: Path,
@@ -190,7 +191,7 @@ def test_background_failure_reports_then_exits_non_zero(
     assert "sample/missing.json" in server.log()
 
 
-@pytest.mark.parametrize("kind", ["gunicorn-flask-sync", "gunicorn-fastapi", "uvicorn-fastapi"])
+@pytest.mark.parametrize("kind", ["gunicorn-flask", "gunicorn-fastapi", "uvicorn-fastapi"])
 def test_load_model_error_shows_the_users_traceback_and_fails(
     kind: str, model_env: tuple[Path, dict[str, str], str], servers: list[RunningServer],
     tmp_path: Path,
@@ -216,7 +217,7 @@ def test_json_logs_and_metrics_aggregated_across_gunicorn_workers(
     prom_dir = tmp_path / "prom"
     prom_dir.mkdir()
     env.update(LOG_FORMAT="json", PROMETHEUS_MULTIPROC_DIR=str(prom_dir))
-    server = start_server("gunicorn-flask-sync", code_dir, env, tmp_path / "server.log")
+    server = start_server("gunicorn-flask", code_dir, env, tmp_path / "server.log")
     servers.append(server)
     server.wait_ready()
     for i in range(30):
@@ -242,7 +243,7 @@ def test_json_logs_and_metrics_aggregated_across_gunicorn_workers(
     assert any("request_id=req-7" in m for m in access)
 
 
-@pytest.mark.parametrize("kind", ["uvicorn-fastapi", "gunicorn-flask-sync"])
+@pytest.mark.parametrize("kind", ["uvicorn-fastapi", "gunicorn-flask"])
 def test_openapi_docs_work_and_query_strings_cannot_grow_the_metrics(
     kind: str, serve: ServerStarter
 ) -> None:
@@ -263,7 +264,7 @@ def test_openapi_docs_work_and_query_strings_cannot_grow_the_metrics(
     assert "/ping/" in routes
 
 
-@pytest.mark.parametrize("kind", ["gunicorn-flask-sync", "uvicorn-fastapi"])
+@pytest.mark.parametrize("kind", ["gunicorn-flask", "uvicorn-fastapi"])
 def test_missing_custom_py_fails_before_any_transfer(
     kind: str, s3: S3Store, model_env: tuple[Path, dict[str, str], str],
     servers: list[RunningServer], tmp_path: Path,
@@ -290,7 +291,7 @@ def score_unstructured(model, data, **kwargs):
 '''
 
 
-@pytest.mark.parametrize("kind", ["gunicorn-flask-sync", "uvicorn-fastapi"])
+@pytest.mark.parametrize("kind", ["gunicorn-flask", "uvicorn-fastapi"])
 def test_misspelled_variables_are_named_and_a_model_without_artifacts_serves(
     kind: str, servers: list[RunningServer], tmp_path: Path,
 ) -> None:
@@ -314,7 +315,7 @@ def test_misspelled_variables_are_named_and_a_model_without_artifacts_serves(
     assert '{"files": []}' not in log, "values are never logged"
 
 
-@pytest.mark.parametrize("kind", ["gunicorn-flask-sync", "uvicorn-fastapi", "gunicorn-fastapi"])
+@pytest.mark.parametrize("kind", ["gunicorn-flask", "uvicorn-fastapi", "gunicorn-fastapi"])
 def test_every_response_and_access_line_carries_the_request_id(
     kind: str, serve: ServerStarter
 ) -> None:
@@ -346,9 +347,9 @@ def test_readiness_belongs_to_one_server_instance_and_never_to_the_code_dir(
     (outside / "precious.txt").write_text("keep me")
     (code_dir / ".lazy_loading").mkdir()
     (code_dir / ".lazy_loading" / "ready").symlink_to(outside)  # where markers used to live
-    first = serve("gunicorn-flask-sync", "first.log")
+    first = serve("gunicorn-flask", "first.log")
     first.wait_ready()
-    second = serve("gunicorn-flask-sync", "second.log")
+    second = serve("gunicorn-flask", "second.log")
     second.wait_ready()
     time.sleep(0.5)
     assert first.get("/health/").status_code == 200, "a second server cannot reset the first"
@@ -360,7 +361,7 @@ def test_single_process_uvicorn_is_ready_whatever_max_workers_says(serve: Server
 
 
 @pytest.mark.parametrize("prefix", ["<path:p>", "{x}", "//api//v1//", "api v1"])
-@pytest.mark.parametrize("kind", ["gunicorn-flask-sync", "uvicorn-fastapi"])
+@pytest.mark.parametrize("kind", ["gunicorn-flask", "uvicorn-fastapi"])
 def test_an_invalid_url_prefix_stops_the_server_with_one_line(
     kind: str, prefix: str, serve: ServerStarter
 ) -> None:
@@ -370,7 +371,7 @@ def test_an_invalid_url_prefix_stops_the_server_with_one_line(
 
 
 @pytest.mark.parametrize("charset", ["no-such-charset", "base64", "idna"])
-@pytest.mark.parametrize("kind", ["gunicorn-flask-sync", "uvicorn-fastapi"])
+@pytest.mark.parametrize("kind", ["gunicorn-flask", "uvicorn-fastapi"])
 def test_an_undecodable_charset_is_a_json_error_with_a_request_id(
     kind: str, charset: str, serve: ServerStarter
 ) -> None:
@@ -400,7 +401,7 @@ def test_what_proc_environ_shows_of_the_credentials(
         secret_file = tmp_path / "credential"
         secret_file.write_text(env[name])
         overrides = {name: "", f"{name}_FILE": str(secret_file)}
-    server = serve("gunicorn-flask-sync", **overrides)
+    server = serve("gunicorn-flask", **overrides)
     server.wait_ready()
     assert server.post("/predictUnstructured/", json={"x": [1.0]}).status_code == 200
     from tests.procs import live_descendants
@@ -413,3 +414,145 @@ def test_what_proc_environ_shows_of_the_credentials(
         assert not any(leaked), "a credential file keeps the secret out of /proc/<pid>/environ"
     else:  # what the README says: environment secrets stay visible there
         assert all(leaked)
+
+
+def _stall(port: int, request: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(request)
+    return sock
+
+
+HALF_SENT = [b"GET /ping/ HTTP/1.1\r\nHost: x\r\n",  # the head, unfinished
+             b"POST /predictUnstructured/ HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+             b"Content-Length: 100\r\n\r\n{"]  # the body, unfinished
+
+
+@pytest.mark.parametrize("kind", ["gunicorn-flask", "gunicorn-flask-gevent", "gunicorn-fastapi"])
+def test_half_sent_requests_do_not_stop_ping(kind: str, serve: ServerStarter) -> None:
+    server = serve(kind, MAX_WORKERS="1", DRUM_GUNICORN_READ_TIMEOUT="600")
+    server.wait_ready()
+    stalled = [_stall(server.port, HALF_SENT[i % 2]) for i in range(3)]
+    try:
+        for _ in range(5):
+            assert server.get("/ping/", timeout=20).json() == {"message": "OK"}
+        assert server.post("/predictUnstructured/", json={"x": [1.0]}).status_code == 200
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def test_a_stalled_request_is_closed_after_the_read_timeout(serve: ServerStarter) -> None:
+    server = serve("gunicorn-flask", MAX_WORKERS="1", DRUM_GUNICORN_THREADS="2",
+                   DRUM_GUNICORN_READ_TIMEOUT="1")
+    server.wait_ready()
+    stalled = [_stall(server.port, HALF_SENT[i % 2]) for i in range(4)]  # more than the threads
+    try:
+        for sock in stalled:
+            sock.recv(65536)  # the server's answer or its close; a 30 s socket timeout fails it
+        assert server.get("/ping/", timeout=20).status_code == 200
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def _peak_rss(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines()
+                    if line.startswith("VmHWM:"))) * 1024
+
+
+def _serving_pid(server: RunningServer) -> int:
+    from tests.procs import live_descendants
+
+    workers = list(live_descendants(server.proc.pid))
+    assert len(workers) <= 1, "one worker, or the server itself"
+    return workers[0] if workers else server.proc.pid
+
+
+@pytest.mark.parametrize("kind", ["gunicorn-flask", "uvicorn-fastapi"])
+def test_a_body_over_the_limit_is_refused_before_it_is_read(
+    kind: str, serve: ServerStarter
+) -> None:
+    server = serve(kind, MAX_WORKERS="1", MAX_REQUEST_BODY_BYTES="1MiB")
+    server.wait_ready()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"POST /predictUnstructured/ HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: text/plain\r\nContent-Length: 10737418240\r\n\r\n")
+        head = sock.recv(65536)  # answered without a byte of the 10 GiB
+    assert head.startswith(b"HTTP/1.1 413"), head
+    chunks = (b"x" * 65536 for _ in range(32))  # 2 MiB, chunked: no length to check upfront
+    resp = server.post("/predictUnstructured/", content=chunks,
+                       headers={"Content-Type": "text/plain"})
+    assert resp.status_code == 413
+    assert "MAX_REQUEST_BODY_BYTES" in resp.json()["message"]
+    assert server.post("/predictUnstructured/", json={"x": [1.0]}).status_code == 200
+
+
+@pytest.mark.parametrize("kind", ["gunicorn-flask", "uvicorn-fastapi"])
+def test_a_large_body_is_held_once(kind: str, serve: ServerStarter) -> None:
+    size = 128 * 1024 * 1024
+    server = serve(kind, MAX_WORKERS="1", MAX_REQUEST_BODY_BYTES="256MiB")
+    server.wait_ready()
+    assert server.post("/predictUnstructured/", json={"x": [1.0]}).status_code == 200
+    pid = _serving_pid(server)
+    before = _peak_rss(pid)
+    resp = httpx.post(server.base + "/predictUnstructured/", content=bytes(size), timeout=60,
+                      headers={"Content-Type": "application/octet-stream"})
+    assert resp.status_code == 500  # the sample model cannot parse zeros; what counts is memory
+    grown = _peak_rss(pid) - before
+    assert grown < 1.5 * size, f"peak RSS grew by {grown / size:.2f}x the body"
+
+
+@pytest.mark.parametrize("kind", ["gunicorn-flask", "uvicorn-fastapi"])
+def test_a_body_cut_short_never_reaches_the_model(kind: str, serve: ServerStarter) -> None:
+    server = serve(kind, MAX_WORKERS="1")
+    server.wait_ready()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(HALF_SENT[1])
+        sock.shutdown(socket.SHUT_WR)
+        sock.recv(65536)
+    assert server.post("/predictUnstructured/", json={"x": [1.0]}).status_code == 200
+    assert "score_unstructured failed" not in server.log()
+
+
+COUNTING_MODEL = '''
+import threading
+
+lock, active, peak, second = threading.Lock(), [0], [0], threading.Event()
+
+def load_model(code_dir):
+    return None
+
+def score_unstructured(model, data, **kwargs):
+    with lock:
+        active[0] += 1
+        peak[0] = max(peak[0], active[0])
+        if active[0] >= 2:
+            second.set()
+    second.wait(2)  # a second call arrives at once where one is allowed in
+    with lock:
+        active[0] -= 1
+    return str(peak[0])
+'''
+
+
+@pytest.mark.parametrize(("kind", "allowed"), [("gunicorn-flask", "1"), ("uvicorn-fastapi", "1"),
+                                                ("uvicorn-fastapi", "2")])
+def test_hooks_run_one_at_a_time_unless_allowed_more(
+    kind: str, allowed: str, servers: list[RunningServer], tmp_path: Path,
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    code_dir = tmp_path / "code"
+    code_dir.mkdir()
+    (code_dir / "custom.py").write_text(COUNTING_MODEL)
+    env = {"PATH": os.environ["PATH"], "MAX_WORKERS": "1", "MAX_CONCURRENT_PREDICTIONS": allowed}
+    server = start_server(kind, code_dir, env, tmp_path / "server.log")
+    servers.append(server)
+    server.wait_ready()
+    def predict(_: int) -> str:
+        return httpx.post(server.base + "/predictUnstructured/", content=b"x", timeout=30).text
+
+    with ThreadPoolExecutor(3) as pool:
+        peaks = list(pool.map(predict, range(3)))
+    assert max(map(int, peaks)) == int(allowed)
