@@ -31,7 +31,7 @@ if not _FOR_FASTAPI:
 
 import contextlib
 
-from drum_servers.gunicorn_hooks import on_starting, post_fork
+from drum_servers.gunicorn_hooks import on_starting, post_fork, worker_exit
 from drum_servers.logs import ACCESS_LOG_FORMAT, logging_config
 from drum_servers.metrics import mark_process_dead
 from drum_servers.settings import ServerSettings, WorkerClass
@@ -80,6 +80,5 @@ __all__ = [
     "access_log_format", "accesslog", "backlog", "bind", "child_exit", "control_socket_disable",
     "errorlog", "graceful_timeout", "keepalive", "logconfig_dict", "loglevel", "max_requests",
     "max_requests_jitter", "on_starting", "post_fork", "preload_app", "threads", "timeout",
-    "worker_class",
-    "worker_connections", "workers", "wsgi_app",
+    "worker_class", "worker_connections", "worker_exit", "workers", "wsgi_app",
 ]

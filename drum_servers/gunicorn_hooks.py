@@ -10,7 +10,8 @@
   missing). A failure *raises* (gunicorn then stops non-zero); ``sys.exit(1)`` here would
   respawn forever.
 
-In background mode both hooks step aside: the app downloads while ``/ping/`` already answers.
+In background mode both hooks step aside: the app downloads while ``/ping/`` already answers,
+and ``worker_exit`` cancels that download (removing its temp files) when the worker stops.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 from lazy_loading import LazyLoadingError
 
 from .model import ModelHooks
-from .readiness import current_state, start_server_instance
+from .readiness import current_state, start_server_instance, stop_background_download
 from .settings import ReadinessMode
 from .signals import stop_signals_exit
 
@@ -53,3 +54,7 @@ def post_fork(server: Any, worker: Any) -> None:
     except LazyLoadingError as exc:
         server.log.error("worker %s: %s", worker.pid, exc)
         raise
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    stop_background_download()

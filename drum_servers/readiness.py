@@ -6,7 +6,9 @@ so a download done by ``post_fork`` is not repeated by the app, and ``/health/``
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import contextlib
 import logging
 import os
 import platform
@@ -19,13 +21,15 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from lazy_loading import LazyLoadingError, LazyLoadingHandler
+from lazy_loading import LazyLoadingError, LazyLoadingHandler, bridge
 
 from . import metrics
 from .model import ModelHooks
 from .settings import ReadinessMode, ServerSettings
 
 logger = logging.getLogger("drum_servers")
+
+BACKGROUND_STOP_SECONDS = 10.0
 
 
 class Phase(str, Enum):
@@ -57,6 +61,9 @@ class ReadinessState:
         self._started = time.monotonic()
         self._ready_after: float | None = None
         self._background: threading.Thread | None = None
+        self._background_run: tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]] | None = None
+        self._background_stopped = False
+        self._background_lock = threading.Lock()
 
     @property
     def mode(self) -> ReadinessMode:
@@ -138,12 +145,37 @@ class ReadinessState:
 
         def run() -> None:
             try:
-                self.prepare()
+                bridge.run_sync(self._prepare_until_stopped)
+            except asyncio.CancelledError:
+                logger.info("background download stopped")
             except BaseException as exc:
                 self.fail_and_exit(exc)
 
         self._background = threading.Thread(target=run, name="drum-servers-prepare", daemon=True)
         self._background.start()
+
+    async def _prepare_until_stopped(self) -> None:
+        with self._background_lock:
+            if self._background_stopped:
+                raise asyncio.CancelledError
+            task = asyncio.current_task()
+            assert task is not None
+            self._background_run = (asyncio.get_running_loop(), task)
+        await self.prepare_async()
+
+    def stop_background(self, timeout: float = BACKGROUND_STOP_SECONDS) -> None:
+        """Cancel a background download and wait for its cleanup: a worker exiting mid-download
+        (a daemon thread dies with the interpreter) would leave its temp files behind."""
+        with self._background_lock:
+            self._background_stopped = True
+            run = self._background_run
+        if self._background is None or not self._background.is_alive():
+            return
+        if run is not None:
+            loop, task = run
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(task.cancel)
+        self._background.join(timeout)
 
     def fail_and_exit(self, exc: BaseException) -> None:
         """Background failure: one clear line, ``/health/`` shows it briefly, then exit non-zero.
@@ -287,6 +319,14 @@ def current_state(code_dir: str | os.PathLike[str] | None = None,
             # download it verified) carries over.
             _state = ReadinessState(_state.settings, handler=_state.handler)
         return _state
+
+
+def stop_background_download() -> None:
+    """This process's background download, if any, cancelled and cleaned up (gunicorn's
+    ``worker_exit``)."""
+    state = _state
+    if state is not None and state.pid == os.getpid():
+        state.stop_background()
 
 
 def reset_state() -> None:
