@@ -16,7 +16,7 @@ import pytest
 from drum_servers.demo import prepare_code_dir, sample_model, upload_sample
 from tests.conftest import SECRET_CANARY, TOKEN_CANARY, S3Store, lazy_env
 from tests.faults import Rule
-from tests.servers import WORKERS, RunningServer, start_server
+from tests.servers import WORKERS, RunningServer, free_port, start_server
 
 DIM = 256 * 1024  # 2 MiB of weights: several ranged parts at 1 MiB
 FILES = {"sample/model.json": "artifacts/model.json", "sample/weights.bin": "artifacts/weights.bin"}
@@ -556,3 +556,36 @@ def test_hooks_run_one_at_a_time_unless_allowed_more(
     with ThreadPoolExecutor(3) as pool:
         peaks = list(pool.map(predict, range(3)))
     assert max(map(int, peaks)) == int(allowed)
+
+
+def test_a_read_only_code_dir_with_several_workers_becomes_ready(
+    servers: list[RunningServer], tmp_path: Path,
+) -> None:
+    import shutil
+    import subprocess
+
+    from tests.servers import server_argv
+
+    if shutil.which("unshare") is None or subprocess.run(
+        ["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs a private mount namespace (unshare -m) for a read-only bind mount")
+    code_dir = tmp_path / "code"
+    code_dir.mkdir()
+    (code_dir / "custom.py").write_text(NO_ARTIFACT_MODEL)
+    port = free_port()
+    argv, extra = server_argv("gunicorn-flask", port, code_dir)
+    script = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" "$0" && exec "$@"'
+    env = {"PATH": os.environ["PATH"], **extra, "MAX_WORKERS": "2", "CODE_DIR": str(code_dir),
+           "HOME": str(tmp_path)}
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(["unshare", "-m", "sh", "-c", script, str(code_dir), *argv],
+                                env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    server = RunningServer(proc, port, log_path)
+    servers.append(server)
+    server.wait_ready()
+    assert server.post("/predictUnstructured/", content=b"x").text == "no artifacts needed"
+    assert "Read-only file system" in subprocess.run(
+        ["nsenter", "-t", str(proc.pid), "-m", "touch", str(code_dir / "probe")],
+        capture_output=True, text=True).stderr, "the code dir really is read-only"
