@@ -286,8 +286,14 @@ class LazyLoadingConfig(BaseModel):
 
 
 def secret_env_name(credential_id: str) -> str:
-    """``MLOPS_REPOSITORY_SECRET_<ID>``: upper-cased, every non-alphanumeric turned into ``_``."""
-    return SECRET_ENV_PREFIX + re.sub(r"[^A-Z0-9]", "_", credential_id.upper())
+    """``MLOPS_REPOSITORY_SECRET_<ID>`` as DRUM writes and reads it: the id upper-cased."""
+    return SECRET_ENV_PREFIX + credential_id.upper()
+
+
+def secret_env_names(credential_id: str) -> list[str]:
+    """DRUM's name, then one a shell can export (every non-alphanumeric turned into ``_``)."""
+    portable = SECRET_ENV_PREFIX + re.sub(r"[^A-Z0-9]", "_", credential_id.upper())
+    return list(dict.fromkeys([secret_env_name(credential_id), portable]))
 
 
 _FRIENDLY = {
@@ -362,7 +368,7 @@ def _credentials_from_env(
         cred_id = repo.credential_id
         if cred_id in credentials:
             continue
-        names = [secret_env_name(cred_id), SECRET_ENV_PREFIX + cred_id.upper()]
+        names = secret_env_names(cred_id)
         name = next((n for n in names if environ.get(n) or (from_os and n in _scrubbed)), None)
         file_name = next((n + FILE_SUFFIX for n in names if environ.get(n + FILE_SUFFIX)), None)
         if name is not None and file_name is not None:
@@ -370,8 +376,9 @@ def _credentials_from_env(
         if file_name is not None:
             name, raw = file_name, _read_secret_file(file_name, environ[file_name])
         elif name is None:
+            either = f"{names[0]} is not set" + (f" (or {names[1]})" if len(names) > 1 else "")
             raise ConfigError(
-                f"{names[0]} is not set (credential {cred_id!r} of repositories[{index}]); set it "
+                f"{either} (credential {cred_id!r} of repositories[{index}]); set it "
                 'to JSON {"credentialType": "s3", "awsAccessKeyId": ..., "awsSecretAccessKey": ...}'
                 f", or {names[0]}{FILE_SUFFIX} to a file holding that JSON"
             )

@@ -358,3 +358,22 @@ def test_credentials_from_a_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"MLOPS_REPOSITORY_SECRET_C1_FILE: cannot read "
                                           r".*missing \(No such file or directory\)"):
         LazyLoadingHandler(code_dir=tmp_path, environ=env).load_config()
+
+
+@pytest.mark.parametrize("read_as", ["drum", "portable"])
+def test_credential_ids_with_dashes_and_dots_use_drums_variable_name(
+    tmp_path: Path, read_as: str
+) -> None:
+    path = tmp_path / "values.yaml"
+    path.write_text(VALUES_YAML.replace("cred1", "cred-1.x"))
+    env: dict[str, str] = {}
+    LazyLoadingHandler.setup_environment_variables_from_values_file(path, env)
+    assert "MLOPS_REPOSITORY_SECRET_CRED-1.X" in env, "the name DRUM writes and reads"
+    if read_as == "portable":  # a shell cannot export DRUM's name; this one it can
+        env["MLOPS_REPOSITORY_SECRET_CRED_1_X"] = env.pop("MLOPS_REPOSITORY_SECRET_CRED-1.X")
+    config = load_config(env)
+    assert config is not None
+    assert config.credentials["cred-1.x"].aws_access_key_id == "AKIAX"
+    with pytest.raises(ConfigError, match=r"MLOPS_REPOSITORY_SECRET_CRED-1\.X is not set \(or "
+                                          r"MLOPS_REPOSITORY_SECRET_CRED_1_X\)"):
+        load_config({"MLOPS_LAZY_LOADING_DATA": env["MLOPS_LAZY_LOADING_DATA"]})
