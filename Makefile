@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 DEMO_STAMP := $(VENV)/.installed-demo
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install test compat lint typecheck pytest smoke demo bench load clean
+.PHONY: install test compat lint typecheck pytest smoke parity demo bench load clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,19 @@ smoke:
 	rm -rf build
 	cd $(SMOKE_VENV) && bin/python $(CURDIR)/tests/smoke.py $(CURDIR)/deploy
 
+# DRUM itself as the oracle: datarobot-drum 1.18.1 and this package in one venv of their own,
+# both serving the same code dirs (tests/test_parity.py).
+DRUM_VENV ?= .venv-drum
+DRUM_STAMP := $(DRUM_VENV)/.installed
+$(DRUM_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(DRUM_VENV)
+	$(DRUM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(DRUM_VENV)/bin/python -m pip install --quiet 'datarobot-drum==1.18.1' -e '.[flask,fastapi,gunicorn]'
+	touch $@
+
+parity: $(TEST_STAMP) $(DRUM_STAMP)
+	DRUM_VENV=$(CURDIR)/$(DRUM_VENV) $(VENV)/bin/pytest -q tests/test_parity.py
+
 demo: $(DEMO_STAMP)
 	$(VENV)/bin/drum-servers demo $(if $(ADDRESS),--address $(ADDRESS))
 
@@ -66,4 +79,4 @@ load: $(TEST_STAMP)
 	$(PY) benchmarks/load.py
 
 clean:
-	rm -rf $(VENV) .venv-compat $(SMOKE_VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-compat $(SMOKE_VENV) $(DRUM_VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

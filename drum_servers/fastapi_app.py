@@ -14,12 +14,13 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request, Response
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from werkzeug.datastructures import ImmutableMultiDict
 
 from lazy_loading import LazyLoadingError
 
 from . import views
+from .contract import REQUEST_ID_HEADER, WRONG_ENDPOINT_ROUTES
 from .logs import (
-    REQUEST_ID_HEADER,
     current_request_id,
     ensure_logging,
     response_headers,
@@ -35,8 +36,10 @@ Lifespan = Callable[[FastAPI], contextlib.AbstractAsyncContextManager[Any]]
 
 
 def _respond(view: views.View) -> Response:
-    return Response(content=view.body, status_code=view.status,
-                    headers={**view.headers, "content-type": view.content_type})
+    headers = dict(view.headers)
+    if view.content_type is not None:
+        headers["content-type"] = view.content_type
+    return Response(content=view.body, status_code=view.status, headers=headers)
 
 
 class RequestIdMiddleware:
@@ -90,11 +93,30 @@ def make_router(state_getter: Callable[[], ReadinessState], prefix: str = "") ->
 
         return get
 
+    def options_endpoint(allow: str) -> Callable[[], Awaitable[Response]]:
+        async def options() -> Response:  # what Flask answers for every route
+            return Response(status_code=200, headers={"Allow": allow})
+
+        return options
+
     for path, view in views.GET_ROUTES.items():
         endpoint = get_endpoint(path, view)
         for variant in {path, path.rstrip("/") or "/"}:
-            router.add_api_route(variant, endpoint, methods=["GET"],
+            router.add_api_route(variant, endpoint, methods=["GET", "HEAD"],
                                  include_in_schema=variant == path)
+            router.add_api_route(variant, options_endpoint("GET, HEAD, OPTIONS"),
+                                 methods=["OPTIONS"], include_in_schema=False)
+
+    def wrong_endpoint(path: str) -> Callable[[], Awaitable[Response]]:
+        async def answer() -> Response:
+            return _respond(views.handle(
+                "wrong_endpoint", lambda: views.wrong_endpoint(state_getter(), path)))
+
+        return answer
+
+    for path in WRONG_ENDPOINT_ROUTES:
+        router.add_api_route(path, wrong_endpoint(path), methods=["POST"],
+                             include_in_schema=False)
 
     async def predict(request: Request) -> Response:
         import anyio.to_thread
@@ -106,7 +128,8 @@ def make_router(state_getter: Callable[[], ReadinessState], prefix: str = "") ->
 
         def call() -> views.View:
             return views.predict(state, body, request.headers.get("content-type"),
-                                 dict(request.query_params))
+                                 ImmutableMultiDict(request.query_params.multi_items()),
+                                 _drum_headers(request))
 
         view = await anyio.to_thread.run_sync(views.handle, "predict", call)
         return _respond(view)
@@ -115,7 +138,21 @@ def make_router(state_getter: Callable[[], ReadinessState], prefix: str = "") ->
         for variant in (path, path.rstrip("/")):
             router.add_api_route(variant, predict, methods=["POST"],
                                  include_in_schema=variant == path)
+            router.add_api_route(variant, options_endpoint("OPTIONS, POST"),
+                                 methods=["OPTIONS"], include_in_schema=False)
     return router
+
+
+def _drum_headers(request: Request) -> dict[str, str]:
+    """``dict(request.headers)`` as DRUM's Flask builds it: ``Content-Type``-style names,
+    repeated headers joined with commas."""
+    headers: dict[str, str] = {}
+    for name, value in request.headers.items():
+        if name in ("content-type", "content-length") and not value:
+            continue  # werkzeug leaves out these two when empty
+        key = name.title()
+        headers[key] = f"{headers[key]},{value}" if key in headers else value
+    return headers
 
 
 async def _prepare_or_exit(state: ReadinessState) -> None:
@@ -135,17 +172,21 @@ def make_lifespan(code_dir: str | os.PathLike[str] | None = None, *,
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[Any]:
         state = current_state(code_dir, mode)
+        state.server_name = "fastapi"
         app.state.drum_servers = state
         task: asyncio.Task[None] | None = None
-        if state.mode is ReadinessMode.BACKGROUND:
+        if state.serving_error:
+            pass
+        elif state.mode is ReadinessMode.BACKGROUND:
             task = asyncio.create_task(_prepare_or_exit(state))
         else:
             try:
                 await stop_signals_cancel(state.prepare_async())
-            except LazyLoadingError as exc:
-                state.fail(exc)
-                logger.error("%s", exc)
-                raise
+            except Exception as exc:
+                if not state.fail_or_serve_error(exc):
+                    if isinstance(exc, LazyLoadingError):
+                        logger.error("%s", exc)
+                    raise
         try:
             if inner is None:
                 yield None

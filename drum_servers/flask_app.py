@@ -12,7 +12,8 @@ from flask import Blueprint, Flask, Response, request
 from lazy_loading import LazyLoadingError
 
 from . import views
-from .logs import REQUEST_ID_HEADER, ensure_logging, response_headers
+from .contract import REQUEST_ID_HEADER, WRONG_ENDPOINT_ROUTES
+from .logs import ensure_logging, response_headers
 from .readiness import ReadinessState, current_state
 from .settings import ReadinessMode
 
@@ -29,6 +30,7 @@ def init_app(app: Flask, code_dir: str | os.PathLike[str] | None = None, *,
              ) -> ReadinessState:
     """Register the routes and make the model ready (now, or in the background)."""
     state = current_state(code_dir, mode)
+    state.server_name = "flask"
     prefix = state.settings.url_prefix if url_prefix is None else url_prefix.rstrip("/")
     blueprint = Blueprint("drum_servers", __name__, url_prefix=prefix or None)
 
@@ -55,12 +57,23 @@ def init_app(app: Flask, code_dir: str | os.PathLike[str] | None = None, *,
             return views.body_too_large(limit)
         if announced is not None and len(body) < announced:
             return views.body_cut_short(len(body), announced)
-        return views.predict(state, body, request.headers.get("Content-Type"),
-                             request.args.to_dict())
+        return views.predict(state, body, request.headers.get("Content-Type"), request.args,
+                             dict(request.headers))
 
     for path in views.PREDICT_ROUTES:
         blueprint.add_url_rule(path, f"post_{path.strip('/')}", predict, methods=["POST"],
                                strict_slashes=False)
+
+    def wrong_endpoint(path: str) -> Callable[[], Response]:
+        def answer() -> Response:
+            return _respond(views.handle(
+                "wrong_endpoint", lambda: views.wrong_endpoint(state, path)))
+
+        return answer
+
+    for path in WRONG_ENDPOINT_ROUTES:
+        blueprint.add_url_rule(path, f"wrong_{path.strip('/')}", wrong_endpoint(path),
+                               methods=["POST"])
     app.register_blueprint(blueprint)
 
     @app.after_request
@@ -69,14 +82,18 @@ def init_app(app: Flask, code_dir: str | os.PathLike[str] | None = None, *,
         return response
     app.extensions["drum_servers"] = state
 
-    if state.mode is ReadinessMode.BACKGROUND:
+    if state.serving_error:
+        pass
+    elif state.mode is ReadinessMode.BACKGROUND:
         state.start_background_thread()
     else:
         try:
             state.prepare()
-        except LazyLoadingError as exc:
-            state.fail(exc)
-            logger.error("%s", exc)
+        except Exception as exc:
+            if state.fail_or_serve_error(exc):
+                return state
+            if isinstance(exc, LazyLoadingError):
+                logger.error("%s", exc)
             raise
     return state
 

@@ -40,18 +40,22 @@ def on_starting(server: Any) -> None:
         with stop_signals_exit():
             state.download()
     except LazyLoadingError as exc:
+        if state.fail_or_serve_error(exc):
+            return
         server.log.error("%s", exc)
         sys.exit(1)
 
 
 def post_fork(server: Any, worker: Any) -> None:
     state = current_state()
-    if state.mode is ReadinessMode.BACKGROUND:
+    if state.mode is ReadinessMode.BACKGROUND or state.serving_error:
         return
     try:
         with stop_signals_exit():
             state.download()
     except LazyLoadingError as exc:
+        if state.fail_or_serve_error(exc):
+            return
         server.log.error("worker %s: %s", worker.pid, exc)
         raise
 

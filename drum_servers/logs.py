@@ -12,6 +12,13 @@ import sys
 import uuid
 from typing import Any
 
+from .contract import (
+    DRUM_COMPAT_VERSION,
+    DRUM_REQUEST_ID_HEADER,
+    DRUM_VERSION_HEADER,
+    REQUEST_ID_HEADER,
+)
+
 _OURS = ("lazy_loading", "drum_servers")
 TEXT_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 JSON_FIELDS = "%(asctime)s %(process)d %(levelname)s %(name)s %(message)s"
@@ -69,7 +76,6 @@ def ensure_logging(level: int = logging.INFO) -> None:
             logger.setLevel(level)
 
 
-REQUEST_ID_HEADER = "X-Request-ID"
 current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "drum_servers_request_id", default=None)
 
@@ -78,12 +84,15 @@ def request_id(incoming: str | None) -> str:
     """The caller's ``X-Request-ID`` when it is a sane token, else a fresh one."""
     if incoming and _REQUEST_ID.match(incoming):
         return incoming
-    return uuid.uuid4().hex
+    return str(uuid.uuid4())
 
 
 def response_headers(incoming_request_id: str | None) -> dict[str, str]:
-    """Headers every response carries, whichever route or error produced it."""
-    return {REQUEST_ID_HEADER: request_id(incoming_request_id)}
+    """Headers every response carries, whichever route or error produced it: the request id
+    under the standard name and under DRUM's, and DRUM's version header."""
+    rid = request_id(incoming_request_id)
+    return {REQUEST_ID_HEADER: rid, DRUM_REQUEST_ID_HEADER: rid,
+            DRUM_VERSION_HEADER: DRUM_COMPAT_VERSION}
 
 
 class _RequestIdFilter(logging.Filter):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import os
+import pickle
 import sys
 import threading
 from collections.abc import Callable
@@ -15,7 +17,10 @@ from typing import Any
 from lazy_loading import ConfigError
 
 CUSTOM_MODULE = "custom"
-REQUIRED_HOOKS = ("load_model", "score_unstructured")
+REQUIRED_HOOKS = ("score_unstructured",)
+# DRUM's built-in artifact predictors, by extension; we load the pickle ones as DRUM does.
+DRUM_ARTIFACT_EXTENSIONS = (".h5", ".onnx", ".pkl", ".pth")
+PICKLE_EXTENSIONS = (".pkl",)
 
 
 @dataclass
@@ -38,7 +43,8 @@ class ModelHooks:
         path = code_dir / "custom.py"
         if not path.is_file():
             raise ConfigError(f"{path} not found: the code dir must contain a custom.py with "
-                              "load_model(code_dir) and score_unstructured(model, data, **kwargs)")
+                              "score_unstructured(model, data, **kwargs) and load_model(code_dir) "
+                              "(or a model.pkl)")
         try:
             tree = ast.parse(path.read_bytes(), filename=str(path))
         except SyntaxError as exc:
@@ -66,7 +72,8 @@ class ModelHooks:
         path = code_dir / "custom.py"
         if not path.is_file():
             raise ConfigError(f"{path} not found: the code dir must contain a custom.py with "
-                              "load_model(code_dir) and score_unstructured(model, data, **kwargs)")
+                              "score_unstructured(model, data, **kwargs) and load_model(code_dir) "
+                              "(or a model.pkl)")
         if str(code_dir) not in sys.path:
             sys.path.insert(0, str(code_dir))
         spec = importlib.util.spec_from_file_location(CUSTOM_MODULE, path)
@@ -90,12 +97,38 @@ class ModelHooks:
             fn(code_dir=str(self.code_dir))
 
     def load_model(self) -> Any:
+        """The ``load_model`` hook, or, without one, DRUM's built-in loading: the one model
+        artifact at the top of the code dir, unpickled with the model's own libraries."""
         fn = self._hook("load_model")
-        assert fn is not None
-        return fn(str(self.code_dir))
+        if fn is not None:
+            return fn(str(self.code_dir))
+        artifact = _model_artifact(self.code_dir)
+        if not artifact.name.lower().endswith(PICKLE_EXTENSIONS):
+            raise ConfigError(f"{artifact}: only pickled models (.pkl) load without a "
+                              "load_model() hook here; add load_model(code_dir) to custom.py")
+        with open(artifact, "rb") as file:
+            try:
+                return pickle.load(file, encoding="latin1")
+            except TypeError:
+                file.seek(0)
+                return pickle.load(file)
 
     def score_unstructured(self, model: Any, data: str | bytes, **kwargs: Any) -> Any:
         fn = self._hook("score_unstructured")
         assert fn is not None
         with self._slots:
             return fn(model, data, **kwargs)
+
+
+def _model_artifact(code_dir: Path) -> Path:
+    names = sorted(os.listdir(code_dir))
+    found = [code_dir / name for name in names
+             if name.lower().endswith(DRUM_ARTIFACT_EXTENSIONS) and not (code_dir / name).is_dir()]
+    if len(found) > 1:
+        raise ConfigError(f"multiple serialized model files found in {code_dir} "
+                          f"({', '.join(p.name for p in found)}): remove the extra artifacts or "
+                          "define load_model(code_dir) in custom.py")
+    if not found:
+        raise ConfigError(f"custom.py has no load_model() hook and {code_dir} holds no model "
+                          f"artifact ({', '.join(DRUM_ARTIFACT_EXTENSIONS)}) to load instead")
+    return found[0]

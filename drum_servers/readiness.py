@@ -24,8 +24,10 @@ from typing import Any
 from lazy_loading import LazyLoadingError, LazyLoadingHandler, bridge
 
 from . import metrics
+from .contract import DRUM_COMPAT_VERSION, TARGET_TYPE
 from .model import ModelHooks
 from .settings import ReadinessMode, ServerSettings
+from .stats import PredictionTimes
 
 logger = logging.getLogger("drum_servers")
 
@@ -57,13 +59,17 @@ class ReadinessState:
         self.model: Any = None
         self.hooks: ModelHooks | None = None
         self.pid = os.getpid()
+        self.server_name = "flask"  # the FastAPI adapter says "fastapi"
         self._lock = threading.Lock()
         self._started = time.monotonic()
         self._ready_after: float | None = None
         self._background: threading.Thread | None = None
+        self.prediction_times = PredictionTimes()
         self._background_run: tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]] | None = None
         self._background_stopped = False
         self._background_lock = threading.Lock()
+        if _error_to_serve is not None and settings.with_error_server:  # the master's failure
+            self.error, self.phase = _error_to_serve, Phase.FAILED
 
     @property
     def mode(self) -> ReadinessMode:
@@ -127,6 +133,28 @@ class ReadinessState:
         await self.download_async()
         await anyio.to_thread.run_sync(self.load_model)
 
+    @property
+    def serving_error(self) -> str | None:
+        """The start-up error answered with 513 on DRUM's routes (``WITH_ERROR_SERVER``)."""
+        if self.settings.with_error_server and self.phase is Phase.FAILED:
+            return self.error
+        return None
+
+    def fail_or_serve_error(self, exc: BaseException) -> bool:
+        """Record a start-up failure; ``True`` when the server should keep running to report
+        it (``WITH_ERROR_SERVER``, DRUM's ``--with-error-server``), else the caller stops."""
+        global _error_to_serve
+        self.fail(exc)
+        if not self.settings.with_error_server:
+            return False
+        _error_to_serve = self.error
+        if isinstance(exc, LazyLoadingError):
+            logger.error("%s", self.error)
+        else:
+            logger.error("model failed to load", exc_info=exc)
+        logger.error("serving this error with 513 on every prediction route (WITH_ERROR_SERVER)")
+        return True
+
     def fail(self, exc: BaseException) -> None:
         self.error = str(exc) if isinstance(exc, LazyLoadingError) else f"{type(exc).__name__}: {exc}"
         self._set(Phase.FAILED)
@@ -183,7 +211,8 @@ class ReadinessState:
         Exit code 3 is gunicorn's "worker failed to boot", which stops the whole server instead
         of respawning a worker that would fail the same way; the orchestrator then restarts it.
         """
-        self.fail(exc)
+        if self.fail_or_serve_error(exc):
+            return
         if isinstance(exc, LazyLoadingError):
             logger.error("%s", self.error)
         else:
@@ -234,6 +263,22 @@ class ReadinessState:
         return 503, body
 
     def info(self) -> dict[str, Any]:
+        """DRUM's ``/info/``; what else we know (artifacts, pid, versions) only with
+        ``INFO_DETAILS``, since ``/info/`` answers anyone who can reach the port."""
+        body: dict[str, Any] = {
+            "codeDir": str(self.code_dir),
+            "drumServer": self.server_name,
+            "drumVersion": DRUM_COMPAT_VERSION,
+            "language": "python",
+            "modelMetadata": _model_metadata(self.code_dir),
+            "predictor": None,
+            "targetType": TARGET_TYPE,
+        }
+        if self.settings.info_details:
+            body["drumServers"] = self._details()
+        return body
+
+    def _details(self) -> dict[str, Any]:
         from importlib.metadata import PackageNotFoundError, version
 
         def pkg(name: str) -> str | None:
@@ -247,23 +292,28 @@ class ReadinessState:
             "status": self.phase.value,
             "mode": self.mode.value,
             "pid": os.getpid(),
-            "model": {
-                "code_dir": str(self.code_dir),
-                "custom_module": self.hooks.module.__file__ if self.hooks else None,
-                "ready_after_seconds": (None if self._ready_after is None
-                                        else round(self._ready_after, 3)),
-            },
+            "readyAfterSeconds": (None if self._ready_after is None
+                                  else round(self._ready_after, 3)),
             "artifacts": [r.as_dict() for r in results],
-            "versions": {
-                "drum-lazy-loading": pkg("drum-lazy-loading"),
-                "python": platform.python_version(),
-                "boto3": pkg("boto3"),
-                "flask": pkg("flask"),
-                "fastapi": pkg("fastapi"),
-                "gunicorn": pkg("gunicorn"),
-                "uvicorn": pkg("uvicorn"),
-            },
+            "versions": {name: pkg(name) for name in ("drum-lazy-loading", "boto3", "flask",
+                                                      "fastapi", "gunicorn", "uvicorn")}
+            | {"python": platform.python_version()},
         }
+
+
+def _model_metadata(code_dir: Path) -> Any:
+    """``model-metadata.yaml`` as DRUM reads it for ``/info/`` (``None`` without one)."""
+    import yaml
+
+    path = code_dir / "model-metadata.yaml"
+    try:
+        with open(path, encoding="utf-8") as file:
+            return yaml.safe_load(file)
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        logger.warning("%s cannot be read: %s", path, type(exc).__name__)
+        return None
 
 
 def _alive(pid: int) -> bool:
@@ -283,6 +333,10 @@ _state_lock = threading.Lock()
 # before forking, so a second server on the same code dir, or a read-only code dir, changes
 # nothing. Without a gunicorn master there are no siblings to wait for.
 _siblings_dir: Path | None = None
+
+# A start-up failure being served (WITH_ERROR_SERVER): set in the gunicorn master, it reaches
+# every worker through the fork.
+_error_to_serve: str | None = None
 
 
 def start_server_instance() -> None:
@@ -331,6 +385,7 @@ def stop_background_download() -> None:
 
 def reset_state() -> None:
     """Forget the process's state (tests and embedding)."""
-    global _state
+    global _state, _error_to_serve
     with _state_lock:
         _state = None
+        _error_to_serve = None

@@ -47,6 +47,8 @@ _ENV_NAMES = {
     "read_timeout": "DRUM_GUNICORN_READ_TIMEOUT",
     "max_concurrent_predictions": "MAX_CONCURRENT_PREDICTIONS",
     "max_request_body": "MAX_REQUEST_BODY_BYTES",
+    "info_details": "INFO_DETAILS",
+    "with_error_server": "WITH_ERROR_SERVER",
     "backlog": "DRUM_GUNICORN_BACKLOG",
     "failure_exit_delay": "LAZY_LOADING_FAILURE_EXIT_DELAY",
 }
@@ -78,6 +80,8 @@ class ServerSettings(BaseModel):
     read_timeout: int = Field(10, ge=1, le=3600)
     max_concurrent_predictions: int = Field(1, ge=1, le=256)
     max_request_body: int = Field(100 * 1024 * 1024, ge=0, le=1 << 40)
+    info_details: bool = False
+    with_error_server: bool = False
     backlog: int = Field(2048, ge=1, le=65535)
     failure_exit_delay: float = Field(3.0, ge=0, le=60)
 

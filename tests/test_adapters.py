@@ -30,8 +30,8 @@ def score_unstructured(model, data, **kwargs):
         return b"\\x00\\x01", {"mimetype": "application/x-custom"}
     payload = data if isinstance(data, str) else data.hex()
     return json.dumps({"type": type(data).__name__, "data": payload,
-                       "mimetype": kwargs["mimetype"], "charset": kwargs["charset"],
-                       "query": query, "init": model["init"]})
+                       "mimetype": kwargs["mimetype"], "charset": kwargs.get("charset"),
+                       "query": {k: query.get(k) for k in query}, "init": model["init"]})
 '''
 
 
@@ -119,18 +119,36 @@ def test_hook_exception_is_500_with_short_message(client: _Client) -> None:
     status, body, _ = client.post("/predictUnstructured/?fail=1", b"{}", "application/json")
     assert status == 500
     message = json.loads(body)["message"]
-    assert message == "ERROR: ValueError: model rejected input"
+    assert message == "ERROR: model rejected input"  # DRUM's text, word for word
     assert "Traceback" not in body.decode()
 
 
 def test_liveness_readiness_info(client: _Client, code_dir: Path) -> None:
     assert client.get("/") == (200, {"message": "OK"})
     assert client.get("/ping/") == (200, {"message": "OK"})
-    assert client.get("/health") == (200, {"status": "ready"})
+    assert client.get("/health") == (200, {"message": "OK", "status": "ready"})
     status, info = client.get("/info/")
     assert status == 200
-    assert info["status"] == "ready" and info["artifacts"] == []
-    assert info["model"]["custom_module"] == str(code_dir / "custom.py")
+    assert info == {"codeDir": str(code_dir), "drumServer": client.kind,
+                    "drumVersion": "1.18.1", "language": "python", "modelMetadata": None,
+                    "predictor": None, "targetType": "unstructured"}, "DRUM's fields only"
+
+
+@pytest.mark.parametrize("kind", ["flask", "fastapi"])
+def test_info_details_are_opt_in(kind: str, code_dir: Path, monkeypatch: pytest.MonkeyPatch
+                                 ) -> None:
+    (code_dir / "model-metadata.yaml").write_text("name: echo\ntargetType: unstructured\n")
+    monkeypatch.setenv("INFO_DETAILS", "true")
+    c = _Client(kind)
+    try:
+        status, info = c.get("/info/")
+    finally:
+        c.close()
+    assert status == 200
+    assert info["modelMetadata"] == {"name": "echo", "targetType": "unstructured"}
+    details = info["drumServers"]
+    assert details["status"] == "ready" and details["artifacts"] == []
+    assert details["pid"] > 0 and details["versions"]["drum-lazy-loading"]
 
 
 @pytest.mark.parametrize("kind", ["flask", "fastapi"])
@@ -180,7 +198,7 @@ def test_fastapi_lifespan_composes_with_the_users_lifespan(code_dir: Path) -> No
     app = FastAPI(lifespan=make_lifespan(inner=users))
     app.include_router(make_router(current_state))
     with TestClient(app) as client:
-        assert client.get("/health/").json() == {"status": "ready"}
+        assert client.get("/health/").json() == {"message": "OK", "status": "ready"}
     assert events == ["user startup, model ready=True", "user shutdown"]
 
 
@@ -219,7 +237,7 @@ def test_request_id_is_echoed_or_generated(client: _Client) -> None:
         fresh = raw.get("/ping/", headers={"X-Request-ID": "bad id with spaces"}).headers[
             "x-request-id"]
     assert given == "abc-123"
-    assert fresh != "bad id with spaces" and len(fresh) == 32
+    assert fresh != "bad id with spaces" and len(fresh) == 36  # a UUID, as DRUM makes them
 
 
 def test_metrics_endpoint_counts_requests_and_readiness(client: _Client) -> None:

@@ -75,7 +75,8 @@ def test_server_loads_after_download_and_serves_predictions(
     servers: list[RunningServer], tmp_path: Path,
 ) -> None:
     code_dir, env, _ = model_env
-    server = start_server(kind, code_dir, env, tmp_path / "server.log")
+    server = start_server(kind, code_dir, {**env, "INFO_DETAILS": "true"},
+                          tmp_path / "server.log")
     servers.append(server)
     server.wait_ready()
 
@@ -102,7 +103,7 @@ def test_server_loads_after_download_and_serves_predictions(
     log = server.log()
     assert log.count("model ready in") == WORKERS[kind], log
     info = server.get("/info/").json()
-    assert {a["path"] for a in info["artifacts"]} == set(FILES.values())
+    assert {a["path"] for a in info["drumServers"]["artifacts"]} == set(FILES.values())
     _no_secret(log, json.dumps(info), server.get("/health/").text)
 
 
@@ -331,7 +332,7 @@ def test_every_response_and_access_line_carries_the_request_id(
     assert [r.headers.get("x-request-id") for r in answers.values()] == [
         "rid-ping", "rid-404", "rid-405"]
     fresh = client.get("/ping/", headers={"X-Request-ID": "not a token"}).headers["x-request-id"]
-    assert fresh != "not a token" and len(fresh) == 32
+    assert fresh != "not a token" and len(fresh) == 36  # a UUID, as DRUM makes them
     time.sleep(0.5)
     access = [line for line in server.log().splitlines() if "/ping/" in line or "/no-such" in line]
     for rid in ("rid-ping", "rid-404", "rid-405"):
