@@ -9,6 +9,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, MutableMapping
+from dataclasses import replace
 from pathlib import Path
 
 from . import bridge
@@ -25,6 +26,7 @@ from .config import (
 from .engine import FileResult, TransferEngine
 from .environ import warn_about_environ
 from .errors import ConfigError, DownloadError, LazyLoadingError
+from .nodecache import NodeCache, Tampered
 from .paths import (
     STATE_DIR_NAME,
     prepare_state_dir,
@@ -40,6 +42,7 @@ from .progress import (
     ProgressTracker,
     format_bytes,
 )
+from .redact import one_line
 from .settings import LazyLoadingSettings
 
 logger = logging.getLogger("lazy_loading")
@@ -203,12 +206,63 @@ class LazyLoadingHandler:
         ]
         _check_writable(code_dir)
         clients = S3ClientFactory(config, settings, self._environ)
-        engine = TransferEngine(transfers, clients, settings, code_dir / STATE_DIR_NAME,
-                                self._tracker)
         try:
+            store = (NodeCache.open(settings.cache_dir, settings.cache_max_bytes)
+                     if settings.cache_dir is not None else None)
+            if store is not None:
+                results = await self._through_store(store, transfers, clients)
+                if results is not None:
+                    return results
+            engine = TransferEngine(transfers, clients, settings, code_dir / STATE_DIR_NAME,
+                                    self._tracker)
             return await _within_deadline(engine)
         finally:
             clients.close()
+
+    async def _through_store(self, store: NodeCache, transfers: list[FileTransfer],
+                             clients: S3ClientFactory) -> list[FileResult] | None:
+        """Fill the node cache, then link each artifact into the code dir; ``None`` when the
+        store itself fails (full, unwritable), so the caller downloads into the code dir."""
+        stored = [store.for_store(t) for t in transfers]
+        for attempt in (1, 2):
+            engine = TransferEngine(stored, clients, self.settings, store.state_dir,
+                                    self._tracker)
+            try:
+                results = await _within_deadline(engine)
+            except DownloadError as exc:
+                if not any(map(store.is_local_failure, [str(exc), *exc.failures.values()])):
+                    raise
+                logger.warning("node cache %s failed (%s); downloading into the code dir "
+                               "instead", store.root, one_line(str(exc), 300))
+                return None
+            tampered = False
+            for kept, target, result in zip(stored, transfers, results, strict=True):
+                try:
+                    store.link(kept, target, check_sha256=result.status in ("cached", "offline"))
+                except Tampered as exc:
+                    if attempt == 2:
+                        raise DownloadError(str(exc)) from None
+                    logger.warning("%s; fetching it again", exc)
+                    store.forget(kept)
+                    tampered = True
+                except OSError as exc:
+                    raise DownloadError(_local_failure(exc)) from None
+            if not tampered:
+                break
+        self._record_links(store, stored, transfers)
+        store.evict(keep={kept.target for kept in stored})
+        return [replace(result, target=target.target, display=target.display)
+                for result, target in zip(results, transfers, strict=True)]
+
+    def _record_links(self, store: NodeCache, stored: list[FileTransfer],
+                      transfers: list[FileTransfer]) -> None:
+        """The code dir's manifest vouches for its links as the store's does for the objects,
+        so forked workers and restarts recognise them without a request."""
+        store_manifest, manifest = Manifest(store.state_dir), Manifest(self.state_dir)
+        for kept, target in zip(stored, transfers, strict=True):
+            entry = store_manifest.lookup(kept.target)
+            if entry is not None:
+                manifest.record(target.target, entry)
 
     # ----------------------------------------------------------------- DRUM compatibility
     @staticmethod

@@ -44,6 +44,8 @@ class LazyLoadingSettings(BaseModel):
     fsync: bool = False
     scrub_env: bool = True
     replace_model_code: bool = False
+    cache_dir: Path | None = None
+    cache_max_bytes: int | None = Field(None, ge=0)
 
     @field_validator("part_size", mode="before")
     @classmethod
@@ -52,7 +54,7 @@ class LazyLoadingSettings(BaseModel):
             return None if value.strip().lower() == "auto" else parse_size(value)
         return value
 
-    @field_validator("min_rate", mode="before")
+    @field_validator("min_rate", "cache_max_bytes", mode="before")
     @classmethod
     def _parse_min_rate(cls, value: object) -> object:
         return parse_size(value) if isinstance(value, str) else value
@@ -66,6 +68,13 @@ class LazyLoadingSettings(BaseModel):
     def rate_window(self) -> float:
         """The window ``min_rate`` is measured over: twice the stall timeout."""
         return 2 * self.stall_timeout
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _absolute_cache_dir(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_absolute():
+            raise ValueError("must be an absolute path (a volume every pod of the node mounts)")
+        return value
 
     @field_validator("allowed_roots", mode="before")
     @classmethod
