@@ -123,6 +123,10 @@ class ManifestEntry:
             remote.endpoint, remote.bucket, remote.key, remote.etag, remote.size
         )
 
+    def matches_entry(self, other: ManifestEntry) -> bool:
+        return (self.endpoint, self.bucket, self.key, self.etag, self.size) == (
+            other.endpoint, other.bucket, other.key, other.etag, other.size)
+
     def intact(self, target: Path) -> bool:
         """Cheap integrity check: still the regular file we published (not a symlink put in
         its place), with the same size and mtime."""

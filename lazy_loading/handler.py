@@ -237,6 +237,8 @@ class LazyLoadingHandler:
                 return None
             tampered = False
             for kept, target, result in zip(stored, transfers, results, strict=True):
+                if self._already_placed(store, kept, target):
+                    continue
                 try:
                     store.link(kept, target, check_sha256=result.status in ("cached", "offline"))
                 except Tampered as exc:
@@ -253,6 +255,14 @@ class LazyLoadingHandler:
         store.evict(keep={kept.target for kept in stored})
         return [replace(result, target=target.target, display=target.display)
                 for result, target in zip(results, transfers, strict=True)]
+
+    def _already_placed(self, store: NodeCache, kept: FileTransfer, target: FileTransfer
+                        ) -> bool:
+        """A restart finds its link (or copy) of this very object intact: nothing to do."""
+        mine = Manifest(self.state_dir).lookup(target.target)
+        theirs = Manifest(store.state_dir).lookup(kept.target)
+        return (mine is not None and theirs is not None and mine.matches_entry(theirs)
+                and mine.intact(target.target))
 
     def _record_links(self, store: NodeCache, stored: list[FileTransfer],
                       transfers: list[FileTransfer]) -> None:

@@ -150,3 +150,40 @@ def test_compose_wires_minio_bucket_init_and_server() -> None:
     assert config.data.repositories[0].endpoint_url == "http://minio:9000"
     assert json.loads(env["MLOPS_REPOSITORY_SECRET_DEMO_CRED"])["awsAccessKeyId"] == \
         services["minio"]["environment"]["MINIO_ROOT_USER"]
+
+
+def _merge(base: Any, patch: Any) -> Any:
+    """A strategic merge as kustomize does it for these lists: items keyed by ``name``."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        return {**base, **{k: _merge(base[k], v) if k in base else v for k, v in patch.items()}}
+    if isinstance(base, list) and isinstance(patch, list) and all(
+            isinstance(i, dict) and "name" in i for i in base + patch):
+        merged = {i["name"]: i for i in base}
+        for item in patch:
+            merged[item["name"]] = _merge(merged.get(item["name"], {}), item)
+        return list(merged.values())
+    return patch
+
+
+def test_node_cache_overlay_validates_and_mounts_the_store() -> None:
+    import kubernetes_validate
+
+    overlay = K8S / "node-cache"
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["../"]
+    [patch_ref] = kustomization["patches"]
+    deployment = _merge(_deployment("deployment.yaml"),
+                        _docs(overlay / patch_ref["path"])[0])
+    kubernetes_validate.validate(deployment, "1.30", strict=True)
+    spec = deployment["spec"]["template"]["spec"]
+    server = spec["containers"][0]
+    cache_dir = _env(server)["LAZY_LOADING_CACHE_DIR"]["value"]
+    mounts = {m["mountPath"]: m["name"] for m in server["volumeMounts"]}
+    volume = {v["name"]: v for v in spec["volumes"]}[mounts[cache_dir]]
+    assert volume["hostPath"]["type"] == "DirectoryOrCreate"
+    assert "/opt/code" in mounts and "MLOPS_LAZY_LOADING_DATA" in _env(server), "base kept"
+    from lazy_loading.settings import LazyLoadingSettings
+
+    settings = LazyLoadingSettings.from_environ(
+        {k: v["value"] for k, v in _env(server).items() if k.startswith("LAZY_LOADING_")})
+    assert settings.cache_max_bytes == 40 * 1024 ** 3
