@@ -7,6 +7,7 @@ echoed in error messages are all rejected or hidden here.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
     AliasChoices,
     BaseModel,
@@ -393,16 +393,23 @@ def _credentials_from_env(
     return credentials
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key given twice (it would keep the last silently)."""
+@functools.cache
+def _unique_key_loader() -> type[Any]:
+    """PyYAML's safe loader, refusing a key given twice (it would keep the last silently).
+    Built on first use: most starts read JSON, and PyYAML costs ~10 ms to import."""
+    import yaml
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
-        for index, key in enumerate(keys):
-            if key in keys[:index]:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", node.value[index][0].start_mark)
-        return super().construct_mapping(node, deep=deep)
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False
+                              ) -> dict[Any, Any]:
+            keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+            for index, key in enumerate(keys):
+                if key in keys[:index]:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", node.value[index][0].start_mark)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 _SECRET_FILE_LIMIT = 64 * 1024
@@ -431,8 +438,10 @@ def load_values_file(path: str | os.PathLike[str]) -> tuple[LazyLoadingData, dic
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{source}: cannot be read ({exc.strerror})") from None
+    import yaml
+
     try:
-        payload = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+        payload = yaml.load(text, Loader=_unique_key_loader())  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -20,9 +20,14 @@ from concurrent.futures import wait as wait_futures
 from pathlib import Path
 from typing import Any, TypeVar
 
-from filelock import FileLock, Timeout
-
-from .cache import Manifest, ManifestEntry, ResumeJournal, target_lock, temp_path
+from .cache import (
+    Manifest,
+    ManifestEntry,
+    ResumeJournal,
+    TargetLock,
+    target_lock,
+    temp_path,
+)
 from .checksums import DigestSet, combinable, combine_parts
 from .client import S3ClientFactory, describe_endpoint
 from .errors import DownloadError
@@ -348,16 +353,13 @@ class TransferEngine:
         finally:
             lock.release()
 
-    async def _acquire(self, lock: FileLock, transfer: FileTransfer) -> None:
+    async def _acquire(self, lock: TargetLock, transfer: FileTransfer) -> None:
         """Poll a non-blocking lock so waiting never holds a thread or blocks the loop."""
         started = last_log = time.monotonic()
         delay = 0.01
         while True:
-            try:
-                lock.acquire(timeout=0)
+            if lock.try_acquire():
                 return
-            except Timeout:
-                pass
             now = time.monotonic()
             if now - last_log >= _LOCK_WAIT_LOG_EVERY:
                 last_log = now

@@ -13,7 +13,7 @@ import os
 import threading
 from pathlib import Path
 
-from .cache import ResumeJournal, remove_stale_temps, stale_temp_names
+from .cache import DebrisIndex, ResumeJournal
 from .checksums import DigestSet
 from .dirfd import UnsafePath, fsync_dir, open_dir
 from .plan import FileTransfer, split_ranges
@@ -32,6 +32,7 @@ class Publisher:
         self._state_dir = state_dir
         self._settings = settings
         self._cancel = cancel
+        self._debris = DebrisIndex()  # one listing per directory per run
 
     def prepare(self, transfer: FileTransfer, remote: RemoteObject, part_size: int,
                  multipart: bool, temp: Path) -> tuple[ResumeJournal | None, int, int]:
@@ -60,8 +61,8 @@ class Publisher:
             journal = (ResumeJournal.resume(self._state_dir, target, remote, part_size, crc,
                                             self._settings.fsync)
                        if multipart else None)
-            remove_stale_temps(self._state_dir, target)
-            for stale in stale_temp_names(target, dir_fd):
+            self._debris.remove_stale_records(self._state_dir, target)
+            for stale in self._debris.temp_names(target, dir_fd):
                 if journal is None or stale != journal.temp.name:
                     with contextlib.suppress(OSError):
                         os.unlink(stale, dir_fd=dir_fd)
