@@ -130,6 +130,11 @@ class S3ClientFactory:
         _cap_error_bodies(client)
         return client
 
+    def http_session_for(self, repository: LazyLoadingRepository) -> Any:
+        """The connection pool of this repository's client (built on first use), so requests
+        signed outside botocore reuse its warm connections instead of opening their own."""
+        return self.get(repository)._endpoint.http_session
+
     def credentials_for(self, repository: LazyLoadingRepository) -> S3Credentials:
         return self._config.credentials_for(repository)
 

@@ -37,7 +37,7 @@ from .progress import DownloadState, ProgressTracker, format_bytes
 from .publish import Publisher
 from .results import FileResult
 from .retry import Retrier
-from .revalidate import head_without_client
+from .revalidate import SignedHeads, head_without_client
 from .s3io import (
     ByteRange,
     Cancelled,
@@ -270,10 +270,18 @@ class TransferEngine:
         repositories = {t.repository.repository_id: t.repository for t in self._transfers}
         for repository in repositories.values():
             await self._to_thread(self._clients.get, repository)
-        results = await asyncio.gather(
-            *(self._in_pool((-1, t.index), self._head, t) for t in self._transfers),
+        # Signed HEADs without botocore's pipeline first; whatever they cannot settle (an error
+        # status, a refused connection) goes through the client, with its retries and messages.
+        quick = SignedHeads(self._transfers, self._clients, self._settings)
+        results: list[RemoteObject | BaseException | None] = list(await asyncio.gather(
+            *(self._in_pool((-1, t.index), quick.head, t) for t in self._transfers)))
+        retry = [i for i, found in enumerate(results) if found is None]
+        slow = await asyncio.gather(
+            *(self._in_pool((-1, i), self._head, self._transfers[i]) for i in retry),
             return_exceptions=True,
         )
+        for i, found in zip(retry, slow, strict=True):
+            results[i] = found
         failures: dict[str, str] = {}
         self._unreachable = True
         for transfer, result in zip(self._transfers, results, strict=True):
@@ -284,6 +292,7 @@ class TransferEngine:
                 if not isinstance(result, TransientFailure):
                     self._unreachable = False
                 continue
+            assert result is not None  # every None was asked again
             transfer.remote = result
             expected = transfer.spec.size
             if expected is not None and expected != result.size:

@@ -164,6 +164,10 @@ def _first_line(text: str, limit: int = 200) -> str:
     return text.strip().splitlines()[0][:limit] if text.strip() else ""
 
 
+NO_ETAG = "HEAD returned no ETag, so a download cannot be pinned to one version of the object"
+NO_LENGTH = "HEAD returned no valid Content-Length"
+
+
 def head_object(client: Any, endpoint: str, bucket: str, key: str) -> RemoteObject:
     """HEAD one object, asking for its full-object checksum too."""
     where = f"s3://{bucket}/{key} at {endpoint}"
@@ -173,11 +177,10 @@ def head_object(client: Any, endpoint: str, bucket: str, key: str) -> RemoteObje
         raise classify(exc, where) from None
     etag = str(head.get("ETag") or "")
     if not etag:
-        raise FatalFailure(f"{where}: HEAD returned no ETag, so a download cannot be pinned to "
-                           "one version of the object")
+        raise FatalFailure(f"{where}: {NO_ETAG}")
     size = head.get("ContentLength")
     if not isinstance(size, int) or size < 0:
-        raise FatalFailure(f"{where}: HEAD returned no valid Content-Length")
+        raise FatalFailure(f"{where}: {NO_LENGTH}")
     return RemoteObject(
         endpoint=endpoint,
         bucket=bucket,
