@@ -87,6 +87,7 @@ class TransferEngine:
         self._pool: PriorityPool | None = None
         self._unreachable = False
         self._part_size = 0
+        self._signed: SignedHeads | None = None
         self.started = time.monotonic()
         self.deadline = self.started + (settings.timeout or AUTO_TIMEOUT_BASE)
 
@@ -272,7 +273,7 @@ class TransferEngine:
             await self._to_thread(self._clients.get, repository)
         # Signed HEADs without botocore's pipeline first; whatever they cannot settle (an error
         # status, a refused connection) goes through the client, with its retries and messages.
-        quick = SignedHeads(self._transfers, self._clients, self._settings)
+        quick = self._signed = SignedHeads(self._transfers, self._clients, self._settings)
         results: list[RemoteObject | BaseException | None] = list(await asyncio.gather(
             *(self._in_pool((-1, t.index), quick.head, t) for t in self._transfers)))
         retry = [i for i, found in enumerate(results) if found is None]
@@ -418,7 +419,8 @@ class TransferEngine:
                             transfer.display, format_bytes(resumed_bytes))
             todo = [r for r in ranges if r.index not in resumed]
             client = self._clients.get(transfer.repository)
-            await self._run_parts(client, remote, todo, not multipart, sink, journal,
+            signed = self._signed.session_for(transfer.repository) if self._signed else None
+            await self._run_parts(client, signed, remote, todo, not multipart, sink, journal,
                                   check_algorithm, part_crcs, prefix)
             combined = (combine_parts(part_algorithm, [(part_crcs[r.index], r.length)
                                                        for r in ranges])
@@ -453,7 +455,8 @@ class TransferEngine:
         return FileResult(transfer.display, target, remote.size, remote.etag,
                           "resumed" if resumed else "fetched", seconds, fetched)
 
-    async def _run_parts(self, client: Any, remote: RemoteObject, todo: list[ByteRange],
+    async def _run_parts(self, client: Any, signed: Any, remote: RemoteObject,
+                         todo: list[ByteRange],
                          whole: bool, sink: RangeSink, journal: ResumeJournal | None,
                          check_algorithm: str | None, part_crcs: dict[int, int],
                          prefix: PrefixHasher | None) -> None:
@@ -461,8 +464,8 @@ class TransferEngine:
         wait until no thread can still write to its descriptor."""
         assert self._pool is not None
         futures = [
-            self._pool.submit((r.index, -remote.size), self._fetch_part, client, remote, r, whole,
-                              sink, journal, check_algorithm, part_crcs, prefix)
+            self._pool.submit((r.index, -remote.size), self._fetch_part, client, signed, remote, r,
+                              whole, sink, journal, check_algorithm, part_crcs, prefix)
             for r in todo
         ]
         try:
@@ -475,9 +478,10 @@ class TransferEngine:
             raise
 
     # ----------------------------------------------------------------- blocking steps
-    def _fetch_part(self, client: Any, remote: RemoteObject, byte_range: ByteRange, whole: bool,
-                    sink: RangeSink, journal: ResumeJournal | None, check_algorithm: str | None,
-                    part_crcs: dict[int, int], prefix: PrefixHasher | None = None) -> None:
+    def _fetch_part(self, client: Any, signed: Any, remote: RemoteObject, byte_range: ByteRange,
+                    whole: bool, sink: RangeSink, journal: ResumeJournal | None,
+                    check_algorithm: str | None, part_crcs: dict[int, int],
+                    prefix: PrefixHasher | None = None) -> None:
         written = [0]
 
         def count(n: int) -> None:
@@ -496,7 +500,8 @@ class TransferEngine:
 
         if sink.cancel.is_set():
             raise Cancelled()
-        self._retrier.call(lambda: fetch_range(client, remote, byte_range, whole, part_sink),
+        self._retrier.call(lambda: fetch_range(client, remote, byte_range, whole, part_sink,
+                                               signed),
                            sink.cancel, on_retry=undo)
         crc = part_digest.value(check_algorithm) if part_digest and check_algorithm else None
         if crc is not None:

@@ -14,22 +14,27 @@ error properly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 from urllib.parse import quote
 
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
+from botocore.exceptions import ClientError
 from botocore.httpsession import URLLib3Session
+from botocore.response import StreamingBody
 from botocore.utils import get_environ_proxies, parse_timestamp
 
 from .checksums import pick_s3_checksum
-from .client import S3ClientFactory, describe_endpoint, timeouts
+from .client import ERROR_BODY_LIMIT, S3ClientFactory, describe_endpoint, timeouts
 from .config import LazyLoadingRepository
 from .plan import FileTransfer
-from .s3io import NO_ETAG, NO_LENGTH, FatalFailure, RemoteObject
+from .s3io import NO_ETAG, NO_LENGTH, ByteRange, FatalFailure, RemoteObject
 from .settings import LazyLoadingSettings
 
 logger = logging.getLogger("lazy_loading")
@@ -101,9 +106,53 @@ class _SignedHead:
                             etag=etag, version_id=response.headers.get("x-amz-version-id"),
                             checksum=pick_s3_checksum(fields), last_modified=last_modified)
 
+    def get(self, remote: RemoteObject, byte_range: ByteRange, whole: bool
+            ) -> tuple[dict[str, Any], StreamingBody]:
+        """GET one range pinned to the HEAD's ETag, streamed: the response fields and body as
+        botocore's ``get_object`` returns them, so ``fetch_range`` treats both alike. An error
+        status becomes the ``ClientError`` botocore would raise, so it is classified the same."""
+        headers = {"If-Match": remote.etag}
+        if not whole:
+            headers["Range"] = f"bytes={byte_range.start}-{byte_range.end}"
+        request = AWSRequest(method="GET", url=self._base + quote(remote.key, safe="/~"),
+                             headers=headers)
+        self._signer.add_auth(request)
+        prepared = request.prepare()
+        prepared.stream_output = True
+        response = self._http.send(prepared)
+        fields = response.headers
+        if response.status_code not in (200, 206):
+            with contextlib.suppress(Exception):
+                response.raw.close()
+            raise _client_error(response.status_code, response.content or b"", fields)
+        length = fields.get("Content-Length")
+        modified = fields.get("Last-Modified")
+        parsed: dict[str, Any] = {
+            "ETag": fields.get("ETag"),
+            "ContentLength": int(length) if length and length.isdigit() else None,
+            "ContentRange": fields.get("Content-Range"),
+        }
+        if modified:
+            with contextlib.suppress(ValueError, TypeError):
+                parsed["LastModified"] = parse_timestamp(modified)
+        return parsed, StreamingBody(response.raw, parsed["ContentLength"])
+
     def close(self) -> None:
         if self._owned:
             self._http.close()
+
+
+_XML_CODE = re.compile(rb"<Code>([^<]{1,128})</Code>")
+
+
+def _client_error(status: int, body: bytes, headers: Any) -> ClientError:
+    match = _XML_CODE.search(body[:ERROR_BODY_LIMIT])
+    code = match.group(1).decode("utf-8", "replace") if match else str(status)
+    return ClientError({"Error": {"Code": code},
+                        "ResponseMetadata": {"HTTPStatusCode": status,
+                                             "HTTPHeaders": {k.lower(): v
+                                                             for k, v in headers.items()}}},
+                       "GetObject")
 
 
 class SignedHeads:
@@ -115,6 +164,10 @@ class SignedHeads:
         self._sessions = {t.repository.repository_id: _SignedHead(t.repository, clients,
                                                                   settings, True)
                           for t in transfers if t.repository.endpoint_url is not None}
+
+    def session_for(self, repository: LazyLoadingRepository) -> _SignedHead | None:
+        """GETs go the same way, for repositories with an ``endpointUrl``."""
+        return self._sessions.get(repository.repository_id)
 
     def head(self, transfer: FileTransfer) -> RemoteObject | FatalFailure | None:
         session = self._sessions.get(transfer.repository.repository_id)

@@ -324,7 +324,7 @@ class _RateWindow:
 
 
 def fetch_range(client: Any, remote: RemoteObject, byte_range: ByteRange, whole: bool,
-                sink: RangeSink) -> None:
+                sink: RangeSink, signed: Any = None) -> None:
     """GET one range pinned to the HEAD's ETag and ``pwrite`` it at its offset.
 
     Lengths and Content-Range are checked against what we asked for: a store that lies is a
@@ -340,8 +340,11 @@ def fetch_range(client: Any, remote: RemoteObject, byte_range: ByteRange, whole:
     try:
         if sink.cancel.is_set():
             raise Cancelled()
-        response = client.get_object(**params)
-        body = response["Body"]
+        if signed is not None:
+            response, body = signed.get(remote, byte_range, whole)
+        else:
+            response = client.get_object(**params)
+            body = response["Body"]
         sink.track(body)
         if not _check_headers(response, remote, byte_range, whole, where):
             with sink._lock:
