@@ -127,13 +127,8 @@ class S3ClientFactory:
             verify=self.verify_for(repository),
             config=boto_config,
         )
-        _cap_error_bodies(client)
+        cap_error_bodies(client._endpoint.http_session)
         return client
-
-    def http_session_for(self, repository: LazyLoadingRepository) -> Any:
-        """The connection pool of this repository's client (built on first use), so requests
-        signed outside botocore reuse its warm connections instead of opening their own."""
-        return self.get(repository)._endpoint.http_session
 
     def credentials_for(self, repository: LazyLoadingRepository) -> S3Credentials:
         return self._config.credentials_for(repository)
@@ -160,15 +155,15 @@ class S3ClientFactory:
 ERROR_BODY_LIMIT = 64 * 1024
 
 
-def _cap_error_bodies(client: Any) -> None:
+def cap_error_bodies(session: Any) -> None:
     """Read at most ``ERROR_BODY_LIMIT`` bytes of an error response.
 
     botocore reads a whole error body into memory to parse its code, and a store (or a proxy)
     can send hundreds of MiB there. No public hook runs between receiving the response and
-    reading its body, so the endpoint's HTTP session is wrapped: for a status >= 300 the
-    body's first bytes are read here and the connection is dropped rather than drained.
+    reading its body, so the HTTP session (a client's, or the engine's signed one) is wrapped:
+    for a status >= 300 the body's first bytes are read here and the connection is dropped
+    rather than drained.
     """
-    session = client._endpoint.http_session
     send = session.send
 
     def send_capped(request: Any) -> Any:

@@ -108,6 +108,8 @@ class TransferEngine:
             raise
         finally:
             self._pool = None
+            if self._signed is not None:
+                self._signed.close()
         # Join the idle threads so none is alive if the caller forks next (gunicorn master).
         await self._to_thread(pool.shutdown, True)
         return results
@@ -270,7 +272,8 @@ class TransferEngine:
         # every I/O thread would otherwise queue behind it on the factory's lock.
         repositories = {t.repository.repository_id: t.repository for t in self._transfers}
         for repository in repositories.values():
-            await self._to_thread(self._clients.get, repository)
+            if repository.endpoint_url is None:  # custom endpoints need no client unless asked
+                await self._to_thread(self._clients.get, repository)
         # Signed HEADs without botocore's pipeline first; whatever they cannot settle (an error
         # status, a refused connection) goes through the client, with its retries and messages.
         quick = self._signed = SignedHeads(self._transfers, self._clients, self._settings)
@@ -418,8 +421,8 @@ class TransferEngine:
                 logger.info("resuming %s, %s already present",
                             transfer.display, format_bytes(resumed_bytes))
             todo = [r for r in ranges if r.index not in resumed]
-            client = self._clients.get(transfer.repository)
             signed = self._signed.session_for(transfer.repository) if self._signed else None
+            client = None if signed is not None else self._clients.get(transfer.repository)
             await self._run_parts(client, signed, remote, todo, not multipart, sink, journal,
                                   check_algorithm, part_crcs, prefix)
             combined = (combine_parts(part_algorithm, [(part_crcs[r.index], r.length)

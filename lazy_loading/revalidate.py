@@ -31,7 +31,13 @@ from botocore.response import StreamingBody
 from botocore.utils import get_environ_proxies, parse_timestamp
 
 from .checksums import pick_s3_checksum
-from .client import ERROR_BODY_LIMIT, S3ClientFactory, describe_endpoint, timeouts
+from .client import (
+    ERROR_BODY_LIMIT,
+    S3ClientFactory,
+    cap_error_bodies,
+    describe_endpoint,
+    timeouts,
+)
 from .config import LazyLoadingRepository
 from .plan import FileTransfer
 from .s3io import NO_ETAG, NO_LENGTH, ByteRange, FatalFailure, RemoteObject
@@ -51,7 +57,7 @@ class _SignedHead:
     """Signed HEAD requests to one repository over one keep-alive connection pool."""
 
     def __init__(self, repository: LazyLoadingRepository, clients: S3ClientFactory,
-                 settings: LazyLoadingSettings, share_client_pool: bool) -> None:
+                 settings: LazyLoadingSettings, capped: bool) -> None:
         assert repository.endpoint_url is not None
         creds = clients.credentials_for(repository)
         self._repository = repository
@@ -62,10 +68,6 @@ class _SignedHead:
                         if creds.aws_session_token else None),
             "s3", clients.region_for(repository) or "us-east-1",
         )
-        self._owned = not share_client_pool
-        if share_client_pool:
-            self._http = clients.http_session_for(repository)
-            return
         verify = clients.verify_for(repository)
         self._http = URLLib3Session(
             verify=True if verify is None else verify,
@@ -73,6 +75,8 @@ class _SignedHead:
             timeout=timeouts(settings),
             max_pool_connections=settings.max_connections,
         )
+        if capped:
+            cap_error_bodies(self._http)
 
     def head(self, key: str) -> RemoteObject | FatalFailure | None:
         """The object, a failure no retry can mend (a 200 without what a download needs), or
@@ -138,8 +142,7 @@ class _SignedHead:
         return parsed, StreamingBody(response.raw, parsed["ContentLength"])
 
     def close(self) -> None:
-        if self._owned:
-            self._http.close()
+        self._http.close()
 
 
 _XML_CODE = re.compile(rb"<Code>([^<]{1,128})</Code>")
@@ -156,14 +159,22 @@ def _client_error(status: int, body: bytes, headers: Any) -> ClientError:
 
 
 class SignedHeads:
-    """Cold-start HEADs over each client's own connections (which the GETs then reuse), for
-    repositories with an ``endpointUrl``; the engine sends them from its I/O pool."""
+    """Signed requests for repositories with an ``endpointUrl``, one connection pool each,
+    shared by the HEADs and the GETs: no boto3 client is built unless a request needs the
+    client path (an error status, or an AWS repository). The engine sends them from its I/O
+    pool and closes them when it is done."""
 
     def __init__(self, transfers: list[FileTransfer], clients: S3ClientFactory,
                  settings: LazyLoadingSettings) -> None:
-        self._sessions = {t.repository.repository_id: _SignedHead(t.repository, clients,
-                                                                  settings, True)
-                          for t in transfers if t.repository.endpoint_url is not None}
+        self._sessions: dict[str, _SignedHead] = {}
+        for t in transfers:
+            rid = t.repository.repository_id
+            if t.repository.endpoint_url is not None and rid not in self._sessions:
+                self._sessions[rid] = _SignedHead(t.repository, clients, settings, True)
+
+    def close(self) -> None:
+        for session in self._sessions.values():
+            session.close()
 
     def session_for(self, repository: LazyLoadingRepository) -> _SignedHead | None:
         """GETs go the same way, for repositories with an ``endpointUrl``."""
