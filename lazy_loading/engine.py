@@ -37,7 +37,7 @@ from .progress import DownloadState, ProgressTracker, format_bytes
 from .publish import Publisher
 from .results import FileResult
 from .retry import Retrier
-from .revalidate import SignedHeads, head_without_client
+from .revalidate import SignedRequests, head_without_client
 from .s3io import (
     ByteRange,
     Cancelled,
@@ -87,7 +87,7 @@ class TransferEngine:
         self._pool: PriorityPool | None = None
         self._unreachable = False
         self._part_size = 0
-        self._signed: SignedHeads | None = None
+        self._signed: SignedRequests | None = None
         self.started = time.monotonic()
         self.deadline = self.started + (settings.timeout or AUTO_TIMEOUT_BASE)
 
@@ -274,18 +274,23 @@ class TransferEngine:
         for repository in repositories.values():
             if repository.endpoint_url is None:  # custom endpoints need no client unless asked
                 await self._to_thread(self._clients.get, repository)
-        # Signed HEADs without botocore's pipeline first; whatever they cannot settle (an error
-        # status, a refused connection) goes through the client, with its retries and messages.
-        quick = self._signed = SignedHeads(self._transfers, self._clients, self._settings)
-        results: list[RemoteObject | BaseException | None] = list(await asyncio.gather(
-            *(self._in_pool((-1, t.index), quick.head, t) for t in self._transfers)))
+        # A warm start that found a change already knows every object. Otherwise signed HEADs
+        # without botocore's pipeline come first; whatever they cannot settle (an error status,
+        # a refused connection) goes through the client, with its retries and messages.
+        quick = self._signed = SignedRequests(self._transfers, self._clients, self._settings)
+        results: list[RemoteObject | BaseException | None] = [t.remote for t in self._transfers]
+        unknown = [i for i, found in enumerate(results) if found is None]
+        answers = await asyncio.gather(
+            *(self._in_pool((-1, i), quick.head, self._transfers[i]) for i in unknown))
+        for i, found in zip(unknown, answers, strict=True):
+            results[i] = found
         retry = [i for i, found in enumerate(results) if found is None]
         slow = await asyncio.gather(
             *(self._in_pool((-1, i), self._head, self._transfers[i]) for i in retry),
             return_exceptions=True,
         )
-        for i, found in zip(retry, slow, strict=True):
-            results[i] = found
+        for i, outcome in zip(retry, slow, strict=True):
+            results[i] = outcome
         failures: dict[str, str] = {}
         self._unreachable = True
         for transfer, result in zip(self._transfers, results, strict=True):
@@ -325,10 +330,11 @@ class TransferEngine:
                                         self._settings)
         if remotes is None:
             return None
+        for transfer, remote in zip(self._transfers, remotes, strict=True):
+            transfer.remote = remote  # kept for the normal path if anything changed
         self._tracker.start(len(remotes), sum(r.size for r in remotes))
         results = []
         for transfer, remote in zip(self._transfers, remotes, strict=True):
-            transfer.remote = remote
             result = self._local.cached(transfer, remote)
             if result is None:  # replaced on disk meanwhile: the normal path re-checks under lock
                 return None

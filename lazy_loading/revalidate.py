@@ -53,11 +53,11 @@ _CHECKSUM_HEADERS = {"ChecksumCRC64NVME": "x-amz-checksum-crc64nvme",
                      "ChecksumSHA1": "x-amz-checksum-sha1"}
 
 
-class _SignedHead:
-    """Signed HEAD requests to one repository over one keep-alive connection pool."""
+class _SignedSession:
+    """Signed HEADs and GETs to one repository over one keep-alive connection pool."""
 
     def __init__(self, repository: LazyLoadingRepository, clients: S3ClientFactory,
-                 settings: LazyLoadingSettings, capped: bool) -> None:
+                 settings: LazyLoadingSettings) -> None:
         assert repository.endpoint_url is not None
         creds = clients.credentials_for(repository)
         self._repository = repository
@@ -75,8 +75,7 @@ class _SignedHead:
             timeout=timeouts(settings),
             max_pool_connections=settings.max_connections,
         )
-        if capped:
-            cap_error_bodies(self._http)
+        cap_error_bodies(self._http)
 
     def head(self, key: str) -> RemoteObject | FatalFailure | None:
         """The object, a failure no retry can mend (a 200 without what a download needs), or
@@ -158,7 +157,7 @@ def _client_error(status: int, body: bytes, headers: Any) -> ClientError:
                        "GetObject")
 
 
-class SignedHeads:
+class SignedRequests:
     """Signed requests for repositories with an ``endpointUrl``, one connection pool each,
     shared by the HEADs and the GETs: no boto3 client is built unless a request needs the
     client path (an error status, or an AWS repository). The engine sends them from its I/O
@@ -166,17 +165,17 @@ class SignedHeads:
 
     def __init__(self, transfers: list[FileTransfer], clients: S3ClientFactory,
                  settings: LazyLoadingSettings) -> None:
-        self._sessions: dict[str, _SignedHead] = {}
+        self._sessions: dict[str, _SignedSession] = {}
         for t in transfers:
             rid = t.repository.repository_id
             if t.repository.endpoint_url is not None and rid not in self._sessions:
-                self._sessions[rid] = _SignedHead(t.repository, clients, settings, True)
+                self._sessions[rid] = _SignedSession(t.repository, clients, settings)
 
     def close(self) -> None:
         for session in self._sessions.values():
             session.close()
 
-    def session_for(self, repository: LazyLoadingRepository) -> _SignedHead | None:
+    def session_for(self, repository: LazyLoadingRepository) -> _SignedSession | None:
         """GETs go the same way, for repositories with an ``endpointUrl``."""
         return self._sessions.get(repository.repository_id)
 
@@ -197,15 +196,13 @@ def head_without_client(transfers: list[FileTransfer], clients: S3ClientFactory,
     had cheaply (an AWS endpoint, an error, a non-200): then use the normal path."""
     if not transfers or any(t.repository.endpoint_url is None for t in transfers):
         return None
-    sessions: dict[str, _SignedHead] = {}
+    requests: SignedRequests | None = None
     try:
-        for t in transfers:
-            rid = t.repository.repository_id
-            if rid not in sessions:
-                sessions[rid] = _SignedHead(t.repository, clients, settings, False)
+        requests = SignedRequests(transfers, clients, settings)
 
         def head(t: FileTransfer) -> RemoteObject | None:
-            found = sessions[t.repository.repository_id].head(t.spec.remote_path)
+            assert requests is not None
+            found = requests.head(t)
             return found if isinstance(found, RemoteObject) else None
 
         # The first answer tells how far the store is: a nearby one answers the rest sooner
@@ -225,8 +222,8 @@ def head_without_client(transfers: list[FileTransfer], clients: S3ClientFactory,
         logger.debug("no HEAD without a client (%s)", type(exc).__name__)
         return None
     finally:
-        for session in sessions.values():
-            session.close()
+        if requests is not None:
+            requests.close()
     if any(remote is None for remote in found):
         return None
     return [remote for remote in found if remote is not None]

@@ -208,12 +208,15 @@ def test_warm_run_fetches_zero_body_bytes(s3: S3Store, tmp_path: Path) -> None:
 
 
 def test_changed_object_is_fetched_again(s3: S3Store, tmp_path: Path) -> None:
-    bucket, env = _setup(s3, {"a.bin": b"version-1"})
+    bucket, env = _setup(s3, {"a.bin": b"version-1", "b.bin": b"unchanged"})
     LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
     s3.put(bucket, "a.bin", b"version-2 is longer")
+    before = len(s3.faults.ledger.requests)
     results = LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
-    assert results[0].status == "fetched"
+    assert [r.status for r in results] == ["fetched", "cached"]
     assert (tmp_path / "a.bin").read_bytes() == b"version-2 is longer"
+    heads = sorted(k for m, k, _, _ in s3.faults.ledger.requests[before:] if m == "HEAD")
+    assert heads == ["a.bin", "b.bin"], "the warm start's HEADs are not sent again"
 
 
 def test_locally_modified_file_is_fetched_again(s3: S3Store, tmp_path: Path) -> None:
