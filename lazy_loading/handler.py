@@ -224,6 +224,7 @@ class LazyLoadingHandler:
         """Fill the node cache, then link each artifact into the code dir; ``None`` when the
         store itself fails (full, unwritable), so the caller downloads into the code dir."""
         stored = [store.for_store(t) for t in transfers]
+        store_manifest, manifest = Manifest(store.state_dir), Manifest(self.state_dir)
         for attempt in (1, 2):
             engine = TransferEngine(stored, clients, self.settings, store.state_dir,
                                     self._tracker)
@@ -237,8 +238,11 @@ class LazyLoadingHandler:
                 return None
             tampered = False
             for kept, target, result in zip(stored, transfers, results, strict=True):
-                if self._already_placed(store, kept, target):
-                    continue
+                theirs = store_manifest.lookup(kept.target)
+                mine = manifest.lookup(target.target)
+                if (mine is not None and theirs is not None and mine.matches_entry(theirs)
+                        and mine.intact(target.target)):
+                    continue  # a restart finds its link (or copy) of this very object intact
                 try:
                     store.link(kept, target, check_sha256=result.status in ("cached", "offline"))
                 except Tampered as exc:
@@ -249,30 +253,16 @@ class LazyLoadingHandler:
                     tampered = True
                 except OSError as exc:
                     raise DownloadError(_local_failure(exc)) from None
+                else:
+                    # The code dir's manifest vouches for the link as the store's does for the
+                    # object, so forked workers and restarts recognise it without a request.
+                    if theirs is not None:
+                        manifest.record(target.target, theirs)
             if not tampered:
                 break
-        self._record_links(store, stored, transfers)
         store.evict(keep={kept.target for kept in stored})
         return [replace(result, target=target.target, display=target.display)
                 for result, target in zip(results, transfers, strict=True)]
-
-    def _already_placed(self, store: NodeCache, kept: FileTransfer, target: FileTransfer
-                        ) -> bool:
-        """A restart finds its link (or copy) of this very object intact: nothing to do."""
-        mine = Manifest(self.state_dir).lookup(target.target)
-        theirs = Manifest(store.state_dir).lookup(kept.target)
-        return (mine is not None and theirs is not None and mine.matches_entry(theirs)
-                and mine.intact(target.target))
-
-    def _record_links(self, store: NodeCache, stored: list[FileTransfer],
-                      transfers: list[FileTransfer]) -> None:
-        """The code dir's manifest vouches for its links as the store's does for the objects,
-        so forked workers and restarts recognise them without a request."""
-        store_manifest, manifest = Manifest(store.state_dir), Manifest(self.state_dir)
-        for kept, target in zip(stored, transfers, strict=True):
-            entry = store_manifest.lookup(kept.target)
-            if entry is not None:
-                manifest.record(target.target, entry)
 
     # ----------------------------------------------------------------- DRUM compatibility
     @staticmethod
