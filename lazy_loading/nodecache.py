@@ -30,7 +30,7 @@ import os
 import secrets
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .cache import Manifest, target_id
@@ -94,8 +94,6 @@ class NodeCache:
 
     def for_store(self, transfer: FileTransfer) -> FileTransfer:
         """The same artifact, aimed at the store instead of the code dir."""
-        from dataclasses import replace
-
         return replace(transfer, target=self.object_path(transfer), root=self.root)
 
     def is_local_failure(self, reason: str) -> bool:
