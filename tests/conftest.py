@@ -3,6 +3,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -130,6 +133,24 @@ def payload(size: int, seed: int = 0) -> bytes:
     import random
 
     return random.Random(seed).randbytes(size)
+
+
+def kill_9_once_journaled(proc: subprocess.Popen[bytes], journal_dir: Path, parts: int
+                          ) -> set[int]:
+    """SIGKILL ``proc`` once its resume journal records ``parts`` finished parts (or after 30
+    s); return the parts it recorded by then."""
+    from lazy_loading.cache import ResumeJournal
+
+    deadline, done = time.monotonic() + 30, set[int]()
+    while time.monotonic() < deadline and len(done) < parts:
+        for path in journal_dir.glob("*.log"):
+            found = ResumeJournal.read(path)
+            if found is not None:
+                done = found[1]
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    return done
 
 
 def no_debris(code_dir: Path) -> list[str]:

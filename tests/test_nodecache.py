@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from lazy_loading import LazyLoadingHandler
 from lazy_loading.cache import ResumeJournal
 from lazy_loading.nodecache import OBJECTS_DIR
-from tests.conftest import S3Store, lazy_env, no_debris, payload
+from tests.conftest import S3Store, kill_9_once_journaled, lazy_env, no_debris, payload
 from tests.faults import Rule
 
 MiB = 1024 * 1024
@@ -74,15 +72,7 @@ def test_a_fetch_killed_in_the_store_is_resumed_by_the_next_pod(
     s3.faults.add(Rule("throttle", key="big.bin", times=None, rate=2 * MiB))
     journal_dir = cache / ".lazy_loading" / "journal"
     first = subprocess.Popen(_download(tmp_path / "pod-a"), env=env, stderr=subprocess.DEVNULL)
-    deadline, done = time.monotonic() + 30, set[int]()
-    while time.monotonic() < deadline and len(done) < 3:
-        for path in journal_dir.glob("*.log"):
-            found = ResumeJournal.read(path)
-            if found is not None:
-                done = found[1]
-        time.sleep(0.05)
-    os.kill(first.pid, signal.SIGKILL)
-    first.wait(10)
+    done = kill_9_once_journaled(first, journal_dir, 3)
     assert len(done) >= 3, "the first pod made progress before it was killed"
     found = ResumeJournal.read(next(journal_dir.glob("*.log")))
     assert found is not None

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from lazy_loading.cache import ResumeJournal, target_id
-from tests.conftest import S3Store, lazy_env, no_debris, payload
+from tests.conftest import S3Store, kill_9_once_journaled, lazy_env, no_debris, payload
 from tests.faults import Rule
 
 MiB = 1024 * 1024
@@ -48,16 +48,7 @@ def test_kill_9_then_resume_fetches_only_missing_ranges(s3: S3Store, tmp_path: P
     s3.faults.add(Rule("throttle", key="big.bin", times=None, rate=2 * MiB))
     journal_dir = tmp_path / ".lazy_loading" / "journal"
     proc = subprocess.Popen(_download_cmd(tmp_path), env=env, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    done: list[int] = []
-    while time.monotonic() < deadline and len(done) < 3:
-        for path in journal_dir.glob("*.log"):
-            found = ResumeJournal.read(path)
-            if found is not None:
-                done = sorted(found[1])
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(10)
+    done = kill_9_once_journaled(proc, journal_dir, 3)
     assert len(done) >= 3, "the first process made progress before it was killed"
     assert not (tmp_path / "big.bin").exists(), "nothing is published before it is complete"
     found = ResumeJournal.read(next(journal_dir.glob("*.log")))
@@ -211,16 +202,7 @@ def test_a_resumed_part_whose_bytes_never_reached_the_disk_is_fetched_again(
     s3.faults.add(Rule("throttle", key="big.bin", times=None, rate=2 * MiB))
     journal_dir = tmp_path / ".lazy_loading" / "journal"
     proc = subprocess.Popen(_download_cmd(tmp_path), env=env, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    done: set[int] = set()
-    while time.monotonic() < deadline and len(done) < 2:
-        for path in journal_dir.glob("*.log"):
-            found = ResumeJournal.read(path)
-            if found is not None:
-                done = found[1]
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(10)
+    done = kill_9_once_journaled(proc, journal_dir, 2)
     assert 0 in done, "the first part was journaled before the kill"
     (partial,) = no_debris(tmp_path)
     with open(partial, "r+b") as fh:  # part 0's bytes "lost": zeros, as after a power cut
