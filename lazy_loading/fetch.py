@@ -1,0 +1,411 @@
+"""One file's transfer: under the target's lock, keep the local copy or fetch the object's parts
+into a temp file, then verify and publish it (``publish``) and record it in the manifest.
+
+A file that fits in one part goes from lock to record on one I/O thread (``whole_file``): for a
+small object, each hop between the event loop and a thread cost more GIL time than its
+request. Larger files spread their parts over the shared pool, in priority order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .aio import to_thread, to_thread_settled
+from .cache import Manifest, ManifestEntry, ResumeJournal, TargetLock, target_lock, temp_path
+from .checksums import DigestSet, combinable, combine_parts
+from .client import S3ClientFactory
+from .local import LocalCopies
+from .lookup import RemoteLookup
+from .plan import FileTransfer, split_ranges
+from .progress import ProgressTracker, format_bytes
+from .publish import Publisher
+from .results import FileResult
+from .retry import Retrier
+from .s3io import (
+    ByteRange,
+    Cancelled,
+    ObjectChanged,
+    RangeSink,
+    RemoteObject,
+    TransferFailure,
+    fetch_range,
+)
+from .scheduler import PriorityPool
+from .settings import LazyLoadingSettings
+from .verify import PrefixHasher, digests_for, part_check_algorithm
+
+logger = logging.getLogger("lazy_loading")
+
+_LOCK_WAIT_LOG_EVERY = 10.0
+
+
+class FileFailed(Exception):
+    """A file that cannot be made present; the others go on until the run gives up."""
+
+    def __init__(self, transfer: FileTransfer, reason: str) -> None:
+        super().__init__(reason)
+        self.transfer, self.reason = transfer, reason
+
+
+@dataclass
+class _TempFile:
+    """A file between ``_open`` and ``_close``: its temp file, parts and checks."""
+
+    transfer: FileTransfer
+    remote: RemoteObject
+    temp: Path
+    journal: ResumeJournal | None
+    fd: int
+    dir_fd: int
+    ranges: list[ByteRange]
+    todo: list[ByteRange]
+    digests: DigestSet
+    sink: RangeSink
+    part_algorithm: str | None  # the S3 CRC combined from the parts' CRCs
+    check_algorithm: str | None  # each part's own CRC, journaled for resume checks
+    prefix: PrefixHasher | None
+    started: float
+    part_crcs: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def multipart(self) -> bool:
+        return len(self.ranges) > 1
+
+
+class FileFetcher:
+    def __init__(self, state_dir: Path, settings: LazyLoadingSettings, clients: S3ClientFactory,
+                 manifest: Manifest, local: LocalCopies, tracker: ProgressTracker,
+                 retrier: Retrier, lookup: RemoteLookup, cancel: threading.Event) -> None:
+        self._state_dir = state_dir
+        self._settings = settings
+        self._clients = clients
+        self._manifest = manifest
+        self._local = local
+        self._tracker = tracker
+        self._retrier = retrier
+        self._lookup = lookup
+        self._cancel = cancel
+        self._publisher = Publisher(state_dir, settings, cancel)
+        self._sinks: set[RangeSink] = set()
+        self.part_size = 0  # one per run, set by the engine once every size is known
+        self.pool: PriorityPool | None = None
+
+    def abort_all(self) -> None:
+        """Close every body being read, so no thread waits for a stalled store."""
+        for sink in list(self._sinks):
+            sink.abort()
+
+    def fits_one_part(self, transfer: FileTransfer) -> bool:
+        return transfer.remote is not None and transfer.remote.size <= self.part_size
+
+    # ----------------------------------------------------------------- what is already here
+    def needs_no_room(self, transfer: FileTransfer) -> bool:
+        """A killed run left this file's preallocated temp file and journal to adopt, or the
+        file itself is already there, unrecorded, waiting to be verified."""
+        assert transfer.remote is not None
+        return self._unrecorded_candidate(transfer) or ResumeJournal.resume(
+            self._state_dir, transfer.target, transfer.remote, self.part_size,
+            part_check_algorithm(transfer.remote, self._settings)) is not None
+
+    def _unrecorded_candidate(self, transfer: FileTransfer) -> bool:
+        remote = transfer.remote
+        return (remote is not None and bool(digests_for(transfer, remote, self._settings))
+                and self._manifest.lookup(transfer.target) is None
+                and self._local.same_size_file(transfer.target, remote.size))
+
+    def _adopt_unrecorded(self, transfer: FileTransfer, remote: RemoteObject) -> FileResult | None:
+        """A file the manifest does not know (its record was lost to a full disk, or a copy
+        placed by hand) is kept when it verifies against the object's checksum or the config's
+        sha256: one read instead of a download, and no free space needed."""
+        digests = digests_for(transfer, remote, self._settings)
+        mtime_ns = self._local.verified_copy(transfer, remote, digests, self._cancel)
+        if mtime_ns is None:
+            return None
+        self._record(transfer, remote, mtime_ns)
+        self._tracker.file_done(skipped_bytes=remote.size)
+        logger.info("kept %s (%s): already here and verified against the store's checksum",
+                    transfer.display, format_bytes(remote.size))
+        return FileResult(transfer.display, transfer.target, remote.size, remote.etag, "cached",
+                          0.0, 0)
+
+    def _record(self, transfer: FileTransfer, remote: RemoteObject, mtime_ns: int) -> None:
+        """The file is published and verified either way; a record lost to a full disk only
+        means the next start verifies the file again instead of trusting it."""
+        entry = ManifestEntry(
+            endpoint=remote.endpoint, bucket=remote.bucket, key=remote.key, etag=remote.etag,
+            size=remote.size, mtime_ns=mtime_ns, version_id=remote.version_id,
+            checksum=remote.checksum, sha256=transfer.spec.sha256, published_at=time.time(),
+        )
+        try:
+            self._manifest.record(transfer.target, entry, self._settings.fsync)
+        except OSError as exc:
+            logger.warning("%s is published and verified, but its record could not be "
+                           "written (%s); the next start checks it again",
+                           transfer.display, exc.strerror)
+
+    # ----------------------------------------------------------------- one file, one thread
+    def whole_file(self, transfer: FileTransfer) -> FileResult | None:
+        """A single-part file from lock to record, blocking. None when another process holds
+        its lock or the object grew past one part: ``materialize`` then takes over."""
+        if self._cancel.is_set():
+            raise Cancelled()
+        lock = target_lock(self._state_dir, transfer.target)
+        if not lock.try_acquire():
+            return None
+        try:
+            for attempt in range(2):
+                remote = transfer.remote
+                assert remote is not None
+                if remote.size > self.part_size:
+                    return None
+                kept = self._local.cached(transfer, remote)
+                if kept is None and self._unrecorded_candidate(transfer):
+                    kept = self._adopt_unrecorded(transfer, remote)
+                if kept is not None:
+                    return kept
+                try:
+                    return self._download_here(transfer, remote)
+                except ObjectChanged as exc:
+                    self._changed(transfer, exc, attempt)
+                    transfer.remote = self._head_again(transfer)
+                except TransferFailure as exc:
+                    raise FileFailed(transfer, exc.message) from None
+            raise AssertionError("unreachable")
+        finally:
+            lock.release()
+
+    def _download_here(self, transfer: FileTransfer, remote: RemoteObject) -> FileResult:
+        opened = self._open(transfer, remote)
+        try:
+            client, signed = self._transport(transfer)
+            for byte_range in opened.todo:
+                self._fetch_part(opened, client, signed, byte_range)
+            return self._close(opened)
+        except BaseException:
+            self._abandon(opened)
+            raise
+
+    # ----------------------------------------------------------------- parts over the pool
+    async def materialize(self, transfer: FileTransfer) -> FileResult:
+        lock = target_lock(self._state_dir, transfer.target)
+        await self._acquire(lock, transfer)
+        try:
+            for attempt in range(2):
+                remote = transfer.remote
+                assert remote is not None
+                kept = self._local.cached(transfer, remote)
+                if kept is None and self._unrecorded_candidate(transfer):
+                    kept = await to_thread(self._adopt_unrecorded, transfer, remote)
+                if kept is not None:
+                    return kept
+                try:
+                    return await self._download(transfer, remote)
+                except ObjectChanged as exc:
+                    self._changed(transfer, exc, attempt)
+                    transfer.remote = await self._in_pool((-1, transfer.index), self._head_again,
+                                                          transfer)
+                except TransferFailure as exc:
+                    raise FileFailed(transfer, exc.message) from None
+                except Cancelled:
+                    raise asyncio.CancelledError() from None
+            raise AssertionError("unreachable")
+        finally:
+            lock.release()
+
+    async def _in_pool(self, priority: tuple[int, ...], fn: Any, *args: Any) -> Any:
+        assert self.pool is not None
+        return await asyncio.wrap_future(self.pool.submit(priority, fn, *args))
+
+    async def _acquire(self, lock: TargetLock, transfer: FileTransfer) -> None:
+        """Poll a non-blocking lock so waiting never holds a thread or blocks the loop."""
+        started = last_log = time.monotonic()
+        delay = 0.01
+        while True:
+            if lock.try_acquire():
+                return
+            now = time.monotonic()
+            if now - last_log >= _LOCK_WAIT_LOG_EVERY:
+                last_log = now
+                logger.info("waiting %.0f s for another process fetching %s",
+                            now - started, transfer.display)
+            await asyncio.sleep(delay)
+            delay = min(0.25, delay * 2)
+
+    async def _download(self, transfer: FileTransfer, remote: RemoteObject) -> FileResult:
+        opened = await to_thread_settled(self._open, transfer, remote)
+        try:
+            await self._run_parts(opened)
+        except BaseException:
+            await to_thread_settled(self._abandon, opened)
+            raise
+        return await to_thread_settled(self._close, opened)
+
+    async def _run_parts(self, opened: _TempFile) -> None:
+        """Fetch the ranges in the shared pool; on any failure stop this file's other parts and
+        wait until no thread can still write to its descriptor."""
+        assert self.pool is not None
+        client, signed = self._transport(opened.transfer)
+        futures = [self.pool.submit((r.index, -opened.remote.size), self._fetch_part, opened,
+                                    client, signed, r)
+                   for r in opened.todo]
+        try:
+            await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        except BaseException:
+            opened.sink.abort()
+            for future in futures:
+                future.cancel()
+            await to_thread_settled(wait_futures, futures)
+            raise
+
+    # ----------------------------------------------------------------- stages (blocking)
+    def _changed(self, transfer: FileTransfer, exc: ObjectChanged, attempt: int) -> None:
+        if attempt == 1:
+            raise FileFailed(transfer, f"{exc.message}; changed again after restart") from None
+        logger.warning("%s; restarting the file", exc.message)
+
+    def _head_again(self, transfer: FileTransfer) -> RemoteObject:
+        try:
+            return self._lookup.head(transfer)
+        except TransferFailure as exc:
+            raise FileFailed(transfer, exc.message) from None
+
+    def _transport(self, transfer: FileTransfer) -> tuple[Any, Any]:
+        """The signed session for a custom endpoint, else the boto3 client."""
+        signed = self._lookup.signed.session_for(transfer.repository) if self._lookup.signed else None
+        return (None if signed is not None else self._clients.get(transfer.repository)), signed
+
+    def _open(self, transfer: FileTransfer, remote: RemoteObject) -> _TempFile:
+        """Under the lock: the temp file (or a dead attempt's, to resume), its parts and the
+        checks to run on them."""
+        started = time.monotonic()
+        # An empty object still gets one GET: a HEAD saying 0 bytes is a known proxy bug, and
+        # trusting it would publish an empty file over a good one.
+        ranges = split_ranges(remote.size, self.part_size) or [ByteRange(0, 0, -1)]
+        multipart = len(ranges) > 1
+        temp = temp_path(transfer.target)
+        journal, fd, dir_fd = self._publisher.prepare(transfer, remote, self.part_size, multipart,
+                                                      temp)
+        resumed = set(journal.done) if journal is not None else set()
+        logger.info("fetching %s (%s) from %s", transfer.display, format_bytes(remote.size),
+                    remote.where)
+        digests = digests_for(transfer, remote, self._settings)
+        sink = RangeSink(fd, self._tracker.add_bytes, threading.Event(),
+                         digests if digests and not multipart else None,
+                         min_rate=self._settings.min_rate,
+                         rate_window=self._settings.rate_window)
+        # A multi-part file checks its CRC from per-part values computed while each part's bytes
+        # are hot, combined at the end: no second read of the file.
+        part_algorithm = (remote.checksum[0] if multipart and remote.checksum is not None
+                          and self._settings.verify_checksums and combinable(remote.checksum[0])
+                          else None)
+        prefix = (PrefixHasher(fd, ranges, digests, resumed, sink.cancel)
+                  if multipart and digests and not (part_algorithm
+                                                   and digests.algorithms == [part_algorithm])
+                  else None)
+        opened = _TempFile(
+            transfer, remote, temp, journal, fd, dir_fd, ranges,
+            [r for r in ranges if r.index not in resumed], digests, sink, part_algorithm,
+            part_check_algorithm(remote, self._settings) if multipart else None, prefix, started,
+            dict(journal.crcs) if journal is not None else {})
+        self._sinks.add(sink)
+        if self._cancel.is_set():
+            sink.abort()
+        resumed_bytes = sum(r.length for r in ranges if r.index in resumed)
+        if resumed_bytes:
+            self._tracker.add_bytes(resumed_bytes)
+            logger.info("resuming %s, %s already present",
+                        transfer.display, format_bytes(resumed_bytes))
+        return opened
+
+    def _fetch_part(self, opened: _TempFile, client: Any, signed: Any,
+                    byte_range: ByteRange) -> None:
+        sink, algorithm = opened.sink, opened.check_algorithm
+        written = [0]
+
+        def count(n: int) -> None:
+            written[0] += n
+            sink.on_bytes(n)
+
+        part_digest = DigestSet([algorithm]) if algorithm else None
+        part_sink = sink.with_counter(count, part_digest)
+
+        def undo() -> None:
+            sink.on_bytes(-written[0])
+            written[0] = 0
+            for digest in (sink.digests, part_digest):
+                if digest is not None:
+                    digest.reset()
+
+        if sink.cancel.is_set():
+            raise Cancelled()
+        self._retrier.call(lambda: fetch_range(client, opened.remote, byte_range,
+                                               not opened.multipart, part_sink, signed),
+                           sink.cancel, on_retry=undo)
+        crc = part_digest.value(algorithm) if part_digest and algorithm else None
+        if crc is not None:
+            opened.part_crcs[byte_range.index] = crc
+        if opened.journal is not None:
+            if self._settings.fsync:  # the part's bytes reach the disk before its record does
+                os.fdatasync(sink.fd)
+            opened.journal.mark_done(byte_range.index, crc)
+        if opened.prefix is not None:
+            opened.prefix.part_done(byte_range.index)
+
+    def _close(self, opened: _TempFile) -> FileResult:
+        """Every part is in: verify, publish, record."""
+        transfer, remote, ranges = opened.transfer, opened.remote, opened.ranges
+        try:
+            combined = (combine_parts(opened.part_algorithm,
+                                      [(opened.part_crcs[r.index], r.length) for r in ranges])
+                        if opened.part_algorithm
+                        and all(r.index in opened.part_crcs for r in ranges)
+                        else None)
+            hashed = not opened.multipart or (opened.prefix is not None
+                                              and opened.prefix.complete)
+            if opened.sink.unproven and not opened.digests:
+                logger.warning(
+                    "%s: the store sent neither ETag nor Last-Modified with %d of %d ranges and "
+                    "the object has no checksum, so nothing proves they all come from one "
+                    "version; set files[%d].sha256 to verify it", remote.where,
+                    len(opened.sink.unproven), len(ranges), transfer.index)
+            fd, opened.fd = opened.fd, -1  # finish closes it whatever happens: never twice
+            mtime_ns = self._publisher.finish(transfer, remote, fd, opened.temp, opened.dir_fd,
+                                              opened.digests, hashed, combined)
+        except BaseException:
+            self._abandon(opened)
+            raise
+        self._let_go(opened)
+        seconds = time.monotonic() - opened.started
+        fetched = sum(r.length for r in opened.todo)
+        self._record(transfer, remote, mtime_ns)
+        if opened.journal is not None:
+            opened.journal.remove()
+        self._tracker.file_done()
+        rate = fetched / seconds / (1024 * 1024) if seconds > 0 else 0.0
+        logger.info("fetched %s (%s) in %.2f s, %.1f MiB/s",
+                    transfer.display, format_bytes(remote.size), seconds, rate)
+        return FileResult(transfer.display, transfer.target, remote.size, remote.etag,
+                          "resumed" if len(opened.todo) < len(ranges) else "fetched", seconds,
+                          fetched)
+
+    def _abandon(self, opened: _TempFile) -> None:
+        """Remove the temp file (its journal too); keeps nothing half-written."""
+        if opened.dir_fd < 0:
+            return
+        self._publisher.discard(opened.fd, opened.temp, opened.dir_fd, opened.journal)
+        opened.fd = -1
+        self._let_go(opened)
+
+    def _let_go(self, opened: _TempFile) -> None:
+        self._sinks.discard(opened.sink)
+        if opened.dir_fd >= 0:
+            os.close(opened.dir_fd)
+            opened.dir_fd = -1

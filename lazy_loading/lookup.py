@@ -1,0 +1,121 @@
+"""The HEAD stage: what each object is in the store now, before anything is planned.
+
+Signed HEADs without botocore's pipeline come first (``revalidate``); whatever they cannot
+settle (an error status, a refused connection) goes through the boto3 client, with its retries
+and messages. A warm start, where every file is published and intact, is settled by HEADs alone,
+without the I/O pool or a boto3 client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .aio import to_thread
+from .client import S3ClientFactory, describe_endpoint
+from .local import LocalCopies
+from .plan import FileTransfer
+from .progress import ProgressTracker
+from .results import FileResult
+from .retry import Retrier
+from .revalidate import SignedRequests, head_without_client
+from .s3io import RemoteObject, TransferFailure, TransientFailure, head_object
+from .settings import LazyLoadingSettings
+
+InPool = Callable[..., Awaitable[Any]]
+
+
+class RemoteLookup:
+    def __init__(self, transfers: list[FileTransfer], clients: S3ClientFactory,
+                 settings: LazyLoadingSettings, retrier: Retrier, local: LocalCopies,
+                 tracker: ProgressTracker, cancel: threading.Event) -> None:
+        self._transfers = transfers
+        self._clients = clients
+        self._settings = settings
+        self._retrier = retrier
+        self._local = local
+        self._tracker = tracker
+        self._cancel = cancel
+        self.signed: SignedRequests | None = None
+        # Every failure was the store not answering: intact local copies may then be served.
+        self.unreachable = False
+
+    def close(self) -> None:
+        if self.signed is not None:
+            self.signed.close()
+
+    async def all_cached(self) -> list[FileResult] | None:
+        """Warm start: every file is published and intact, so one HEAD each, sent without a
+        boto3 client or the I/O pool, settles it when nothing changed in the store."""
+        if not all(self._local.published(t, remote=None) for t in self._transfers):
+            return None
+        remotes = await to_thread(head_without_client, self._transfers, self._clients,
+                                  self._settings)
+        if remotes is None:
+            return None
+        for transfer, remote in zip(self._transfers, remotes, strict=True):
+            transfer.remote = remote  # kept for the normal path if anything changed
+        self._tracker.start(len(remotes), sum(r.size for r in remotes))
+        results = []
+        for transfer, remote in zip(self._transfers, remotes, strict=True):
+            result = self._local.cached(transfer, remote)
+            if result is None:  # replaced on disk meanwhile: the normal path re-checks under lock
+                return None
+            results.append(result)
+        return results
+
+    async def head_all(self, in_pool: InPool) -> dict[str, str]:
+        """Set every transfer's ``remote``; returns what failed, by file."""
+        # Build each client before the first request: construction takes ~60 ms of GIL, and
+        # every I/O thread would otherwise queue behind it on the factory's lock.
+        repositories = {t.repository.repository_id: t.repository for t in self._transfers}
+        for repository in repositories.values():
+            if repository.endpoint_url is None:  # custom endpoints need no client unless asked
+                await to_thread(self._clients.get, repository)
+        quick = self.signed = SignedRequests(self._transfers, self._clients, self._settings)
+        # A warm start that found a change already knows every object.
+        results: list[RemoteObject | BaseException | None] = [t.remote for t in self._transfers]
+        unknown = [i for i, found in enumerate(results) if found is None]
+        answers = await asyncio.gather(
+            *(in_pool((-1, i), quick.head, self._transfers[i]) for i in unknown))
+        for i, found in zip(unknown, answers, strict=True):
+            results[i] = found
+        retry = [i for i, found in enumerate(results) if found is None]
+        slow = await asyncio.gather(
+            *(in_pool((-1, i), self.head, self._transfers[i]) for i in retry),
+            return_exceptions=True,
+        )
+        for i, outcome in zip(retry, slow, strict=True):
+            results[i] = outcome
+        failures: dict[str, str] = {}
+        self.unreachable = True
+        for transfer, result in zip(self._transfers, results, strict=True):
+            if isinstance(result, BaseException):
+                if not isinstance(result, TransferFailure):
+                    raise result
+                failures[transfer.display] = result.message
+                if not isinstance(result, TransientFailure):
+                    self.unreachable = False
+                continue
+            assert result is not None  # every None was asked again
+            transfer.remote = result
+            expected = transfer.spec.size
+            if expected is not None and expected != result.size:
+                self.unreachable = False
+                failures[transfer.display] = (
+                    f"files[{transfer.index}].size is {expected} but {result.where} has "
+                    f"{result.size} bytes"
+                )
+        return failures
+
+    def head(self, transfer: FileTransfer) -> RemoteObject:
+        """One HEAD through the client, with retries (blocking)."""
+        repo = transfer.repository
+        client = self._clients.get(repo)
+        return self._retrier.call(
+            lambda: head_object(client, describe_endpoint(repo), repo.bucket_name,
+                                transfer.spec.remote_path),
+            self._cancel,
+        )
