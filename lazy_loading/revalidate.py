@@ -19,6 +19,8 @@ import logging
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -101,7 +103,7 @@ class _SignedSession:
         fields.update(ETag=etag, ChecksumType=response.headers.get("x-amz-checksum-type"))
         modified = response.headers.get("Last-Modified")
         try:  # the form botocore's parsed HEAD gives, which the GETs are compared against
-            last_modified = str(parse_timestamp(modified)) if modified else None
+            last_modified = str(_http_date(modified)) if modified else None
         except (ValueError, TypeError):
             return None
         return RemoteObject(endpoint=describe_endpoint(self._repository),
@@ -137,7 +139,7 @@ class _SignedSession:
         }
         if modified:
             with contextlib.suppress(ValueError, TypeError):
-                parsed["LastModified"] = parse_timestamp(modified)
+                parsed["LastModified"] = _http_date(modified)
         return parsed, StreamingBody(response.raw, parsed["ContentLength"])
 
     def close(self) -> None:
@@ -145,6 +147,17 @@ class _SignedSession:
 
 
 _XML_CODE = re.compile(rb"<Code>([^<]{1,128})</Code>")
+
+
+def _http_date(value: str) -> datetime:
+    """``Last-Modified`` as botocore parses it, at a fraction of the cost: dateutil's parser
+    took about a fifth of a small object's request time. Anything unusual goes to botocore."""
+    try:
+        parsed = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        fallback: datetime = parse_timestamp(value)
+        return fallback
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=timezone.utc)
 
 
 def _client_error(status: int, body: bytes, headers: Any) -> ClientError:
