@@ -1,22 +1,25 @@
-"""HEADs without botocore's request pipeline: signed, sent, and read as botocore would parse them.
+"""Signed HEADs and GETs without botocore's request pipeline, read as botocore would parse them.
 
 On a warm start every file is already here and only needs one HEAD to prove the object has not
-changed; on a cold start of many small files, botocore's pipeline was about a fifth of the GIL
-time of each HEAD. Building a boto3 client costs about 60 ms of CPU (parsing S3's 1.4 MB model and
-endpoint rules), several times everything else a warm start does. For custom endpoints, where
-the URL is simply ``<endpoint>/<bucket>/<key>`` (path style, as our clients use there),
-botocore's own SigV4 signer and HTTP session send those HEADs without the model.
+changed; on a cold start of many small files, botocore's pipeline (request object, signer, HTTP
+session) was about a third of each request's GIL time, and importing it a third of the CLI's
+start. Building a boto3 client costs about 60 ms of CPU (parsing S3's 1.4 MB model and endpoint
+rules), several times everything else a warm start does. For custom endpoints, where the URL is
+simply ``<endpoint>/<bucket>/<key>`` (path style, as our clients use there), requests are signed
+here (``sigv4``) and sent over one urllib3 pool per repository.
 
-This path can only skip work: anything but a 200 carrying an ETag and a length returns None and
-the engine takes its normal path (client, HEAD with retries, download), which then reports any
-error properly.
+This path can only skip work: a HEAD that gets anything but a 200 carrying an ETag and a length
+returns None and the engine takes its normal path (client, HEAD with retries, download), which
+then reports any error properly. An endpoint reached through a proxy takes the client path.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -24,26 +27,28 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
 
-from botocore.auth import S3SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.credentials import Credentials
-from botocore.exceptions import ClientError
-from botocore.httpsession import URLLib3Session
-from botocore.response import StreamingBody
-from botocore.utils import get_environ_proxies, parse_timestamp
+import urllib3
+from botocore.exceptions import (
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    HTTPClientError,
+    ReadTimeoutError,
+    SSLError,
+)
+from urllib3.exceptions import ConnectTimeoutError as Urllib3ConnectTimeoutError
+from urllib3.exceptions import NewConnectionError, ProtocolError
+from urllib3.exceptions import ReadTimeoutError as Urllib3ReadTimeoutError
+from urllib3.exceptions import SSLError as Urllib3SSLError
 
 from .checksums import pick_s3_checksum
-from .client import (
-    ERROR_BODY_LIMIT,
-    S3ClientFactory,
-    cap_error_bodies,
-    describe_endpoint,
-    timeouts,
-)
+from .client import ERROR_BODY_LIMIT, S3ClientFactory, describe_endpoint, timeouts
 from .config import LazyLoadingRepository
 from .plan import FileTransfer
 from .s3io import NO_ETAG, NO_LENGTH, ByteRange, FatalFailure, RemoteObject
 from .settings import LazyLoadingSettings
+from .sigv4 import SigV4Signer
 
 logger = logging.getLogger("lazy_loading")
 
@@ -64,72 +69,87 @@ class _SignedSession:
         creds = clients.credentials_for(repository)
         self._repository = repository
         self._base = f"{repository.endpoint_url.rstrip('/')}/{repository.bucket_name}/"
-        self._signer = S3SigV4Auth(
-            Credentials(creds.aws_access_key_id, creds.aws_secret_access_key.get_secret_value(),
-                        creds.aws_session_token.get_secret_value()
-                        if creds.aws_session_token else None),
-            "s3", clients.region_for(repository) or "us-east-1",
+        self._signer = SigV4Signer(
+            creds.aws_access_key_id, creds.aws_secret_access_key.get_secret_value(),
+            creds.aws_session_token.get_secret_value() if creds.aws_session_token else None,
+            clients.region_for(repository) or "us-east-1",
         )
-        verify = clients.verify_for(repository)
-        self._http = URLLib3Session(
-            verify=True if verify is None else verify,
-            proxies=get_environ_proxies(repository.endpoint_url),
-            timeout=timeouts(settings),
-            max_pool_connections=settings.max_connections,
-        )
-        cap_error_bodies(self._http)
+        connect, read = timeouts(settings)
+        self._pool = urllib3.PoolManager(
+            maxsize=settings.max_connections, timeout=urllib3.Timeout(connect=connect, read=read),
+            retries=False, **_tls(clients.verify_for(repository)))
+
+    def _send(self, method: str, key: str, headers: dict[str, str]) -> Any:
+        """One request, its body not read; urllib3's errors become botocore's, so the engine
+        classifies them the same whichever path sent the request. An error status is read to
+        at most ``ERROR_BODY_LIMIT`` and its connection dropped, never drained."""
+        url = self._base + quote(key, safe="/~")
+        try:
+            response = self._pool.urlopen(method, url, headers=self._signer.sign(method, url, headers),
+                                          redirect=False, preload_content=False,
+                                          decode_content=False, assert_same_host=False)
+        except Urllib3SSLError as exc:
+            raise SSLError(endpoint_url=url, error=exc) from None
+        except (NewConnectionError, socket.gaierror) as exc:
+            raise EndpointConnectionError(endpoint_url=url, error=exc) from None
+        except Urllib3ConnectTimeoutError as exc:
+            raise ConnectTimeoutError(endpoint_url=url, error=exc) from None
+        except Urllib3ReadTimeoutError as exc:
+            raise ReadTimeoutError(endpoint_url=url, error=exc) from None
+        except ProtocolError as exc:
+            raise ConnectionClosedError(endpoint_url=url, error=exc) from None
+        except urllib3.exceptions.HTTPError as exc:
+            raise HTTPClientError(error=exc) from None
+        if response.status >= 300:
+            try:
+                body = response.read(ERROR_BODY_LIMIT) or b""
+            finally:
+                with contextlib.suppress(Exception):
+                    response.close()
+            raise _client_error(response.status, body, response.headers)
+        return response
 
     def head(self, key: str) -> RemoteObject | FatalFailure | None:
         """The object, a failure no retry can mend (a 200 without what a download needs), or
         None for anything the normal path must retry or report (errors, non-200s)."""
-        request = AWSRequest(method="HEAD", url=self._base + quote(key, safe="/~"),
-                             headers={"x-amz-checksum-mode": "ENABLED"})
-        self._signer.add_auth(request)
         try:
-            response = self._http.send(request.prepare())
+            response = self._send("HEAD", key, {"x-amz-checksum-mode": "ENABLED"})
+            response.release_conn()
         except Exception as exc:  # any failure: the normal path retries and reports it
             logger.debug("quick HEAD of %s failed (%s)", key, type(exc).__name__)
             return None
-        if response.status_code != 200:
+        if response.status != 200:
             return None
-        etag, length = response.headers.get("ETag"), response.headers.get("Content-Length")
+        headers = response.headers
+        etag, length = headers.get("ETag"), headers.get("Content-Length")
         where = f"s3://{self._repository.bucket_name}/{key} at {describe_endpoint(self._repository)}"
         if not etag:
             return FatalFailure(f"{where}: {NO_ETAG}")
         if length is None or not length.isdigit():
             return FatalFailure(f"{where}: {NO_LENGTH}")
-        fields: dict[str, object] = {name: response.headers.get(header)
+        fields: dict[str, object] = {name: headers.get(header)
                                      for name, header in _CHECKSUM_HEADERS.items()}
-        fields.update(ETag=etag, ChecksumType=response.headers.get("x-amz-checksum-type"))
-        modified = response.headers.get("Last-Modified")
+        fields.update(ETag=etag, ChecksumType=headers.get("x-amz-checksum-type"))
+        modified = headers.get("Last-Modified")
         try:  # the form botocore's parsed HEAD gives, which the GETs are compared against
             last_modified = str(_http_date(modified)) if modified else None
         except (ValueError, TypeError):
             return None
         return RemoteObject(endpoint=describe_endpoint(self._repository),
                             bucket=self._repository.bucket_name, key=key, size=int(length),
-                            etag=etag, version_id=response.headers.get("x-amz-version-id"),
+                            etag=etag, version_id=headers.get("x-amz-version-id"),
                             checksum=pick_s3_checksum(fields), last_modified=last_modified)
 
     def get(self, remote: RemoteObject, byte_range: ByteRange, whole: bool
-            ) -> tuple[dict[str, Any], StreamingBody]:
-        """GET one range pinned to the HEAD's ETag, streamed: the response fields and body as
-        botocore's ``get_object`` returns them, so ``fetch_range`` treats both alike. An error
-        status becomes the ``ClientError`` botocore would raise, so it is classified the same."""
+            ) -> tuple[dict[str, Any], Any]:
+        """GET one range pinned to the HEAD's ETag, streamed: the response fields as botocore's
+        ``get_object`` parses them, and the body (urllib3's response, unread). An error status
+        becomes the ``ClientError`` botocore would raise, so it is classified the same."""
         headers = {"If-Match": remote.etag}
         if not whole:
             headers["Range"] = f"bytes={byte_range.start}-{byte_range.end}"
-        request = AWSRequest(method="GET", url=self._base + quote(remote.key, safe="/~"),
-                             headers=headers)
-        self._signer.add_auth(request)
-        prepared = request.prepare()
-        prepared.stream_output = True
-        response = self._http.send(prepared)
+        response = self._send("GET", remote.key, headers)
         fields = response.headers
-        if response.status_code not in (200, 206):
-            with contextlib.suppress(Exception):
-                response.raw.close()
-            raise _client_error(response.status_code, response.content or b"", fields)
         length = fields.get("Content-Length")
         modified = fields.get("Last-Modified")
         parsed: dict[str, Any] = {
@@ -140,13 +160,43 @@ class _SignedSession:
         if modified:
             with contextlib.suppress(ValueError, TypeError):
                 parsed["LastModified"] = _http_date(modified)
-        return parsed, StreamingBody(response.raw, parsed["ContentLength"])
+        return parsed, response
 
     def close(self) -> None:
-        self._http.close()
+        self._pool.clear()
 
 
-_XML_CODE = re.compile(rb"<Code>([^<]{1,128})</Code>")
+def _tls(verify: bool | str | None) -> dict[str, Any]:
+    """urllib3's TLS settings for what ``S3ClientFactory.verify_for`` says, as botocore applies
+    them: no verification, a CA bundle (file or directory), or certifi's bundle (else the one
+    botocore ships)."""
+    if verify is False:
+        return {"cert_reqs": "CERT_NONE"}
+    if isinstance(verify, str):
+        return ({"cert_reqs": "CERT_REQUIRED", "ca_cert_dir": verify} if os.path.isdir(verify)
+                else {"cert_reqs": "CERT_REQUIRED", "ca_certs": verify})
+    try:
+        from certifi import where
+        bundle = where()
+    except ImportError:
+        import botocore
+
+        bundle = os.path.join(os.path.dirname(botocore.__file__), "cacert.pem")
+    return {"cert_reqs": "CERT_REQUIRED", "ca_certs": bundle}
+
+
+def _proxied(url: str) -> bool:
+    """Whether the environment routes ``url`` through a proxy (as botocore reads it)."""
+    from urllib.request import getproxies, proxy_bypass
+
+    proxies = getproxies()
+    scheme = url.split(":", 1)[0].lower()
+    if not proxies.get(scheme) and not proxies.get("all"):
+        return False
+    try:
+        return not proxy_bypass(url.split("://", 1)[-1].split("/", 1)[0])
+    except (TypeError, OSError):
+        return True
 
 
 def _http_date(value: str) -> datetime:
@@ -155,9 +205,14 @@ def _http_date(value: str) -> datetime:
     try:
         parsed = parsedate_to_datetime(value)
     except (TypeError, ValueError):
+        from botocore.utils import parse_timestamp
+
         fallback: datetime = parse_timestamp(value)
         return fallback
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=timezone.utc)
+
+
+_XML_CODE = re.compile(rb"<Code>([^<]{1,128})</Code>")
 
 
 def _client_error(status: int, body: bytes, headers: Any) -> ClientError:
@@ -180,8 +235,8 @@ class SignedRequests:
                  settings: LazyLoadingSettings) -> None:
         self._sessions: dict[str, _SignedSession] = {}
         for t in transfers:
-            rid = t.repository.repository_id
-            if t.repository.endpoint_url is not None and rid not in self._sessions:
+            rid, endpoint = t.repository.repository_id, t.repository.endpoint_url
+            if endpoint is not None and rid not in self._sessions and not _proxied(endpoint):
                 self._sessions[rid] = _SignedSession(t.repository, clients, settings)
 
     def close(self) -> None:

@@ -29,7 +29,6 @@ from botocore.exceptions import (
     ResponseStreamingError,
     SSLError,
 )
-from botocore.response import StreamingBody
 from urllib3.exceptions import HTTPError as Urllib3HTTPError
 
 from .checksums import DigestSet, pick_s3_checksum
@@ -247,7 +246,7 @@ def _interrupt(body: Any) -> None:
     descriptor; callers hold the sink lock, so the reader cannot close it meanwhile.
     """
     try:
-        fd = body._raw_stream.fileno()
+        fd = getattr(body, "_raw_stream", body).fileno()
     except (AttributeError, OSError, ValueError):
         return
     with contextlib.suppress(OSError), socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -270,13 +269,14 @@ def _reader(body: Any) -> Callable[[memoryview], int]:
 
     ``readinto1`` returns as soon as some bytes arrived, so progress moves while a slow store
     trickles and the rate rule can see it; a plain ``readinto`` would block until the whole
-    1 MiB buffer is full. It reads straight from the HTTP response when botocore hands us a
-    plain one, keeping ``http.client``'s own Content-Length bookkeeping: botocore's
-    ``StreamingBody.read`` and urllib3's ``readinto`` each allocate and copy every chunk, which
-    on 2 cores costs more than the socket. Any other body type falls back to ``read``.
+    1 MiB buffer is full. It reads straight from the HTTP response under urllib3's (bare, or
+    wrapped in botocore's ``StreamingBody``), keeping ``http.client``'s own Content-Length
+    bookkeeping: ``StreamingBody.read`` and urllib3's ``readinto`` each allocate and copy every
+    chunk, which on 2 cores costs more than the socket. Any other body type falls back to
+    ``read``.
     """
-    fp = getattr(getattr(body, "_raw_stream", None), "_fp", None)
-    if (type(body) is StreamingBody and isinstance(fp, http.client.HTTPResponse)
+    fp = getattr(getattr(body, "_raw_stream", body), "_fp", None)
+    if (isinstance(fp, http.client.HTTPResponse)
             and not fp.chunked and fp.length is not None and hasattr(fp.fp, "readinto1")):
         def read_some(view: memoryview) -> int:
             want = min(len(view), fp.length or 0)
@@ -399,8 +399,8 @@ def _finish_body(body: Any, reuse: bool) -> None:
     ``close`` would drop the connection: every part would then pay a new TCP (and TLS)
     handshake.
     """
-    raw = getattr(body, "_raw_stream", None)
-    if reuse and raw is not None and hasattr(raw, "release_conn"):
+    raw = getattr(body, "_raw_stream", body)
+    if reuse and hasattr(raw, "release_conn"):
         raw.release_conn()
     body.close()
 

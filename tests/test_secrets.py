@@ -32,19 +32,26 @@ def test_debug_logs_of_success_and_failure_hold_no_secret(
     with caplog.at_level(logging.DEBUG):
         handler = LazyLoadingHandler(code_dir=tmp_path / "ok", environ=env)
         handler.download_lazy_loading_files()
+        # A GET refused on the engine's own signed path, then a HEAD refused there and asked
+        # again through the boto3 client, whose DEBUG output prints every request header.
         s3.faults.add(Rule("status", method="GET", key="b.bin", times=None, status=403))
         failing = LazyLoadingHandler(code_dir=tmp_path / "fail", environ=env)
         with pytest.raises(DownloadError) as info:
             failing.download_lazy_loading_files()
+        s3.faults.add(Rule("status", method="HEAD", key="b.bin", times=None, status=403))
+        refused = LazyLoadingHandler(code_dir=tmp_path / "refused", environ=env)
+        with pytest.raises(DownloadError) as head_info:
+            refused.download_lazy_loading_files()
     assert "X-Amz-Security-Token" in caplog.text or "x-amz-security-token" in caplog.text.lower(), \
         "botocore DEBUG output was captured, so the check below is meaningful"
     chain = []
-    exc: BaseException | None = info.value
-    while exc is not None:
-        chain.append(f"{exc!s} {exc!r}")
-        exc = exc.__cause__ or exc.__context__
+    for exc in (info.value, head_info.value):
+        cause: BaseException | None = exc
+        while cause is not None:
+            chain.append(f"{cause!s} {cause!r}")
+            cause = cause.__cause__ or cause.__context__
     _assert_clean(caplog.text, *chain, repr(handler), str(handler.progress()),
-                  json.dumps(failing.progress().as_dict()))
+                  json.dumps(failing.progress().as_dict()), json.dumps(refused.progress().as_dict()))
 
 
 def test_cli_verbose_output_holds_no_secret(s3: S3Store, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ this matters most for the warm start, which signs its HEADs itself instead of us
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import socket
@@ -14,9 +15,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
+from urllib.parse import quote
 
 import boto3
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lazy_loading import DownloadError, LazyLoadingHandler
 from lazy_loading.client import S3ClientFactory
@@ -106,3 +111,42 @@ def test_rejected_warm_start_falls_back_and_reports_the_store_error(
         LazyLoadingHandler(code_dir=tmp_path, environ=_env(url, key_id, "not-the-secret")
                            ).download_lazy_loading_files()
     assert "not-the-secret" not in str(info.value)
+
+
+_KEYS = st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=40)
+_VALUES = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(key=_KEYS, secret=_VALUES, token=st.none() | _VALUES,
+       region=st.sampled_from(["us-east-1", "eu-west-3", "auto"]),
+       url=st.sampled_from(["http://127.0.0.1:9000", "https://minio.example:443",
+                            "http://store.local", "https://[::1]:8443"]),
+       headers=st.dictionaries(st.sampled_from(["If-Match", "Range", "x-amz-checksum-mode"]),
+                               _VALUES, max_size=3),
+       when=st.integers(0, 4_000_000_000), method=st.sampled_from(["GET", "HEAD"]))
+def test_our_signatures_are_botocores(key: str, secret: str, token: str | None, region: str,
+                                       url: str, headers: dict[str, str], when: int,
+                                       method: str) -> None:
+    """The signer the engine uses instead of botocore's signs exactly what botocore signs."""
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    from lazy_loading.sigv4 import SigV4Signer
+
+    full = f"{url}/bucket/{quote(key, safe='/~')}"
+    expected = AWSRequest(method=method, url=full, headers=dict(headers))
+    moment = datetime.datetime.fromtimestamp(when, datetime.timezone.utc).replace(tzinfo=None)
+    with mock.patch("botocore.auth.get_current_datetime", return_value=moment), \
+            mock.patch.object(S3SigV4Auth, "_should_sha256_sign_payload", return_value=True):
+        S3SigV4Auth(Credentials("AKIDEXAMPLE", secret, token), "s3", region).add_auth(expected)
+    ours = SigV4Signer("AKIDEXAMPLE", secret, token, region).sign(method, full, headers, now=when)
+    assert ours["Authorization"] == expected.headers["Authorization"]
+
+
+def test_the_signer_never_shows_its_secret() -> None:
+    from lazy_loading.sigv4 import SigV4Signer
+
+    signer = SigV4Signer("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG", "session-token-value", "us-east-1")
+    assert "wJalrXUtnFEMI" not in repr(signer) and "session-token-value" not in repr(signer)
