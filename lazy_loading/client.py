@@ -15,10 +15,6 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
-import boto3
-import botocore.session
-from botocore.config import Config
-from botocore.loaders import Loader
 from urllib3.exceptions import InsecureRequestWarning
 
 from .config import LazyLoadingConfig, LazyLoadingRepository, S3Credentials
@@ -71,7 +67,7 @@ class S3ClientFactory:
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._clients: dict[str, Any] = {}
-        self._session: boto3.session.Session | None = None
+        self._session: Any = None  # boto3's, imported with the first client
         _live_factories.add(self)
 
     def get(self, repository: LazyLoadingRepository) -> Any:
@@ -97,6 +93,8 @@ class S3ClientFactory:
         self._lock = threading.Lock()
 
     def _create(self, repository: LazyLoadingRepository) -> Any:
+        from botocore.config import Config  # boto3 costs ~60 ms to import: only when needed
+
         creds = self.credentials_for(repository)
         if self._session is None:
             self._session = _s3_session()
@@ -179,20 +177,24 @@ def cap_error_bodies(session: Any) -> None:
     session.send = send_capped
 
 
-class _S3ModelLoader(Loader):  # type: ignore[misc]
-    """botocore's loader, minus its scan of every service directory.
-
-    Before loading any model botocore lists all ~400 service directories (about 900 ``listdir``
-    calls, 30 ms per process) only to check that the name is known; we only ever load S3.
-    """
-
-    def list_available_services(self, type_name: str) -> list[str]:
-        return ["s3"]
-
-
-def _s3_session() -> boto3.session.Session:
+def _s3_session() -> Any:
     """One session per process, shared by every repository's client: the parsed S3 model
     (about 40 ms to load) is then loaded once, not once per repository."""
+    import boto3.session
+    import botocore.session
+    from botocore.loaders import Loader
+
+    class _S3ModelLoader(Loader):  # type: ignore[misc]
+        """botocore's loader, minus its scan of every service directory.
+
+        Before loading any model botocore lists all ~400 service directories (about 900
+        ``listdir`` calls, 30 ms per process) only to check that the name is known; we only
+        ever load S3.
+        """
+
+        def list_available_services(self, type_name: str) -> list[str]:
+            return ["s3"]
+
     core = botocore.session.Session()
     data_path = core.get_config_variable("data_path") or ""
     core.register_component("data_loader", _S3ModelLoader(
