@@ -931,3 +931,19 @@ def test_running_out_of_descriptors_anyway_is_one_line_naming_the_fix(
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "Too many open files; raise the open-files limit" in last
+
+
+def test_a_custom_endpoint_behind_a_proxy_is_reached_through_the_proxy(
+    s3: S3Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP_PROXY applies to the engine's own signed requests as it does to boto3's."""
+    from tests.servers import free_port
+
+    _, env = _setup(s3, {"a.bin": b"x"}, LAZY_LOADING_MAX_ATTEMPTS="1")
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")  # refuses
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    with pytest.raises(DownloadError):
+        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert [r for r in s3.faults.ledger.requests if r[0] in ("HEAD", "GET")] == [], \
+        "a request went straight to the store, around the proxy"
