@@ -6,7 +6,7 @@ lazy-loading variables for ``ours`` and ``drum``. KIND is one of ``ours``, ``dru
 1.18.1), ``boto3`` (``download_file`` per file), ``boto3tm`` (s3transfer's TransferManager with
 ``max_request_concurrency=10``, what ``aws s3 cp --recursive`` does), ``crt`` (s3transfer's
 CRT transfer manager), ``obstore`` (Rust ``object_store``: async ranged gets + ``pwrite``),
-``floor`` or ``copy``.
+``floor``, ``floor16`` or ``copy``.
 """
 
 from __future__ import annotations
@@ -76,6 +76,8 @@ def _prepare(kind: str, spec: dict) -> Callable[[], object]:
         return copy
     if kind == "floor":
         return _http_floor(spec)
+    if kind == "floor16":
+        return _http_floor(spec, connections=16)
     raise SystemExit(f"unknown candidate {kind}")
 
 
@@ -165,12 +167,13 @@ def _obstore(spec: dict) -> Callable[[], None]:
     return lambda: asyncio.run(main())
 
 
-def _http_floor(spec: dict) -> Callable[[], None]:
+def _http_floor(spec: dict, connections: int = 4) -> Callable[[], None]:
     """The least work any HTTP client can do: 4 keep-alive connections pulling 16 MiB ranges
     with ``readinto`` into one buffer and ``pwrite``; no S3 logic, no checks, no retries.
 
-    Not a usable downloader: it shows what this machine allows over loopback HTTP at all,
-    so the engine's distance to it (and the floor's distance to a local copy) can be read.
+    Not a usable downloader: it shows what this machine allows over loopback HTTP at all, so
+    the engine's distance to it can be read. ``floor16`` is the same with our 16 connections,
+    to tell the cost of the engine from the cost of the connection count on two cores.
     """
     import http.client
     import queue
@@ -204,7 +207,7 @@ def _http_floor(spec: dict) -> Callable[[], None]:
             fds.append(fd)
             for start in range(0, size, part):
                 work.put((f"/{spec['bucket']}/{key}", fd, start, min(start + part, size)))
-        threads = [threading.Thread(target=worker) for _ in range(4)]
+        threads = [threading.Thread(target=worker) for _ in range(connections)]
         for thread in threads:
             work.put(None)
             thread.start()

@@ -114,13 +114,14 @@ def lazy_env(url: str, files: list[tuple[str, str]], sha256: dict[str, str] | No
 
 PEER_FAILURES: list[str] = []
 PEERS = ["s5cmd", "rclone", "rclone-tuned", "obstore", "boto3tm", "crt"]  # "the best peer"
-IN_PROCESS = {"ours", "drum", "boto3", "boto3tm", "crt", "obstore", "floor"}
+IN_PROCESS = {"ours", "drum", "boto3", "boto3tm", "crt", "obstore", "floor", "floor16"}
 RCLONE_TUNED = ["--transfers", "16", "--checkers", "16", "--multi-thread-streams", "16"]
 LABELS = {
     "ours-cli": "ours (`drum-servers download`)", "ours": "ours (handler call)",
     "drum": "upstream DRUM 1.18.1", "boto3": "boto3 `download_file` loop",
     "boto3tm": "boto3 TransferManager (10)", "crt": "boto3 CRT", "obstore": "obstore",
     "s5cmd": "s5cmd", "rclone": "rclone", "rclone-tuned": "rclone, tuned", "floor": "raw HTTP floor",
+    "floor16": "raw HTTP floor, 16 connections",
 }
 
 
@@ -362,7 +363,7 @@ CAPPED = "1 × 1 GiB, 40 MB/s per connection"
 
 def scenarios(store: str, scale: int) -> list[Scenario]:
     peers = ["ours-cli", "ours", "boto3", *PEERS]
-    on_nginx = ["drum", "floor"] if store == "nginx" else []
+    on_nginx = ["drum", "floor", "floor16"] if store == "nginx" else []
     found = [Scenario(name, files, False, peers + on_nginx)
              for name, files in workloads(scale).items()]
     found.append(Scenario(CAPPED, workloads(scale)["1 × 1 GiB"], True, peers))
@@ -501,17 +502,17 @@ def _whole_table(scenarios: list[Scenario]) -> list[str]:
 
 
 def _call_table(scenarios: list[Scenario]) -> list[str]:
-    kinds = ["ours", "floor", "obstore", "boto3tm", "crt", "boto3", "drum"]
+    kinds = ["ours", "floor", "floor16", "obstore", "boto3tm", "crt", "boto3", "drum"]
     lines = ["| Workload | " + " | ".join(LABELS[k] for k in kinds)
-             + " | ours / floor | ours / obstore | ours / upstream |",
-             "|---|" + "---|" * (len(kinds) + 3)]
+             + " | ours / floor | ours / floor, 16 connections | ours / obstore | ours / upstream |",
+             "|---|" + "---|" * (len(kinds) + 4)]
     for sc in scenarios:
         present = [k for k in kinds if k in sc.results]
         cells = [fmt([r["seconds"] for r in sc.results[k]]) if k in present else "–"
                  for k in kinds]
         ours = _median(sc.results["ours"])
         ratios = [f"**{ours / _median(sc.results[k]):.2f}**" if k in present else "–"
-                  for k in ("floor", "obstore", "drum")]
+                  for k in ("floor", "floor16", "obstore", "drum")]
         lines.append(f"| {sc.name} | {' | '.join(cells)} | {' | '.join(ratios)} |")
     return lines
 
