@@ -8,6 +8,7 @@ under the target's lock, adopting a dead attempt's journal and temp file when on
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -140,5 +141,9 @@ class Publisher:
 
 
 def _unwritable(target: Path, exc: OSError) -> FatalFailure:
+    """A directory we may not write to; a process out of descriptors is not that, and goes up
+    as the ``OSError`` it is, for the handler's one line naming the open-files limit."""
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        raise exc
     return FatalFailure(f"{target.parent}: cannot write there ({exc.strerror}); artifacts need "
                         "a writable directory")
