@@ -13,9 +13,8 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
-from .aio import settled, to_thread
+from .aio import to_thread
 from .cache import Manifest
 from .client import S3ClientFactory
 from .errors import DownloadError
@@ -26,7 +25,6 @@ from .plan import FileTransfer, choose_part_size, order_for_transfer
 from .progress import DownloadState, ProgressTracker, format_bytes
 from .results import FileResult
 from .retry import Retrier
-from .s3io import Cancelled
 from .scheduler import PriorityPool
 from .settings import LazyLoadingSettings
 
@@ -52,7 +50,6 @@ class TransferEngine:
                                     self._cancel)
         self._fetcher = FileFetcher(state_dir, settings, clients, manifest, self._local, tracker,
                                     retrier, self._lookup, self._cancel)
-        self._pool: PriorityPool | None = None
         self.started = time.monotonic()
         self.deadline = self.started + (settings.timeout or AUTO_TIMEOUT_BASE)
 
@@ -61,7 +58,7 @@ class TransferEngine:
         cached = await self._lookup.all_cached()
         if cached is not None:
             return cached
-        pool = self._pool = self._fetcher.pool = PriorityPool(self._settings.max_connections)
+        pool = self._fetcher.pool = PriorityPool(self._settings.max_connections)
         pool.start()
         try:
             results = await self._run()
@@ -70,7 +67,7 @@ class TransferEngine:
             pool.shutdown(wait=False)
             raise
         finally:
-            self._pool = self._fetcher.pool = None
+            self._fetcher.pool = None
             self._lookup.close()
         # Join the idle threads so none is alive if the caller forks next (gunicorn master).
         await to_thread(pool.shutdown, True)
@@ -91,12 +88,8 @@ class TransferEngine:
                 "set LAZY_LOADING_TIMEOUT in seconds to change it); the store is too slow or not "
                 "answering")
 
-    async def _in_pool(self, priority: tuple[int, ...], fn: Any, *args: Any) -> Any:
-        assert self._pool is not None
-        return await asyncio.wrap_future(self._pool.submit(priority, fn, *args))
-
     async def _run(self) -> list[FileResult]:
-        failures = await self._lookup.head_all(self._in_pool)
+        failures = await self._lookup.head_all(self._fetcher.in_pool)
         if failures:
             offline = (self._local.offline_results(self._transfers, failures)
                        if self._lookup.unreachable else None)
@@ -152,16 +145,7 @@ class TransferEngine:
 
     async def _one_file(self, transfer: FileTransfer, in_flight: asyncio.Semaphore) -> FileResult:
         async with in_flight:
-            if self._fetcher.fits_one_part(transfer):
-                assert self._pool is not None
-                job = self._pool.submit((0, -transfer.size), self._fetcher.whole_file, transfer)
-                try:
-                    result = await settled(asyncio.wrap_future(job))
-                except Cancelled:
-                    raise asyncio.CancelledError() from None
-                if result is not None:
-                    return result
-            return await self._fetcher.materialize(transfer)
+            return await self._fetcher.make_present(transfer)
 
     async def _log_progress(self) -> None:
         interval = self._settings.progress_interval

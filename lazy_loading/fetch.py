@@ -1,7 +1,7 @@
 """One file's transfer: under the target's lock, keep the local copy or fetch the object's parts
 into a temp file, then verify and publish it (``publish``) and record it in the manifest.
 
-A file that fits in one part goes from lock to record on one I/O thread (``whole_file``): for a
+A file that fits in one part goes from lock to record on one I/O thread (``_whole_file``): for a
 small object, each hop between the event loop and a thread cost more GIL time than its
 request. Larger files spread their parts over the shared pool, in priority order.
 """
@@ -13,12 +13,14 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from .aio import to_thread, to_thread_settled
+from .aio import settled, to_thread, to_thread_settled
 from .cache import Manifest, ManifestEntry, ResumeJournal, TargetLock, target_lock, temp_path
 from .checksums import DigestSet, combinable, combine_parts
 from .client import S3ClientFactory
@@ -45,6 +47,8 @@ from .verify import PrefixHasher, digests_for, part_check_algorithm
 logger = logging.getLogger("lazy_loading")
 
 _LOCK_WAIT_LOG_EVERY = 10.0
+
+T = TypeVar("T")
 
 
 class FileFailed(Exception):
@@ -103,9 +107,6 @@ class FileFetcher:
         for sink in list(self._sinks):
             sink.abort()
 
-    def fits_one_part(self, transfer: FileTransfer) -> bool:
-        return transfer.remote is not None and transfer.remote.size <= self.part_size
-
     # ----------------------------------------------------------------- what is already here
     def needs_no_room(self, transfer: FileTransfer) -> bool:
         """A killed run left this file's preallocated temp file and journal to adopt, or the
@@ -136,6 +137,14 @@ class FileFetcher:
         return FileResult(transfer.display, transfer.target, remote.size, remote.etag, "cached",
                           0.0, 0)
 
+    def _kept(self, transfer: FileTransfer, remote: RemoteObject) -> FileResult | None:
+        """The local copy when it will do: recorded and unchanged, or unrecorded and verified
+        (blocking: the second may read the whole file)."""
+        kept = self._local.cached(transfer, remote)
+        if kept is None and self._unrecorded_candidate(transfer):
+            kept = self._adopt_unrecorded(transfer, remote)
+        return kept
+
     def _record(self, transfer: FileTransfer, remote: RemoteObject, mtime_ns: int) -> None:
         """The file is published and verified either way; a record lost to a full disk only
         means the next start verifies the file again instead of trusting it."""
@@ -151,10 +160,32 @@ class FileFetcher:
                            "written (%s); the next start checks it again",
                            transfer.display, exc.strerror)
 
+    async def make_present(self, transfer: FileTransfer) -> FileResult:
+        """The file, from the local copy or the store: a single-part file on one I/O thread,
+        anything else (or a single-part file whose lock another process holds) part by part."""
+        if transfer.remote is not None and transfer.remote.size <= self.part_size:
+            job: Future[FileResult | None] = self._submit((0, -transfer.size), self._whole_file,
+                                                          transfer)
+            try:
+                result = await settled(asyncio.wrap_future(job))
+            except Cancelled:
+                raise asyncio.CancelledError() from None
+            if result is not None:
+                return result
+        return await self._materialize(transfer)
+
+    async def in_pool(self, priority: tuple[int, ...], fn: Any, *args: Any) -> Any:
+        """Run ``fn`` on the run's I/O pool (a cancelled caller may abandon it)."""
+        return await asyncio.wrap_future(self._submit(priority, fn, *args))
+
+    def _submit(self, priority: tuple[int, ...], fn: Callable[..., T], *args: Any) -> Future[T]:
+        assert self.pool is not None, "the engine sets the pool for the run"
+        return self.pool.submit(priority, fn, *args)
+
     # ----------------------------------------------------------------- one file, one thread
-    def whole_file(self, transfer: FileTransfer) -> FileResult | None:
+    def _whole_file(self, transfer: FileTransfer) -> FileResult | None:
         """A single-part file from lock to record, blocking. None when another process holds
-        its lock or the object grew past one part: ``materialize`` then takes over."""
+        its lock or the object grew past one part: ``_materialize`` then takes over."""
         if self._cancel.is_set():
             raise Cancelled()
         lock = target_lock(self._state_dir, transfer.target)
@@ -166,9 +197,7 @@ class FileFetcher:
                 assert remote is not None
                 if remote.size > self.part_size:
                     return None
-                kept = self._local.cached(transfer, remote)
-                if kept is None and self._unrecorded_candidate(transfer):
-                    kept = self._adopt_unrecorded(transfer, remote)
+                kept = self._kept(transfer, remote)
                 if kept is not None:
                     return kept
                 try:
@@ -194,24 +223,22 @@ class FileFetcher:
             raise
 
     # ----------------------------------------------------------------- parts over the pool
-    async def materialize(self, transfer: FileTransfer) -> FileResult:
+    async def _materialize(self, transfer: FileTransfer) -> FileResult:
         lock = target_lock(self._state_dir, transfer.target)
         await self._acquire(lock, transfer)
         try:
             for attempt in range(2):
                 remote = transfer.remote
                 assert remote is not None
-                kept = self._local.cached(transfer, remote)
-                if kept is None and self._unrecorded_candidate(transfer):
-                    kept = await to_thread(self._adopt_unrecorded, transfer, remote)
+                kept = await to_thread(self._kept, transfer, remote)
                 if kept is not None:
                     return kept
                 try:
                     return await self._download(transfer, remote)
                 except ObjectChanged as exc:
                     self._changed(transfer, exc, attempt)
-                    transfer.remote = await self._in_pool((-1, transfer.index), self._head_again,
-                                                          transfer)
+                    transfer.remote = await self.in_pool((-1, transfer.index), self._head_again,
+                                                         transfer)
                 except TransferFailure as exc:
                     raise FileFailed(transfer, exc.message) from None
                 except Cancelled:
@@ -219,10 +246,6 @@ class FileFetcher:
             raise AssertionError("unreachable")
         finally:
             lock.release()
-
-    async def _in_pool(self, priority: tuple[int, ...], fn: Any, *args: Any) -> Any:
-        assert self.pool is not None
-        return await asyncio.wrap_future(self.pool.submit(priority, fn, *args))
 
     async def _acquire(self, lock: TargetLock, transfer: FileTransfer) -> None:
         """Poll a non-blocking lock so waiting never holds a thread or blocks the loop."""
@@ -251,10 +274,9 @@ class FileFetcher:
     async def _run_parts(self, opened: _TempFile) -> None:
         """Fetch the ranges in the shared pool; on any failure stop this file's other parts and
         wait until no thread can still write to its descriptor."""
-        assert self.pool is not None
         client, signed = self._transport(opened.transfer)
-        futures = [self.pool.submit((r.index, -opened.remote.size), self._fetch_part, opened,
-                                    client, signed, r)
+        futures = [self._submit((r.index, -opened.remote.size), self._fetch_part, opened, client,
+                                signed, r)
                    for r in opened.todo]
         try:
             await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
