@@ -6,7 +6,7 @@ lazy-loading variables for ``ours`` and ``drum``. KIND is one of ``ours``, ``dru
 1.18.1), ``boto3`` (``download_file`` per file), ``boto3tm`` (s3transfer's TransferManager with
 ``max_request_concurrency=10``, what ``aws s3 cp --recursive`` does), ``crt`` (s3transfer's
 CRT transfer manager), ``obstore`` (Rust ``object_store``: async ranged gets + ``pwrite``),
-``floor``, ``floor16`` or ``copy``.
+``floor`` or ``floor16``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -30,16 +29,14 @@ def _prepare(kind: str, spec: dict) -> Callable[[], object]:
     if kind == "drum":
         from datarobot_drum.drum.lazy_loading.lazy_loading_handler import LazyLoadingHandler
 
-        for _, local, _ in files:  # upstream does not create parent directories
-            Path(local).parent.mkdir(parents=True, exist_ok=True)
+        _make_parents(files)  # upstream does not create parent directories
         return LazyLoadingHandler().download_lazy_loading_files
     if kind == "boto3":
         import boto3
 
         client = boto3.client("s3", endpoint_url=spec["url"], aws_access_key_id=spec["key"],
                               aws_secret_access_key=spec["secret"], region_name="us-east-1")
-        for _, local, _ in files:
-            Path(local).parent.mkdir(parents=True, exist_ok=True)
+        _make_parents(files)
 
         def run() -> None:
             for key, local, _ in files:
@@ -64,16 +61,6 @@ def _prepare(kind: str, spec: dict) -> Callable[[], object]:
         return _crt(spec)
     if kind == "obstore":
         return _obstore(spec)
-    if kind == "copy":
-        root = Path(spec["source_root"]) / spec["bucket"]
-        for _, local, _ in files:
-            Path(local).parent.mkdir(parents=True, exist_ok=True)
-
-        def copy() -> None:
-            for key, local, _ in files:
-                shutil.copyfile(root / key, local)
-
-        return copy
     if kind == "floor":
         return _http_floor(spec)
     if kind == "floor16":
@@ -184,8 +171,7 @@ def _http_floor(spec: dict, connections: int = 4) -> Callable[[], None]:
     host = urlsplit(spec["url"])
     work: queue.SimpleQueue[tuple[str, int, int, int] | None] = queue.SimpleQueue()
     fds: list[int] = []
-    for _, local, _ in spec["files"]:
-        Path(local).parent.mkdir(parents=True, exist_ok=True)
+    _make_parents(spec["files"])
 
     def worker() -> None:
         conn = http.client.HTTPConnection(host.hostname, host.port)

@@ -221,7 +221,7 @@ def run_candidate(kind: str, tools: Tools, sc: Scenario, store: Store, target: P
     files = [(key, str(target / "artifacts" / key)) for key, _ in sc.files]
     spec = {"files": [[k, local, size] for (k, local), (_, size) in zip(files, sc.files, strict=True)],
             "bucket": BUCKET, "url": store.url, "key": store.key, "secret": store.secret,
-            "code_dir": str(target), "source_root": str(data_root)}
+            "code_dir": str(target)}
     sha256 = ({k: sha256_of(data_root / BUCKET / k) for k, _ in sc.files} if verify else None)
     env = {**_peer_env(store), **lazy_env(store.url, files, sha256, store.key, store.secret),
            "BENCH_SPEC": json.dumps(spec), "LAZY_LOADING_PROGRESS_INTERVAL": "3600"}
