@@ -189,9 +189,7 @@ def _proxied(url: str) -> bool:
     """Whether the environment routes ``url`` through a proxy (as botocore reads it)."""
     from urllib.request import getproxies, proxy_bypass
 
-    proxies = getproxies()
-    scheme = url.split(":", 1)[0].lower()
-    if not proxies.get(scheme) and not proxies.get("all"):
+    if not getproxies().get(url.split(":", 1)[0].lower()):  # botocore reads no ALL_PROXY
         return False
     try:
         return not proxy_bypass(url.split("://", 1)[-1].split("/", 1)[0])
