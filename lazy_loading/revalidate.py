@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import socket
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -187,6 +188,11 @@ def _tls(verify: bool | str | None) -> dict[str, Any]:
 
 def _proxied(url: str) -> bool:
     """Whether the environment routes ``url`` through a proxy (as botocore reads it)."""
+    if sys.platform not in ("darwin", "win32") and not any(
+            name[-6:].lower() == "_proxy" for name in os.environ):
+        # Here urllib reads proxies from ``*_proxy`` variables only; importing it costs about
+        # a tenth of a warm start.
+        return False
     from urllib.request import getproxies, proxy_bypass
 
     if not getproxies().get(url.split(":", 1)[0].lower()):  # botocore reads no ALL_PROXY

@@ -933,14 +933,17 @@ def test_running_out_of_descriptors_anyway_is_one_line_naming_the_fix(
     assert last.startswith("error: ") and "Too many open files; raise the open-files limit" in last
 
 
+@pytest.mark.parametrize("variable", ["HTTP_PROXY", "http_proxy"])
 def test_a_custom_endpoint_behind_a_proxy_is_reached_through_the_proxy(
-    s3: S3Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    s3: S3Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str
 ) -> None:
-    """HTTP_PROXY applies to the engine's own signed requests as it does to boto3's."""
+    """HTTP_PROXY (or http_proxy) applies to the engine's own signed requests as to boto3's."""
     from tests.servers import free_port
 
     _, env = _setup(s3, {"a.bin": b"x"}, LAZY_LOADING_MAX_ATTEMPTS="1")
-    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")  # refuses
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, f"http://127.0.0.1:{free_port()}")  # refuses
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
     with pytest.raises(DownloadError):
