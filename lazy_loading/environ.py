@@ -4,6 +4,7 @@ otherwise silently ignored, and the model fails later for a reason far from the 
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 from collections.abc import Iterable, Mapping
 
@@ -21,6 +22,7 @@ _warned: set[str] = set()
 def register_known(names: Iterable[str]) -> None:
     """Packages built on this one (the servers) declare the ``LAZY_LOADING_*`` names they read."""
     _known.update(names)
+    _unknown_names.cache_clear()
 
 
 def _suggestion(name: str) -> str | None:
@@ -41,15 +43,22 @@ def _suggestion(name: str) -> str | None:
 
 def unknown_names(environ: Mapping[str, str]) -> list[str]:
     """One line per suspicious name: never a value, which may be a secret."""
+    return list(_unknown_names(frozenset(environ)))
+
+
+@functools.lru_cache(maxsize=8)
+def _unknown_names(names: frozenset[str]) -> tuple[str, ...]:
+    # Matching every name against ours takes milliseconds, and the CLI and the handler both
+    # ask about the same environment.
     lines = []
-    for name in sorted(environ):
+    for name in sorted(names):
         hint = _suggestion(name)
         if hint is None:
             continue
         lines.append(f"{name} is not a variable lazy loading reads; did you mean {hint}?" if hint
                      else f"{name} is not a variable lazy loading reads (see the README's "
                           "configuration table)")
-    return lines
+    return tuple(lines)
 
 
 def warn_about_environ(environ: Mapping[str, str]) -> None:

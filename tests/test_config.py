@@ -377,3 +377,20 @@ def test_credential_ids_with_dashes_and_dots_use_drums_variable_name(
     with pytest.raises(ConfigError, match=r"MLOPS_REPOSITORY_SECRET_CRED-1\.X is not set \(or "
                                           r"MLOPS_REPOSITORY_SECRET_CRED_1_X\)"):
         load_config({"MLOPS_LAZY_LOADING_DATA": env["MLOPS_LAZY_LOADING_DATA"]})
+
+
+def test_a_name_registered_after_a_check_is_no_longer_reported() -> None:
+    """The servers register their own LAZY_LOADING_* names; a check made before that (and
+    remembered) must not go on calling them unknown."""
+    from lazy_loading import environ
+
+    env = {"LAZY_LOADING_LATE_ADDITION": "1", "PATH": "/usr/bin"}
+    assert environ.unknown_names(env) == [
+        "LAZY_LOADING_LATE_ADDITION is not a variable lazy loading reads (see the README's "
+        "configuration table)"]
+    environ.register_known(["LAZY_LOADING_LATE_ADDITION"])
+    try:
+        assert environ.unknown_names(env) == []
+    finally:
+        environ._known.discard("LAZY_LOADING_LATE_ADDITION")
+        environ._unknown_names.cache_clear()
