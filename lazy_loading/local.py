@@ -50,8 +50,15 @@ class LocalCopies:
             return None
         return entry
 
-    def cached(self, transfer: FileTransfer, remote: RemoteObject) -> FileResult | None:
-        if self.published(transfer, remote) is None:
+    def cached(self, transfer: FileTransfer, remote: RemoteObject,
+               entry: ManifestEntry | None = None) -> FileResult | None:
+        """The local copy as a result, when it is the store's version. ``entry``, the record
+        ``published`` found moments ago, spares a second read of it: the file is still
+        checked on disk."""
+        if entry is not None:
+            if not (entry.matches(remote) and entry.intact(transfer.target)):
+                return None
+        elif self.published(transfer, remote) is None:
             return None
         self._tracker.file_done(skipped_bytes=remote.size)
         logger.info("cached %s (%s), unchanged in the store",

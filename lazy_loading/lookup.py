@@ -49,8 +49,12 @@ class RemoteLookup:
     async def all_cached(self) -> list[FileResult] | None:
         """Warm start: every file is published and intact, so one HEAD each, sent without a
         boto3 client or the I/O pool, settles it when nothing changed in the store."""
-        if not all(self._local.published(t, remote=None) for t in self._transfers):
-            return None
+        entries = []
+        for transfer in self._transfers:
+            entry = self._local.published(transfer, remote=None)
+            if entry is None:
+                return None
+            entries.append(entry)
         remotes = await to_thread(head_without_client, self._transfers, self._clients,
                                   self._settings)
         if remotes is None:
@@ -59,8 +63,8 @@ class RemoteLookup:
             transfer.remote = remote  # kept for the normal path if anything changed
         self._tracker.start(len(remotes), sum(r.size for r in remotes))
         results = []
-        for transfer, remote in zip(self._transfers, remotes, strict=True):
-            result = self._local.cached(transfer, remote)
+        for transfer, remote, entry in zip(self._transfers, remotes, entries, strict=True):
+            result = self._local.cached(transfer, remote, entry)
             if result is None:  # replaced on disk meanwhile: the normal path re-checks under lock
                 return None
             results.append(result)
