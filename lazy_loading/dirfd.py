@@ -25,9 +25,13 @@ class UnsafePath(OSError):
 def open_dir(root: Path, directory: Path, create: bool = False) -> int:
     """A descriptor of ``directory``, reached from ``root`` without following any symlink
     below ``root`` (which was resolved already); missing components are created if asked."""
-    if create:
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if not create:
+            raise
         os.makedirs(root, exist_ok=True)  # the code dir or an allowed root: the operator's own
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for part in directory.relative_to(root).parts:
             child = _child(fd, part, directory, create)

@@ -115,14 +115,15 @@ class Publisher:
         """Verify, optionally fsync, and atomically rename the temp file onto the target, both
         named in the directory open as ``dir_fd``. Returns the published file's mtime."""
         try:
-            size = os.fstat(fd).st_size
-            if size != remote.size:
-                raise FatalFailure(f"{remote.where}: wrote {size} bytes, expected {remote.size}")
+            written = os.fstat(fd)  # nothing writes to it after this: its mtime is final
+            if written.st_size != remote.size:
+                raise FatalFailure(f"{remote.where}: wrote {written.st_size} bytes, expected "
+                                   f"{remote.size}")
             if self._settings.verify_checksums:
                 verify(transfer, remote, fd, digests, inline, combined, self._cancel)
             if self._settings.fsync:
                 os.fsync(fd)
-            mtime_ns = os.fstat(fd).st_mtime_ns
+            mtime_ns = written.st_mtime_ns
         finally:
             os.close(fd)
         os.replace(temp.name, transfer.target.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
