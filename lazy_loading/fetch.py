@@ -316,8 +316,9 @@ class FileFetcher:
         journal, fd, dir_fd = self._publisher.prepare(transfer, remote, self.part_size, multipart,
                                                       temp)
         resumed = set(journal.done) if journal is not None else set()
-        logger.info("fetching %s (%s) from %s", transfer.display, format_bytes(remote.size),
-                    remote.where)
+        # A file of one part is done moments later and logged then: one line per small file.
+        logger.log(logging.INFO if multipart else logging.DEBUG, "fetching %s (%s) from %s",
+                   transfer.display, format_bytes(remote.size), remote.where)
         digests = digests_for(transfer, remote, self._settings)
         sink = RangeSink(fd, self._tracker.add_bytes, threading.Event(),
                          digests if digests and not multipart else None,

@@ -950,3 +950,21 @@ def test_a_custom_endpoint_behind_a_proxy_is_reached_through_the_proxy(
         LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
     assert [r for r in s3.faults.ledger.requests if r[0] in ("HEAD", "GET")] == [], \
         "a request went straight to the store, around the proxy"
+
+
+def test_each_file_is_logged_once_and_a_long_one_also_when_it_starts(
+    s3: S3Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Hundreds of small files should not mean two INFO lines each; a multi-part file says when
+    it starts, since it takes a while."""
+    objects = {f"small/{i}.bin": payload(1000, seed=i) for i in range(5)}
+    objects["big.bin"] = payload(3 * MiB, seed=9)
+    _, env = _setup(s3, objects, LAZY_LOADING_PART_SIZE="1MiB")
+    with caplog.at_level(logging.INFO, logger="lazy_loading"):
+        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    for i in range(5):
+        about = [line for line in lines if f"small/{i}.bin" in line]
+        assert len(about) == 1 and about[0].startswith("fetched "), about
+    about_big = [line for line in lines if "big.bin" in line]
+    assert [line.split()[0] for line in about_big] == ["fetching", "fetched"], about_big
