@@ -113,6 +113,7 @@ def lazy_env(url: str, files: list[tuple[str, str]], sha256: dict[str, str] | No
 
 
 PEER_FAILURES: list[str] = []
+CODE_VERSION = "unknown"
 PEERS = ["s5cmd", "rclone", "rclone-tuned", "obstore", "boto3tm", "crt"]  # "the best peer"
 IN_PROCESS = {"ours", "drum", "boto3", "boto3tm", "crt", "obstore", "floor", "floor16"}
 RCLONE_TUNED = ["--transfers", "16", "--checkers", "16", "--multi-thread-streams", "16"]
@@ -388,6 +389,18 @@ def open_store(kind: str, capped: bool, tools: Tools, data_root: Path, work: Pat
             yield Store("SeaweedFS", proxy.url, "bench", secret, proxy)
 
 
+def code_version() -> str:
+    """The commit measured, and whether the package differed from it (read at the start, so
+    a commit made during the run cannot be mistaken for the code that ran)."""
+    try:
+        head = _sh("git", "-C", str(ROOT), "rev-parse", "--short", "HEAD").stdout.strip()
+        dirty = _sh("git", "-C", str(ROOT), "status", "--porcelain", "--", "lazy_loading",
+                    "drum_servers").stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "not a git checkout"
+    return f"commit {head}" + (", with uncommitted changes to the package" if dirty else "")
+
+
 def cold_start(tools: Tools, reps: int) -> dict[str, list[float]]:
     """Interpreter start alone, and with what ``drum-servers download`` imports and builds
     before its first request."""
@@ -416,6 +429,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=HERE / ".work")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args()
+    global CODE_VERSION
+    CODE_VERSION = code_version()
 
     ensure_nginx()
     tools = Tools(ours=Path(sys.executable), drum=ensure_drum_venv(args.work / "drum-venv"),
@@ -539,6 +554,7 @@ def write_results(args: argparse.Namespace, tools: Tools,
         f"(`make bench`) on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, in one run. "
         "See [README.md](README.md) for how to read these numbers.",
         "",
+        f"- Code: {CODE_VERSION}",
         f"- Machine: {os.cpu_count()} cores, {platform.machine()}, {platform.platform()}",
         f"- Python {platform.python_version()}; this package with boto3 {version('boto3')}",
         f"- Upstream: {versions(tools.drum, 'datarobot-drum datarobot-storage boto3')}",
