@@ -33,11 +33,13 @@ class LocalCopies:
         self._manifest = manifest
         self._tracker = tracker
 
-    def published(self, transfer: FileTransfer,
-                  remote: RemoteObject | None) -> ManifestEntry | None:
+    def published(self, transfer: FileTransfer, remote: RemoteObject | None,
+                  read: ManifestEntry | None = None) -> ManifestEntry | None:
         """The manifest entry of a local copy that can be used as is: intact on disk, checked
-        against the config's sha256 and, when ``remote`` is known, still the store's version."""
-        entry = self._manifest.lookup(transfer.target)
+        against the config's sha256 and, when ``remote`` is known, still the store's version.
+        ``read``, the record as read moments ago, spares reading it again; every check is
+        still made."""
+        entry = read if read is not None else self._manifest.lookup(transfer.target)
         if entry is None or not entry.intact(transfer.target):
             return None
         repository = transfer.repository
@@ -51,14 +53,10 @@ class LocalCopies:
         return entry
 
     def cached(self, transfer: FileTransfer, remote: RemoteObject,
-               entry: ManifestEntry | None = None) -> FileResult | None:
-        """The local copy as a result, when it is the store's version. ``entry``, the record
-        ``published`` found moments ago, spares a second read of it: the file is still
-        checked on disk."""
-        if entry is not None:
-            if not (entry.matches(remote) and entry.intact(transfer.target)):
-                return None
-        elif self.published(transfer, remote) is None:
+               read: ManifestEntry | None = None) -> FileResult | None:
+        """The local copy as a result, when it is the store's version (``read`` as for
+        ``published``)."""
+        if self.published(transfer, remote, read) is None:
             return None
         self._tracker.file_done(skipped_bytes=remote.size)
         logger.info("cached %s (%s), unchanged in the store",
