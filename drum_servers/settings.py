@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from typing import TypeVar
 
 from lazy_loading import ConfigError
 from lazy_loading.environ import register_known
+from lazy_loading.schema import Check, Field, Invalid, boolean, chain, integer, number, read, text
 from lazy_loading.settings import parse_size
 
 
@@ -56,79 +57,127 @@ _ENV_NAMES = {
 
 register_known(_ENV_NAMES.values())
 
+E = TypeVar("E", bound=Enum)
+
 _PREFIX_SEGMENT = re.compile(r"^[A-Za-z0-9._~-]+$")
 
 
-class ServerSettings(BaseModel):
+@dataclass(frozen=True)
+class ServerSettings:
     """Every server knob; the README's configuration table documents each env var."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    code_dir: Path = Field(default_factory=Path.cwd)
+    code_dir: Path = field(default_factory=Path.cwd)
     mode: ReadinessMode = ReadinessMode.BLOCKING
     url_prefix: str = ""
     address: str = "0.0.0.0:8080"
-    workers: int = Field(1, ge=1, le=64)
+    workers: int = 1
     worker_class: WorkerClass = WorkerClass.GTHREAD
-    timeout: int = Field(120, ge=1, le=3600)
-    graceful_timeout: int = Field(30, ge=1, le=3600)
-    keepalive: int = Field(5, ge=0, le=3600)
-    max_requests: int = Field(0, ge=0, le=10_000_000)
-    max_requests_jitter: int = Field(0, ge=0, le=10_000_000)
-    worker_connections: int = Field(1000, ge=1, le=100_000)
-    threads: int = Field(4, ge=1, le=256)
-    read_timeout: int = Field(10, ge=1, le=3600)
-    max_concurrent_predictions: int = Field(1, ge=1, le=256)
-    max_request_body: int = Field(100 * 1024 * 1024, ge=0, le=1 << 40)
+    timeout: int = 120
+    graceful_timeout: int = 30
+    keepalive: int = 5
+    max_requests: int = 0
+    max_requests_jitter: int = 0
+    worker_connections: int = 1000
+    threads: int = 4
+    read_timeout: int = 10
+    max_concurrent_predictions: int = 1
+    max_request_body: int = 100 * 1024 * 1024
     info_details: bool = False
     with_error_server: bool = False
-    backlog: int = Field(2048, ge=1, le=65535)
-    failure_exit_delay: float = Field(3.0, ge=0, le=60)
-
-    @field_validator("max_request_body", mode="before")
-    @classmethod
-    def _parse_size(cls, value: object) -> object:
-        return parse_size(value) if isinstance(value, str) else value
-
-    @field_validator("url_prefix")
-    @classmethod
-    def _normalize_prefix(cls, value: str) -> str:
-        value = value.strip()
-        inner = value.strip("/")
-        if inner and not all(_PREFIX_SEGMENT.match(part) for part in inner.split("/")):
-            raise ValueError("must be a path such as /api/v1: letters, digits, '.', '_', '~' and "
-                             "'-' between single slashes")
-        return f"/{inner}" if inner else ""
-
-    @field_validator("address")
-    @classmethod
-    def _check_address(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError("must be host:port, e.g. 0.0.0.0:8080")
-        return value
-
-    @field_validator("mode", "worker_class", mode="before")
-    @classmethod
-    def _lower(cls, value: object) -> object:
-        return value.strip().lower() if isinstance(value, str) else value
+    backlog: int = 2048
+    failure_exit_delay: float = 3.0
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None,
                      **overrides: object) -> ServerSettings:
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
-        for field, name in _ENV_NAMES.items():
-            raw = env.get(name, "").strip()
+        for name, variable in _ENV_NAMES.items():
+            raw = env.get(variable, "").strip()
             if raw:
-                values[field] = raw
+                values[name] = raw
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:
-            return cls.model_validate(values)
-        except ValidationError as exc:
-            err = exc.errors(include_url=False, include_input=False)[0]
-            field = str(err["loc"][0]) if err["loc"] else "?"
-            msg = err["msg"].removeprefix("Value error, ")
+            settings = read(_FIELDS, values)
+        except Invalid as exc:
+            (loc, *_), message = exc.problems[0]
+            name = str(loc)
             raise ConfigError(
-                f"{_ENV_NAMES.get(field, field)}: {msg} (got {values.get(field)!r})"
+                f"{_ENV_NAMES.get(name, name)}: {message} (got {values.get(name)!r})"
             ) from None
+        if settings["code_dir"] is None:
+            settings["code_dir"] = Path.cwd()
+        return cls(**settings)
+
+
+def _url_prefix(value: str) -> str:
+    value = value.strip()
+    inner = value.strip("/")
+    if inner and not all(_PREFIX_SEGMENT.match(part) for part in inner.split("/")):
+        raise ValueError("must be a path such as /api/v1: letters, digits, '.', '_', '~' and "
+                         "'-' between single slashes")
+    return f"/{inner}" if inner else ""
+
+
+def _address(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("must be host:port, e.g. 0.0.0.0:8080")
+    return value
+
+
+def _path(value: object) -> Path:
+    if isinstance(value, (str, os.PathLike)):
+        return Path(value)
+    raise ValueError("must be a path")
+
+
+def _choice(kind: type[E]) -> Check:
+    allowed = " or ".join(repr(member.value) for member in kind)
+
+    def check(value: object) -> E:
+        if isinstance(value, kind):
+            return value
+        if isinstance(value, str):
+            for member in kind:
+                if member.value == value.strip().lower():
+                    return member
+        raise ValueError(f"must be {allowed}")
+    return check
+
+
+def _size(le: int) -> Check:
+    bounded = integer(ge=0, le=le)
+
+    def check(value: object) -> int:
+        if isinstance(value, str):
+            try:
+                value = parse_size(value)
+            except ValueError:
+                raise ValueError("must be a size such as 100MiB or 104857600") from None
+        return bounded(value)  # type: ignore[no-any-return]
+    return check
+
+
+_FIELDS = (
+    Field("code_dir", _path, None),
+    Field("mode", _choice(ReadinessMode), ReadinessMode.BLOCKING),
+    Field("url_prefix", chain(text(), _url_prefix), ""),
+    Field("address", chain(text(), _address), "0.0.0.0:8080"),
+    Field("workers", integer(ge=1, le=64), 1),
+    Field("worker_class", _choice(WorkerClass), WorkerClass.GTHREAD),
+    Field("timeout", integer(ge=1, le=3600), 120),
+    Field("graceful_timeout", integer(ge=1, le=3600), 30),
+    Field("keepalive", integer(ge=0, le=3600), 5),
+    Field("max_requests", integer(ge=0, le=10_000_000), 0),
+    Field("max_requests_jitter", integer(ge=0, le=10_000_000), 0),
+    Field("worker_connections", integer(ge=1, le=100_000), 1000),
+    Field("threads", integer(ge=1, le=256), 4),
+    Field("read_timeout", integer(ge=1, le=3600), 10),
+    Field("max_concurrent_predictions", integer(ge=1, le=256), 1),
+    Field("max_request_body", _size(le=1 << 40), 100 * 1024 * 1024),
+    Field("info_details", boolean, False),
+    Field("with_error_server", boolean, False),
+    Field("backlog", integer(ge=1, le=65535), 2048),
+    Field("failure_exit_delay", number(ge=0, le=60), 3.0),
+)

@@ -11,30 +11,24 @@ import functools
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import (
-    AliasChoices,
-    BaseModel,
-    ConfigDict,
-    Field,
-    SecretStr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
-from pydantic.alias_generators import to_camel
-
+from . import schema
 from .errors import ConfigError
-from .redact import register_secret
+from .redact import Secret
+from .schema import Field, Invalid, camel_fields, chain, integer, list_of, optional, record, text
 
 DATA_ENV = "MLOPS_LAZY_LOADING_DATA"
 SECRET_ENV_PREFIX = "MLOPS_REPOSITORY_SECRET_"
 FILE_SUFFIX = "_FILE"
 VALUES_FILE_ENV = "LAZY_LOADING_FILE"
+
+T = TypeVar("T")
+
 
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -42,213 +36,54 @@ _BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
 _REGION = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
-def _normalized(key: str) -> str:
-    return key.replace("_", "").replace("-", "").lower()
-
-
-class _Model(BaseModel):
-    """Shared model behaviour: camelCase or snake_case, unknown keys ignored, no input echo."""
-
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="ignore",
-        frozen=True,
-        hide_input_in_errors=True,
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _reject_case_variants(cls, data: Any) -> Any:
-        """A key like ``endpointURL`` is a typo of a known key, not an unknown extension.
-
-        DRUM ignores it and silently falls back to AWS; we refuse it and name the right spelling.
-        """
-        if not isinstance(data, Mapping):
-            return data
-        known: dict[str, str] = {}
-        for name, field in cls.model_fields.items():
-            spelled: str = field.alias or name
-            known[name] = spelled
-            known[spelled] = spelled
-        by_normal = {_normalized(k): v for k, v in known.items()}
-        for key in data:
-            if not isinstance(key, str) or key in known:
-                continue
-            alias = by_normal.get(_normalized(key))
-            if alias is not None:
-                raise ValueError(f"unknown key {key!r}; did you mean {alias!r}?")
-        return data
-
-
-def _no_control_characters(value: str) -> str:
-    """A newline or NUL in a name splits log lines or truncates paths: refuse it."""
-    if _CONTROL.search(value):
-        raise ValueError("must not contain control characters (newline, tab, NUL, ...)")
-    return value
-
-
-class LazyLoadingFile(_Model):
+@dataclass(frozen=True)
+class LazyLoadingFile:
     """One artifact: where it lives in the repository and where the model expects it."""
 
-    remote_path: str = Field(min_length=1)
-    local_path: str = Field(min_length=1)
-    repository_id: str = Field(min_length=1)
+    remote_path: str
+    local_path: str
+    repository_id: str
     sha256: str | None = None
-    size: int | None = Field(None, ge=0, strict=True)
-
-    @field_validator("remote_path")
-    @classmethod
-    def _check_remote_path(cls, value: str) -> str:
-        _no_control_characters(value)
-        if value.endswith("/"):
-            raise ValueError("ends with '/', which names a folder marker, not an object; name "
-                             "each file of the folder")
-        return value
-
-    @field_validator("local_path")
-    @classmethod
-    def _check_local_path(cls, value: str) -> str:
-        _no_control_characters(value)
-        if value.endswith(("/", "/.", "/..")) or value in (".", ".."):
-            raise ValueError("names a directory; name the file, e.g. artifacts/model.bin")
-        return value
-
-    @field_validator("sha256")
-    @classmethod
-    def _check_sha256(cls, value: str | None) -> str | None:
-        if value is not None and not _HEX64.match(value):
-            raise ValueError("must be 64 hexadecimal characters (a SHA-256 digest)")
-        return value.lower() if value else value
+    size: int | None = None
 
 
-class LazyLoadingRepository(_Model):
+@dataclass(frozen=True)
+class LazyLoadingRepository:
     """An S3(-compatible) bucket and the credential used to read it."""
 
-    repository_id: str = Field(min_length=1)
-    bucket_name: str = Field(min_length=1)
-    credential_id: str = Field(min_length=1)
+    repository_id: str
+    bucket_name: str
+    credential_id: str
     endpoint_url: str | None = None
     verify_certificate: bool = True
     ca_bundle: str | None = None
     region: str | None = None
 
-    @field_validator("verify_certificate", mode="before")
-    @classmethod
-    def _null_verifies(cls, value: Any) -> Any:
-        # DRUM's own values-file helper writes null for every repository without an endpoint.
-        return True if value is None else value
 
-    @field_validator("endpoint_url")
-    @classmethod
-    def _check_endpoint(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        _no_control_characters(value)
-        parts = urlsplit(value.strip())
-        if not value.strip():
-            raise ValueError("must not be empty; omit it to use AWS S3")
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL such as https://s3.example.com")
-        try:
-            port = parts.port
-        except ValueError:
-            port = 0
-        if port == 0 and parts.netloc.rpartition("]")[2].count(":"):
-            raise ValueError("has an invalid port; use a number from 1 to 65535")
-        if parts.username or parts.password:
-            raise ValueError("must not contain credentials; use MLOPS_REPOSITORY_SECRET_<ID>")
-        if parts.query or parts.fragment:
-            raise ValueError("must not contain a query string or fragment")
-        return value.strip()
-
-    @field_validator("bucket_name")
-    @classmethod
-    def _check_bucket(cls, value: str) -> str:
-        if not _BUCKET.match(value):
-            raise ValueError("must be a bucket name (letters, digits, '.', '-', '_'; no '/'): "
-                             "put the key prefix in each file's remotePath")
-        return value
-
-    @field_validator("region")
-    @classmethod
-    def _check_region(cls, value: str | None) -> str | None:
-        if value is not None and not _REGION.match(value):
-            raise ValueError("must be a region name such as us-east-1")
-        return value
-
-    @field_validator("ca_bundle")
-    @classmethod
-    def _check_ca_bundle(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        _no_control_characters(value)
-        if not os.path.isfile(value):
-            what = "is a directory" if os.path.isdir(value) else "does not exist"
-            raise ValueError(f"{value} {what}; name a PEM file of CA certificates")
-        return value
-
-
-class LazyLoadingData(_Model):
+@dataclass(frozen=True)
+class LazyLoadingData:
     """The whole ``MLOPS_LAZY_LOADING_DATA`` document."""
 
-    files: list[LazyLoadingFile] = Field(min_length=1)
-    repositories: list[LazyLoadingRepository] = Field(min_length=1)
-
-    @model_validator(mode="after")
-    def _check_references(self) -> LazyLoadingData:
-        seen: dict[str, int] = {}
-        for index, repo in enumerate(self.repositories):
-            if repo.repository_id in seen:
-                raise ValueError(
-                    f"repositories[{index}].repositoryId {repo.repository_id!r} duplicates "
-                    f"repositories[{seen[repo.repository_id]}]; ids must be unique"
-                )
-            seen[repo.repository_id] = index
-        for index, item in enumerate(self.files):
-            if item.repository_id not in seen:
-                raise ValueError(
-                    f"files[{index}].repositoryId {item.repository_id!r} names no repository; "
-                    f"known: {', '.join(sorted(seen))}"
-                )
-        return self
+    files: tuple[LazyLoadingFile, ...]
+    repositories: tuple[LazyLoadingRepository, ...]
 
     def repository(self, repository_id: str) -> LazyLoadingRepository:
         return next(r for r in self.repositories if r.repository_id == repository_id)
 
+    def to_json(self) -> str:
+        """The document with snake_case keys, as DRUM's values-file helper writes it."""
+        return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":"))
 
-class S3Credentials(_Model):
-    """Static S3 credentials; secrets are ``SecretStr`` so no repr, log or error shows them."""
+
+@dataclass(frozen=True)
+class S3Credentials:
+    """Static S3 credentials; secrets are ``Secret`` so no repr, log or error shows them."""
 
     credential_type: Literal["s3"]
-    aws_access_key_id: str = Field(min_length=1)
-    aws_secret_access_key: SecretStr = Field(min_length=1)
-    aws_session_token: SecretStr | None = None
-    region: str | None = Field(None, validation_alias=AliasChoices("region", "regionName"))
-
-    @field_validator("aws_access_key_id", "aws_secret_access_key", "aws_session_token",
-                     mode="before")
-    @classmethod
-    def _clean_secret(cls, value: Any) -> Any:
-        """Strip the trailing newline of a value read from a file; refuse other control
-        characters, which would end up in a header (the value itself is never shown)."""
-        if isinstance(value, str):
-            value = value.strip()
-            if _CONTROL.search(value):
-                raise ValueError("contains control characters (newline, tab, NUL, ...)")
-        return value
-
-    @field_validator("aws_session_token", mode="before")
-    @classmethod
-    def _empty_token_is_none(cls, value: Any) -> Any:
-        return None if value == "" else value
-
-    @model_validator(mode="after")
-    def _register_secrets(self) -> S3Credentials:
-        register_secret(self.aws_secret_access_key.get_secret_value())
-        if self.aws_session_token is not None:
-            register_secret(self.aws_session_token.get_secret_value())
-        return self
+    aws_access_key_id: str
+    aws_secret_access_key: Secret
+    aws_session_token: Secret | None = None
+    region: str | None = None
 
     def to_env_json(self) -> str:
         """The ``MLOPS_REPOSITORY_SECRET_<ID>`` JSON DRUM expects (reveals the secret on purpose)."""
@@ -264,18 +99,9 @@ class S3Credentials(_Model):
         return json.dumps(payload)
 
 
-class _ValuesCredential(S3Credentials):
-    id: str = Field(min_length=1)
-
-
-class _ValuesFile(LazyLoadingData):
-    credentials: list[_ValuesCredential] = Field(default_factory=list)
-
-
-class LazyLoadingConfig(BaseModel):
+@dataclass(frozen=True)
+class LazyLoadingConfig:
     """A validated configuration: the data plus one credential per credential id."""
-
-    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
     data: LazyLoadingData
     credentials: dict[str, S3Credentials]
@@ -283,6 +109,182 @@ class LazyLoadingConfig(BaseModel):
 
     def credentials_for(self, repository: LazyLoadingRepository) -> S3Credentials:
         return self.credentials[repository.credential_id]
+
+
+def _no_control_characters(value: str) -> str:
+    """A newline or NUL in a name splits log lines or truncates paths: refuse it."""
+    if _CONTROL.search(value):
+        raise ValueError("must not contain control characters (newline, tab, NUL, ...)")
+    return value
+
+
+def _remote_path(value: str) -> str:
+    _no_control_characters(value)
+    if value.endswith("/"):
+        raise ValueError("ends with '/', which names a folder marker, not an object; name "
+                         "each file of the folder")
+    return value
+
+
+def _local_path(value: str) -> str:
+    _no_control_characters(value)
+    if value.endswith(("/", "/.", "/..")) or value in (".", ".."):
+        raise ValueError("names a directory; name the file, e.g. artifacts/model.bin")
+    return value
+
+
+def _sha256(value: str) -> str:
+    if not _HEX64.match(value):
+        raise ValueError("must be 64 hexadecimal characters (a SHA-256 digest)")
+    return value.lower()
+
+
+def _verify_certificate(value: Any) -> bool:
+    # DRUM's own values-file helper writes null for every repository without an endpoint.
+    return True if value is None else schema.boolean(value)
+
+
+def _endpoint(value: str) -> str:
+    _no_control_characters(value)
+    parts = urlsplit(value.strip())
+    if not value.strip():
+        raise ValueError("must not be empty; omit it to use AWS S3")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL such as https://s3.example.com")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0 and parts.netloc.rpartition("]")[2].count(":"):
+        raise ValueError("has an invalid port; use a number from 1 to 65535")
+    if parts.username or parts.password:
+        raise ValueError("must not contain credentials; use MLOPS_REPOSITORY_SECRET_<ID>")
+    if parts.query or parts.fragment:
+        raise ValueError("must not contain a query string or fragment")
+    return value.strip()
+
+
+def _bucket(value: str) -> str:
+    if not _BUCKET.match(value):
+        raise ValueError("must be a bucket name (letters, digits, '.', '-', '_'; no '/'): "
+                         "put the key prefix in each file's remotePath")
+    return value
+
+
+def _region(value: str) -> str:
+    if not _REGION.match(value):
+        raise ValueError("must be a region name such as us-east-1")
+    return value
+
+
+def _ca_bundle(value: str) -> str:
+    _no_control_characters(value)
+    if not os.path.isfile(value):
+        what = "is a directory" if os.path.isdir(value) else "does not exist"
+        raise ValueError(f"{value} {what}; name a PEM file of CA certificates")
+    return value
+
+
+def _secret_text(value: Any) -> str:
+    """Strip the trailing newline of a value read from a file; refuse other control
+    characters, which would end up in a header (the value itself is never shown)."""
+    cleaned: str = text(min_length=1)(value).strip()
+    if _CONTROL.search(cleaned):
+        raise ValueError("contains control characters (newline, tab, NUL, ...)")
+    if not cleaned:
+        raise ValueError("must not be empty")
+    return cleaned
+
+
+def _session_token(value: Any) -> Secret | None:
+    return None if isinstance(value, str) and not value.strip() else Secret(_secret_text(value))
+
+
+def _credential_type(value: Any) -> str:
+    if value != "s3":
+        raise ValueError("must be 's3' (the only supported credentialType)")
+    return "s3"
+
+
+_FILE_FIELDS = camel_fields(
+    Field("remote_path", chain(text(min_length=1), _remote_path)),
+    Field("local_path", chain(text(min_length=1), _local_path)),
+    Field("repository_id", text(min_length=1)),
+    Field("sha256", optional(chain(text(), _sha256)), None),
+    Field("size", optional(integer(ge=0, strict=True)), None),
+)
+_REPOSITORY_FIELDS = camel_fields(
+    Field("repository_id", text(min_length=1)),
+    Field("bucket_name", chain(text(min_length=1), _bucket)),
+    Field("credential_id", text(min_length=1)),
+    Field("endpoint_url", optional(chain(text(), _endpoint)), None),
+    Field("verify_certificate", _verify_certificate, True),
+    Field("ca_bundle", optional(chain(text(), _ca_bundle)), None),
+    Field("region", optional(chain(text(), _region)), None),
+)
+_CREDENTIAL_FIELDS = camel_fields(
+    Field("credential_type", _credential_type),
+    Field("aws_access_key_id", chain(_secret_text)),
+    Field("aws_secret_access_key", chain(_secret_text, Secret)),
+    Field("aws_session_token", optional(_session_token), None),
+    Field("region", optional(text()), None, also=("regionName",)),
+)
+_VALUES_CREDENTIAL_FIELDS = (*_CREDENTIAL_FIELDS, Field("id", text(min_length=1)))
+
+
+def _file(mapping: Mapping[Any, Any]) -> LazyLoadingFile:
+    return LazyLoadingFile(**schema.read(_FILE_FIELDS, mapping))
+
+
+def _repository(mapping: Mapping[Any, Any]) -> LazyLoadingRepository:
+    return LazyLoadingRepository(**schema.read(_REPOSITORY_FIELDS, mapping))
+
+
+def _credentials(mapping: Mapping[Any, Any]) -> S3Credentials:
+    return S3Credentials(**schema.read(_CREDENTIAL_FIELDS, mapping))
+
+
+def _values_credential(mapping: Mapping[Any, Any]) -> tuple[str, S3Credentials]:
+    values = schema.read(_VALUES_CREDENTIAL_FIELDS, mapping)
+    return values.pop("id"), S3Credentials(**values)
+
+
+_DATA_FIELDS = (
+    Field("files", chain(list_of(record(_file), min_length=1), tuple)),
+    Field("repositories", chain(list_of(record(_repository), min_length=1), tuple)),
+)
+_VALUES_FIELDS = (
+    *_DATA_FIELDS,
+    Field("credentials", list_of(record(_values_credential)), []),
+)
+
+
+def _check_references(data: LazyLoadingData) -> LazyLoadingData:
+    seen: dict[str, int] = {}
+    for index, repo in enumerate(data.repositories):
+        if repo.repository_id in seen:
+            raise ValueError(
+                f"repositories[{index}].repositoryId {repo.repository_id!r} duplicates "
+                f"repositories[{seen[repo.repository_id]}]; ids must be unique"
+            )
+        seen[repo.repository_id] = index
+    for index, item in enumerate(data.files):
+        if item.repository_id not in seen:
+            raise ValueError(
+                f"files[{index}].repositoryId {item.repository_id!r} names no repository; "
+                f"known: {', '.join(sorted(seen))}"
+            )
+    return data
+
+
+def _data(mapping: Mapping[Any, Any]) -> LazyLoadingData:
+    return _check_references(LazyLoadingData(**schema.read(_DATA_FIELDS, mapping)))
+
+
+def _values(mapping: Mapping[Any, Any]) -> tuple[LazyLoadingData, dict[str, S3Credentials]]:
+    values = schema.read(_VALUES_FIELDS, mapping)
+    credentials = dict(values.pop("credentials"))
+    return _check_references(LazyLoadingData(**values)), credentials
 
 
 def secret_env_name(credential_id: str) -> str:
@@ -296,39 +298,15 @@ def secret_env_names(credential_id: str) -> list[str]:
     return list(dict.fromkeys([secret_env_name(credential_id), portable]))
 
 
-_FRIENDLY = {
-    "missing": "is required",
-    "string_too_short": "must not be empty",
-    "too_short": "must not be empty",
-    "literal_error": "must be 's3' (the only supported credentialType)",
-}
-
-
-def _loc(loc: tuple[int | str, ...]) -> str:
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text
-
-
-def format_validation_error(source: str, exc: ValidationError) -> str:
-    """One line naming the source, the field path and what is expected; never the input value."""
-    errors = exc.errors(include_url=False, include_input=False, include_context=False)
-    first = errors[0]
-    loc = _loc(first["loc"])
-    msg = _FRIENDLY.get(first["type"], first["msg"].removeprefix("Value error, "))
-    where = f"{source}: {loc}: " if loc else f"{source}: "
-    more = f" (+{len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-    return f"{where}{msg}{more}"
-
-
-def _validate(model: type[_Model], source: str, payload: object) -> Any:
+def _validate(build: Callable[[Mapping[Any, Any]], T], source: str, payload: object) -> T:
     if not isinstance(payload, Mapping):
         raise ConfigError(f"{source}: expected a mapping with 'files' and 'repositories'")
     try:
-        return model.model_validate(payload)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(source, exc)) from None
+        return build(payload)
+    except Invalid as exc:
+        raise ConfigError(schema.one_line(source, exc)) from None
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -389,7 +367,7 @@ def _credentials_from_env(
         payload = _parse_json(name, raw)
         if not isinstance(payload, Mapping):
             raise ConfigError(f"{name}: expected a JSON object with credentialType and keys")
-        credentials[cred_id] = _validate(S3Credentials, name, payload)
+        credentials[cred_id] = _validate(_credentials, name, payload)
     return credentials
 
 
@@ -435,13 +413,13 @@ def load_values_file(path: str | os.PathLike[str]) -> tuple[LazyLoadingData, dic
     """Read DRUM's values YAML (``files``, ``repositories``, ``credentials``)."""
     source = f"lazy loading file {os.fspath(path)}"
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        content = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{source}: cannot be read ({exc.strerror})") from None
     import yaml
 
     try:
-        payload = yaml.load(text, Loader=_unique_key_loader())  # a SafeLoader: no arbitrary objects
+        payload = yaml.load(content, Loader=_unique_key_loader())  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -452,12 +430,7 @@ def load_values_file(path: str | os.PathLike[str]) -> tuple[LazyLoadingData, dic
         raise ConfigError(f"{source}: nested too deeply to be a lazy-loading document") from None
     if payload is None:
         raise ConfigError(f"{source}: is empty; expected 'files', 'repositories', 'credentials'")
-    values: _ValuesFile = _validate(_ValuesFile, source, payload)
-    credentials: dict[str, S3Credentials] = {}
-    for entry in values.credentials:
-        credentials[entry.id] = S3Credentials.model_validate(entry.model_dump())
-    data = LazyLoadingData.model_validate(values.model_dump(exclude={"credentials"}))
-    return data, credentials
+    return _validate(_values, source, payload)
 
 
 def load_config(
@@ -477,7 +450,7 @@ def load_config(
         source = f"lazy loading file {os.fspath(values_file)}"
     elif env.get(DATA_ENV, "").strip():
         payload = _parse_json(DATA_ENV, env[DATA_ENV])
-        data, known, source = _validate(LazyLoadingData, DATA_ENV, payload), {}, DATA_ENV
+        data, known, source = _validate(_data, DATA_ENV, payload), {}, DATA_ENV
     else:
         return None
     credentials = _credentials_from_env(data, env, known, scrub_env)

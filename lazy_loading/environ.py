@@ -9,13 +9,12 @@ import logging
 from collections.abc import Iterable, Mapping
 
 from .config import DATA_ENV, SECRET_ENV_PREFIX, VALUES_FILE_ENV
-from .settings import LazyLoadingSettings
+from .settings import setting_names
 
 logger = logging.getLogger("lazy_loading")
 
 _OWN_PREFIX = "LAZY_LOADING_"
-_known: set[str] = {DATA_ENV, VALUES_FILE_ENV,
-                    *(_OWN_PREFIX + name.upper() for name in LazyLoadingSettings.model_fields)}
+_known: set[str] = {DATA_ENV, VALUES_FILE_ENV, *setting_names()}
 _warned: set[str] = set()
 
 

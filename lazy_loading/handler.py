@@ -273,7 +273,7 @@ class LazyLoadingHandler:
         """DRUM's helper: turn a values YAML into ``MLOPS_*`` environment variables."""
         env = os.environ if environ is None else environ
         data, credentials = load_values_file(values_file)
-        env[DATA_ENV] = data.model_dump_json()
+        env[DATA_ENV] = data.to_json()
         for cred_id, cred in credentials.items():
             env[secret_env_name(cred_id)] = cred.to_env_json()
 

@@ -39,6 +39,32 @@ def register_secret(value: str) -> None:
     install()
 
 
+class Secret:
+    """A credential value that no ``repr``, ``str`` or log record shows; it is registered for
+    redaction as soon as it exists."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+        register_secret(value)
+
+    def get_secret_value(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    def __str__(self) -> str:
+        return "**********"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
 def redact(text: str) -> str:
     for secret in _secrets:
         if secret in text:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
 from .errors import ConfigError
+from .schema import Check, Field, Invalid, boolean, integer, number, read
 
 MiB = 1024 * 1024
 
@@ -27,76 +27,113 @@ def parse_size(value: str | int) -> int:
     return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
 
 
-class LazyLoadingSettings(BaseModel):
+@dataclass(frozen=True)
+class LazyLoadingSettings:
     """Engine settings; each field maps to ``LAZY_LOADING_<FIELD>`` (see README table)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    max_connections: int = Field(16, ge=1, le=256)
-    part_size: int | None = Field(None, ge=1 * MiB, le=5 * 1024 * MiB)
-    stall_timeout: float = Field(15.0, gt=0, le=3600)
-    min_rate: int = Field(1024, ge=0)
-    timeout: float | None = Field(None, gt=0)
-    max_attempts: int = Field(8, ge=1, le=100)
+    max_connections: int = 16
+    part_size: int | None = None
+    stall_timeout: float = 15.0
+    min_rate: int = 1024
+    timeout: float | None = None
+    max_attempts: int = 8
     allowed_roots: tuple[Path, ...] = ()
-    progress_interval: float = Field(5.0, gt=0)
+    progress_interval: float = 5.0
     verify_checksums: bool = True
     fsync: bool = False
     scrub_env: bool = True
     replace_model_code: bool = False
     cache_dir: Path | None = None
-    cache_max_bytes: int | None = Field(None, ge=0)
-
-    @field_validator("part_size", mode="before")
-    @classmethod
-    def _parse_part_size(cls, value: object) -> object:
-        if isinstance(value, str):
-            return None if value.strip().lower() == "auto" else parse_size(value)
-        return value
-
-    @field_validator("min_rate", "cache_max_bytes", mode="before")
-    @classmethod
-    def _parse_min_rate(cls, value: object) -> object:
-        return parse_size(value) if isinstance(value, str) else value
-
-    @field_validator("timeout", mode="before")
-    @classmethod
-    def _auto_timeout(cls, value: object) -> object:
-        return None if isinstance(value, str) and value.strip().lower() == "auto" else value
+    cache_max_bytes: int | None = None
 
     @property
     def rate_window(self) -> float:
         """The window ``min_rate`` is measured over: twice the stall timeout."""
         return 2 * self.stall_timeout
 
-    @field_validator("cache_dir")
-    @classmethod
-    def _absolute_cache_dir(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_absolute():
-            raise ValueError("must be an absolute path (a volume every pod of the node mounts)")
-        return value
-
-    @field_validator("allowed_roots", mode="before")
-    @classmethod
-    def _split_roots(cls, value: object) -> object:
-        if isinstance(value, str):
-            return tuple(Path(p) for p in value.split(os.pathsep) if p.strip())
-        return value
-
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> LazyLoadingSettings:
         """Build settings from ``LAZY_LOADING_*`` variables; unset or empty ones keep defaults."""
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
-        for name in cls.model_fields:
-            raw = env.get(f"LAZY_LOADING_{name.upper()}", "").strip()
+        for field in _FIELDS:
+            raw = env.get(f"LAZY_LOADING_{field.name.upper()}", "").strip()
             if raw:
-                values[name] = raw
+                values[field.name] = raw
         try:
-            return cls.model_validate(values)
-        except ValidationError as exc:
-            err = exc.errors(include_url=False, include_input=False)[0]
-            field = str(err["loc"][0]) if err["loc"] else "?"
+            return cls(**read(_FIELDS, values))
+        except Invalid as exc:
+            (name, *_), message = exc.problems[0]
             raise ConfigError(
-                f"LAZY_LOADING_{field.upper()}: {err['msg']} (got {values.get(field)!r})"
+                f"LAZY_LOADING_{str(name).upper()}: {message} (got {values.get(str(name))!r})"
             ) from None
+
+
+def setting_names() -> list[str]:
+    """Every ``LAZY_LOADING_*`` variable the engine reads."""
+    return [f"LAZY_LOADING_{field.name.upper()}" for field in _FIELDS]
+
+
+def _size(ge: int | None = None, le: int | None = None, auto: bool = False) -> Check:
+    """Bytes as ``16777216``, ``16M`` or ``16MiB``; with ``auto``, the word ``auto`` (None)."""
+    bounded = integer(ge=ge, le=le)
+
+    def check(value: object) -> int | None:
+        if isinstance(value, str):
+            if auto and value.strip().lower() == "auto":
+                return None
+            try:
+                value = parse_size(value)
+            except ValueError:
+                raise ValueError("must be a size such as 16MiB or 16777216") from None
+        return bounded(value)  # type: ignore[no-any-return]
+    return check
+
+
+def _auto_or(inner: Check) -> Check:
+    def check(value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return None
+        return inner(value)
+    return check
+
+
+def _path(value: object) -> Path:
+    if isinstance(value, Path):
+        return value
+    if isinstance(value, str):
+        return Path(value)
+    raise ValueError("must be a path")
+
+
+def _absolute_dir(value: object) -> Path:
+    path = _path(value)
+    if not path.is_absolute():
+        raise ValueError("must be an absolute path (a volume every pod of the node mounts)")
+    return path
+
+
+def _roots(value: object) -> tuple[Path, ...]:
+    if isinstance(value, str):
+        return tuple(Path(p) for p in value.split(os.pathsep) if p.strip())
+    if isinstance(value, (list, tuple)):
+        return tuple(_path(p) for p in value)
+    raise ValueError("must be paths separated by ':'")
+
+
+_FIELDS = (
+    Field("max_connections", integer(ge=1, le=256), 16),
+    Field("part_size", _size(ge=1 * MiB, le=5 * 1024 * MiB, auto=True), None),
+    Field("stall_timeout", number(gt=0, le=3600), 15.0),
+    Field("min_rate", _size(ge=0), 1024),
+    Field("timeout", _auto_or(number(gt=0)), None),
+    Field("max_attempts", integer(ge=1, le=100), 8),
+    Field("allowed_roots", _roots, ()),
+    Field("progress_interval", number(gt=0), 5.0),
+    Field("verify_checksums", boolean, True),
+    Field("fsync", boolean, False),
+    Field("scrub_env", boolean, True),
+    Field("replace_model_code", boolean, False),
+    Field("cache_dir", _absolute_dir, None),
+    Field("cache_max_bytes", _size(ge=0), None),
+)

@@ -763,6 +763,29 @@ def test_many_files_stay_under_a_small_descriptor_limit(s3: S3Store, tmp_path: P
         assert (tmp_path / "art" / key).read_bytes() == body
 
 
+def test_the_download_command_imports_no_validation_library_yaml_or_boto3(
+    s3: S3Store, tmp_path: Path
+) -> None:
+    """Every init container pays for what `drum-servers download` imports: pydantic alone was
+    about 100 ms of a start. A JSON config needs no YAML, a custom endpoint no boto3."""
+    import subprocess
+    import sys
+
+    bucket = s3.bucket()
+    s3.put(bucket, "m/w.bin", payload(70_000))
+    env = lazy_env(s3.url, bucket, {"m/w.bin": "w.bin"})
+    probe = ("import atexit, sys\n"
+             "heavy = ('pydantic', 'yaml', 'boto3', 's3transfer')\n"
+             "atexit.register(lambda: print('loaded:', [m for m in heavy if m in sys.modules]))\n"
+             "from drum_servers.cli import main\n"
+             f"sys.exit(main(['download', '--code-dir', {str(tmp_path)!r}]))\n")
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "w.bin").read_bytes() == payload(70_000)
+    assert result.stdout.strip() == "loaded: []"
+
+
 @pytest.mark.parametrize("algorithm", ["CRC32", "CRC32C", "SHA1", "SHA256", "CRC64NVME"])
 def test_multipart_uploads_with_each_checksum_boto3_offers_download(
     algorithm: str, s3: S3Store, tmp_path: Path
