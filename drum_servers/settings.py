@@ -8,11 +8,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from lazy_loading import ConfigError
 from lazy_loading.environ import register_known
-from lazy_loading.schema import Check, Field, Invalid, boolean, chain, integer, number, read, text
+from lazy_loading.schema import (
+    Check,
+    Field,
+    Invalid,
+    boolean,
+    chain,
+    check_fields,
+    integer,
+    number,
+    text,
+)
 from lazy_loading.settings import parse_size
 
 
@@ -87,27 +97,26 @@ class ServerSettings:
     backlog: int = 2048
     failure_exit_delay: float = 3.0
 
+    def __post_init__(self) -> None:
+        try:
+            check_fields(self, _FIELDS)
+        except Invalid as exc:
+            (loc, *_), message = exc.problems[0]
+            name = str(loc)
+            raise ConfigError(f"{_ENV_NAMES.get(name, name)}: {message} "
+                              f"(got {getattr(self, name)!r})") from None
+
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None,
                      **overrides: object) -> ServerSettings:
         env = os.environ if environ is None else environ
-        values: dict[str, object] = {}
+        values: dict[str, Any] = {}
         for name, variable in _ENV_NAMES.items():
             raw = env.get(variable, "").strip()
             if raw:
                 values[name] = raw
         values.update({k: v for k, v in overrides.items() if v is not None})
-        try:
-            settings = read(_FIELDS, values)
-        except Invalid as exc:
-            (loc, *_), message = exc.problems[0]
-            name = str(loc)
-            raise ConfigError(
-                f"{_ENV_NAMES.get(name, name)}: {message} (got {values.get(name)!r})"
-            ) from None
-        if settings["code_dir"] is None:
-            settings["code_dir"] = Path.cwd()
-        return cls(**settings)
+        return cls(**values)
 
 
 def _url_prefix(value: str) -> str:
@@ -160,24 +169,24 @@ def _size(le: int) -> Check:
 
 
 _FIELDS = (
-    Field("code_dir", _path, None),
-    Field("mode", _choice(ReadinessMode), ReadinessMode.BLOCKING),
-    Field("url_prefix", chain(text(), _url_prefix), ""),
-    Field("address", chain(text(), _address), "0.0.0.0:8080"),
-    Field("workers", integer(ge=1, le=64), 1),
-    Field("worker_class", _choice(WorkerClass), WorkerClass.GTHREAD),
-    Field("timeout", integer(ge=1, le=3600), 120),
-    Field("graceful_timeout", integer(ge=1, le=3600), 30),
-    Field("keepalive", integer(ge=0, le=3600), 5),
-    Field("max_requests", integer(ge=0, le=10_000_000), 0),
-    Field("max_requests_jitter", integer(ge=0, le=10_000_000), 0),
-    Field("worker_connections", integer(ge=1, le=100_000), 1000),
-    Field("threads", integer(ge=1, le=256), 4),
-    Field("read_timeout", integer(ge=1, le=3600), 10),
-    Field("max_concurrent_predictions", integer(ge=1, le=256), 1),
-    Field("max_request_body", _size(le=1 << 40), 100 * 1024 * 1024),
-    Field("info_details", boolean, False),
-    Field("with_error_server", boolean, False),
-    Field("backlog", integer(ge=1, le=65535), 2048),
-    Field("failure_exit_delay", number(ge=0, le=60), 3.0),
+    Field("code_dir", _path),
+    Field("mode", _choice(ReadinessMode)),
+    Field("url_prefix", chain(text(), _url_prefix)),
+    Field("address", chain(text(), _address)),
+    Field("workers", integer(ge=1, le=64)),
+    Field("worker_class", _choice(WorkerClass)),
+    Field("timeout", integer(ge=1, le=3600)),
+    Field("graceful_timeout", integer(ge=1, le=3600)),
+    Field("keepalive", integer(ge=0, le=3600)),
+    Field("max_requests", integer(ge=0, le=10_000_000)),
+    Field("max_requests_jitter", integer(ge=0, le=10_000_000)),
+    Field("worker_connections", integer(ge=1, le=100_000)),
+    Field("threads", integer(ge=1, le=256)),
+    Field("read_timeout", integer(ge=1, le=3600)),
+    Field("max_concurrent_predictions", integer(ge=1, le=256)),
+    Field("max_request_body", _size(le=1 << 40)),
+    Field("info_details", boolean),
+    Field("with_error_server", boolean),
+    Field("backlog", integer(ge=1, le=65535)),
+    Field("failure_exit_delay", number(ge=0, le=60)),
 )

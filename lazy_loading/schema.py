@@ -102,6 +102,15 @@ def read(fields: Sequence[Field], data: Mapping[Any, Any]) -> dict[str, Any]:
     return values
 
 
+def check_fields(instance: Any, fields: Sequence[Field]) -> None:
+    """Check a frozen dataclass's values as its constructor got them, and keep what the checks
+    return (``"16"`` becomes 16): built from the environment or in code, it is checked alike.
+    Raises ``Invalid``."""
+    checked = read(fields, {field.name: getattr(instance, field.name) for field in fields})
+    for name, value in checked.items():
+        object.__setattr__(instance, name, value)
+
+
 def record(build: Callable[[Mapping[Any, Any]], T]) -> Callable[[Any], T]:
     """A nested mapping, built by ``build`` (which raises ``Invalid`` or ``ValueError``)."""
     def check(value: Any) -> T:

@@ -7,9 +7,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError
-from .schema import Check, Field, Invalid, boolean, integer, number, read
+from .schema import Check, Field, Invalid, boolean, check_fields, integer, number, optional
 
 MiB = 1024 * 1024
 
@@ -46,6 +47,14 @@ class LazyLoadingSettings:
     cache_dir: Path | None = None
     cache_max_bytes: int | None = None
 
+    def __post_init__(self) -> None:
+        try:
+            check_fields(self, _FIELDS)
+        except Invalid as exc:
+            (name, *_), message = exc.problems[0]
+            raise ConfigError(f"LAZY_LOADING_{str(name).upper()}: {message} "
+                              f"(got {getattr(self, str(name))!r})") from None
+
     @property
     def rate_window(self) -> float:
         """The window ``min_rate`` is measured over: twice the stall timeout."""
@@ -55,18 +64,12 @@ class LazyLoadingSettings:
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> LazyLoadingSettings:
         """Build settings from ``LAZY_LOADING_*`` variables; unset or empty ones keep defaults."""
         env = os.environ if environ is None else environ
-        values: dict[str, object] = {}
+        values: dict[str, Any] = {}
         for field in _FIELDS:
             raw = env.get(f"LAZY_LOADING_{field.name.upper()}", "").strip()
             if raw:
                 values[field.name] = raw
-        try:
-            return cls(**read(_FIELDS, values))
-        except Invalid as exc:
-            (name, *_), message = exc.problems[0]
-            raise ConfigError(
-                f"LAZY_LOADING_{str(name).upper()}: {message} (got {values.get(str(name))!r})"
-            ) from None
+        return cls(**values)
 
 
 def setting_names() -> list[str]:
@@ -122,18 +125,18 @@ def _roots(value: object) -> tuple[Path, ...]:
 
 
 _FIELDS = (
-    Field("max_connections", integer(ge=1, le=256), 16),
-    Field("part_size", _size(ge=1 * MiB, le=5 * 1024 * MiB, auto=True), None),
-    Field("stall_timeout", number(gt=0, le=3600), 15.0),
-    Field("min_rate", _size(ge=0), 1024),
-    Field("timeout", _auto_or(number(gt=0)), None),
-    Field("max_attempts", integer(ge=1, le=100), 8),
-    Field("allowed_roots", _roots, ()),
-    Field("progress_interval", number(gt=0), 5.0),
-    Field("verify_checksums", boolean, True),
-    Field("fsync", boolean, False),
-    Field("scrub_env", boolean, True),
-    Field("replace_model_code", boolean, False),
-    Field("cache_dir", _absolute_dir, None),
-    Field("cache_max_bytes", _size(ge=0), None),
+    Field("max_connections", integer(ge=1, le=256)),
+    Field("part_size", optional(_size(ge=1 * MiB, le=5 * 1024 * MiB, auto=True))),
+    Field("stall_timeout", number(gt=0, le=3600)),
+    Field("min_rate", _size(ge=0)),
+    Field("timeout", optional(_auto_or(number(gt=0)))),
+    Field("max_attempts", integer(ge=1, le=100)),
+    Field("allowed_roots", _roots),
+    Field("progress_interval", number(gt=0)),
+    Field("verify_checksums", boolean),
+    Field("fsync", boolean),
+    Field("scrub_env", boolean),
+    Field("replace_model_code", boolean),
+    Field("cache_dir", optional(_absolute_dir)),
+    Field("cache_max_bytes", optional(_size(ge=0))),
 )

@@ -253,6 +253,19 @@ def test_bad_settings(name: str, value: str, pattern: str) -> None:
         LazyLoadingSettings.from_environ({name: value})
 
 
+def test_settings_built_in_code_are_checked_like_the_environment() -> None:
+    """A library user hands the handler ``settings=``: the same limits and units apply."""
+    from drum_servers.settings import ServerSettings
+
+    with pytest.raises(ConfigError, match=r"LAZY_LOADING_MAX_CONNECTIONS: must be at least 1"):
+        LazyLoadingSettings(max_connections=0)
+    with pytest.raises(ConfigError, match=r"LAZY_LOADING_CACHE_DIR: must be an absolute path"):
+        LazyLoadingSettings(cache_dir=Path("relative"))
+    assert LazyLoadingSettings(part_size="8MiB").part_size == 8 * 1024 * 1024  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"MAX_WORKERS: must be at most 64"):
+        ServerSettings(workers=65)
+
+
 def test_settings_parse_sizes_and_roots() -> None:
     s = LazyLoadingSettings.from_environ({
         "LAZY_LOADING_PART_SIZE": "8MiB", "LAZY_LOADING_ALLOWED_ROOTS": f"/a{os.pathsep}/b",
