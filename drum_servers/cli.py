@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -162,5 +163,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """The ``drum-servers`` command: ``main``, then an exit without the interpreter's final
+    garbage collections. Those walk every object the imports made, about 25 ms of each
+    init container's start, to free memory the process is about to give back anyway."""
+    code = main()
+    gc.disable()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
