@@ -141,7 +141,10 @@ class TransferEngine:
             raise unexpected[0]
         if errors:
             raise DownloadError(f"failed to download {len(errors)} lazy-loading file(s)", errors)
-        return [task.result() for task in tasks]
+        # Fetched largest first, reported in the config's order: callers pair them by position.
+        done = {transfer.index: task.result() for transfer, task in zip(transfers, tasks,
+                                                                        strict=True)}
+        return [done[transfer.index] for transfer in self._transfers]
 
     async def _one_file(self, transfer: FileTransfer, in_flight: asyncio.Semaphore) -> FileResult:
         async with in_flight:

@@ -763,6 +763,25 @@ def test_many_files_stay_under_a_small_descriptor_limit(s3: S3Store, tmp_path: P
         assert (tmp_path / "art" / key).read_bytes() == body
 
 
+@pytest.mark.parametrize("through", ["code dir", "node cache", "warm restart"])
+def test_results_follow_the_configs_order_and_describe_their_own_file(
+    through: str, s3: S3Store, tmp_path: Path
+) -> None:
+    """Files are fetched largest first, but a caller pairs results with its files by
+    position: each result must name its own file, with that file's size."""
+    bodies = {"small.bin": payload(1_000, seed=1), "large.bin": payload(3 * MiB, seed=2),
+              "middle.bin": payload(200_000, seed=3)}
+    extra = {"LAZY_LOADING_CACHE_DIR": str(tmp_path / "cache")} if through == "node cache" else {}
+    _, env = _setup(s3, bodies, {key: f"artifacts/{key}" for key in bodies}, **extra)
+    code = tmp_path / "code"
+    if through == "warm restart":
+        LazyLoadingHandler(code_dir=code, environ=env).download_lazy_loading_files()
+    results = LazyLoadingHandler(code_dir=code, environ=env).download_lazy_loading_files()
+    assert [(r.display, r.size) for r in results] == [
+        (f"artifacts/{key}", len(body)) for key, body in bodies.items()]
+    assert [r.target for r in results] == [code / "artifacts" / key for key in bodies]
+
+
 def test_the_download_command_imports_no_validation_library_yaml_or_boto3(
     s3: S3Store, tmp_path: Path
 ) -> None:
