@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -35,7 +36,10 @@ MANIFEST_DIR, JOURNAL_DIR, LOCKS_DIR = "manifest", "journal", "locks"
 STATE_SUBDIRS = (MANIFEST_DIR, JOURNAL_DIR, LOCKS_DIR)
 
 
+@functools.lru_cache(maxsize=8192)
 def target_id(target: Path) -> str:
+    """A target's name in the state dirs (its lock, record, journal); asked several times per
+    file, so remembered."""
     return hashlib.sha256(os.fsencode(target)).hexdigest()[:24]
 
 
