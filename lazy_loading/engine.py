@@ -21,7 +21,7 @@ from .errors import DownloadError
 from .fetch import FileFailed, FileFetcher
 from .local import LocalCopies
 from .lookup import RemoteLookup
-from .plan import FileTransfer, choose_part_size, order_for_transfer
+from .plan import FileTransfer, choose_part_size, group_for_threads, order_for_transfer
 from .progress import DownloadState, ProgressTracker, format_bytes
 from .results import FileResult
 from .retry import Retrier
@@ -113,7 +113,9 @@ class TransferEngine:
         # Each file in flight holds a lock, a temp file and a journal open: bound them by the
         # connection budget, not by the number of files.
         in_flight = asyncio.Semaphore(2 * self._settings.max_connections)
-        tasks = [asyncio.ensure_future(self._one_file(t, in_flight)) for t in transfers]
+        groups = group_for_threads(transfers, self._fetcher.part_size,
+                                   self._settings.max_connections)
+        tasks = [asyncio.ensure_future(self._files(group, in_flight)) for group in groups]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             if any(t.done() and not t.cancelled() and t.exception() for t in tasks):
@@ -142,13 +144,14 @@ class TransferEngine:
         if errors:
             raise DownloadError(f"failed to download {len(errors)} lazy-loading file(s)", errors)
         # Fetched largest first, reported in the config's order: callers pair them by position.
-        done = {transfer.index: task.result() for transfer, task in zip(transfers, tasks,
-                                                                        strict=True)}
+        done = {transfer.index: result for group, task in zip(groups, tasks, strict=True)
+                for transfer, result in zip(group, task.result(), strict=True)}
         return [done[transfer.index] for transfer in self._transfers]
 
-    async def _one_file(self, transfer: FileTransfer, in_flight: asyncio.Semaphore) -> FileResult:
+    async def _files(self, group: list[FileTransfer], in_flight: asyncio.Semaphore
+                     ) -> list[FileResult]:
         async with in_flight:
-            return await self._fetcher.make_present(transfer)
+            return await self._fetcher.make_present_together(group)
 
     async def _log_progress(self) -> None:
         interval = self._settings.progress_interval

@@ -174,6 +174,24 @@ class FileFetcher:
                 return result
         return await self._materialize(transfer)
 
+    async def make_present_together(self, transfers: list[FileTransfer]) -> list[FileResult]:
+        """Single-part files on one I/O thread, one after another (see ``group_for_threads``).
+        Any that another process is fetching, or that grew past one part, then go part by
+        part. A file that fails ends the group: the run gives up as a whole anyway."""
+        if len(transfers) == 1:
+            return [await self.make_present(transfers[0])]
+        job: Future[list[FileResult | None]] = self._submit(
+            (0, -transfers[0].size), self._whole_files, transfers)
+        try:
+            found = await settled(asyncio.wrap_future(job))
+        except Cancelled:
+            raise asyncio.CancelledError() from None
+        return [result if result is not None else await self._materialize(transfer)
+                for transfer, result in zip(transfers, found, strict=True)]
+
+    def _whole_files(self, transfers: list[FileTransfer]) -> list[FileResult | None]:
+        return [self._whole_file(transfer) for transfer in transfers]
+
     async def in_pool(self, priority: tuple[int, ...], fn: Any, *args: Any) -> Any:
         """Run ``fn`` on the run's I/O pool (a cancelled caller may abandon it)."""
         return await asyncio.wrap_future(self._submit(priority, fn, *args))
