@@ -43,8 +43,10 @@ class Retrier:
             try:
                 return call()
             except TransientFailure as exc:
+                if cancel.is_set():  # the run gave up (and may have cut this body): not a cause
+                    raise Cancelled() from None
                 limit = _CONNECT_ATTEMPTS if exc.connect_failure else self._settings.max_attempts
-                if attempt >= limit or cancel.is_set():
+                if attempt >= limit:
                     raise
                 delay = backoff(attempt)
                 if exc.retry_after is not None:  # the store knows best when to come back

@@ -387,6 +387,57 @@ def test_first_fatal_error_cancels_the_rest_promptly(s3: S3Store, tmp_path: Path
     assert no_debris(tmp_path) == []
 
 
+def _small_files(count: int) -> dict[str, bytes]:
+    return {f"s{i:02d}.bin": payload(3_000 + i, seed=40 + i) for i in range(count)}
+
+
+def test_small_files_sharing_a_thread_stop_at_the_first_failure_and_name_it(
+    s3: S3Store, tmp_path: Path
+) -> None:
+    """Single-part files go to a thread in groups (16 files over 2 connections: groups of 4);
+    a 403 in the middle of a group fails the run, names that file and leaves nothing torn."""
+    objects = _small_files(16)
+    _, env = _setup(s3, objects, LAZY_LOADING_MAX_CONNECTIONS="2")
+    s3.faults.add(Rule("status", method="GET", key="s05.bin", times=None, status=403))
+    s3.faults.add(Rule("cut", key="s02.bin", times=1, after_bytes=100))
+    with pytest.raises(DownloadError) as info:
+        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert list(info.value.failures) == ["s05.bin"]
+    assert not (tmp_path / "s05.bin").exists()
+    for key, body in objects.items():
+        assert not (tmp_path / key).exists() or (tmp_path / key).read_bytes() == body
+    assert no_debris(tmp_path) == []
+    s3.faults.reset()
+    LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert all((tmp_path / key).read_bytes() == body for key, body in objects.items())
+
+
+def test_a_small_file_another_process_is_fetching_is_waited_for_not_skipped(
+    s3: S3Store, tmp_path: Path
+) -> None:
+    """A grouped file whose lock another process holds is handed back and waited for, while
+    the rest of its group goes on."""
+    import threading
+
+    from lazy_loading.cache import target_lock
+    from lazy_loading.handler import STATE_DIR_NAME
+
+    objects = _small_files(16)
+    _, env = _setup(s3, objects, LAZY_LOADING_MAX_CONNECTIONS="2")
+    (tmp_path / STATE_DIR_NAME / "locks").mkdir(parents=True)
+    other = target_lock(tmp_path / STATE_DIR_NAME, tmp_path / "s06.bin")
+    assert other.try_acquire()
+    releaser = threading.Timer(1.0, other.release)
+    releaser.start()
+    try:
+        results = LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    finally:
+        releaser.cancel()
+        other.release()
+    assert [r.display for r in results] == list(objects)
+    assert all((tmp_path / key).read_bytes() == body for key, body in objects.items())
+
+
 def test_a_file_cancelled_while_its_temp_file_is_created_leaves_nothing_behind(
     s3: S3Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
