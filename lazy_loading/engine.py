@@ -151,7 +151,7 @@ class TransferEngine:
     async def _files(self, group: list[FileTransfer], in_flight: asyncio.Semaphore
                      ) -> list[FileResult]:
         async with in_flight:
-            return await self._fetcher.make_present_together(group)
+            return await self._fetcher.make_present(group)
 
     async def _log_progress(self) -> None:
         interval = self._settings.progress_interval

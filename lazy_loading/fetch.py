@@ -160,28 +160,16 @@ class FileFetcher:
                            "written (%s); the next start checks it again",
                            transfer.display, exc.strerror)
 
-    async def make_present(self, transfer: FileTransfer) -> FileResult:
-        """The file, from the local copy or the store: a single-part file on one I/O thread,
-        anything else (or a single-part file whose lock another process holds) part by part."""
-        if transfer.remote is not None and transfer.remote.size <= self.part_size:
-            job: Future[FileResult | None] = self._submit((0, -transfer.size), self._whole_file,
-                                                          transfer)
-            try:
-                result = await settled(asyncio.wrap_future(job))
-            except Cancelled:
-                raise asyncio.CancelledError() from None
-            if result is not None:
-                return result
-        return await self._materialize(transfer)
-
-    async def make_present_together(self, transfers: list[FileTransfer]) -> list[FileResult]:
-        """Single-part files on one I/O thread, one after another (see ``group_for_threads``).
-        Any that another process is fetching, or that grew past one part, then go part by
-        part. A file that fails ends the group: the run gives up as a whole anyway."""
-        if len(transfers) == 1:
-            return [await self.make_present(transfers[0])]
+    async def make_present(self, transfers: list[FileTransfer]) -> list[FileResult]:
+        """Files from the local copy or the store. Single-part ones (grouped by
+        ``group_for_threads``) go from lock to record on one I/O thread, one after another;
+        anything larger, or a file another process is fetching or that grew past one part, goes
+        part by part. A file that fails ends the group: the run gives up as a whole anyway."""
+        first = transfers[0]
+        if first.remote is None or first.remote.size > self.part_size:
+            return [await self._materialize(transfer) for transfer in transfers]
         job: Future[list[FileResult | None]] = self._submit(
-            (0, -transfers[0].size), self._whole_files, transfers)
+            (0, -first.size), self._whole_files, transfers)
         try:
             found = await settled(asyncio.wrap_future(job))
         except Cancelled:
