@@ -10,20 +10,19 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
-from lazy_loading import ConfigError
 from lazy_loading.environ import register_known
 from lazy_loading.schema import (
     Check,
     Field,
-    Invalid,
     boolean,
     chain,
-    check_fields,
+    check_settings,
     integer,
     number,
+    path,
     text,
 )
-from lazy_loading.settings import parse_size
+from lazy_loading.settings import byte_size
 
 
 class ReadinessMode(str, Enum):
@@ -98,13 +97,7 @@ class ServerSettings:
     failure_exit_delay: float = 3.0
 
     def __post_init__(self) -> None:
-        try:
-            check_fields(self, _FIELDS)
-        except Invalid as exc:
-            (loc, *_), message = exc.problems[0]
-            name = str(loc)
-            raise ConfigError(f"{_ENV_NAMES.get(name, name)}: {message} "
-                              f"(got {getattr(self, name)!r})") from None
+        check_settings(self, _FIELDS, lambda name: _ENV_NAMES.get(name, name))
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None,
@@ -135,12 +128,6 @@ def _address(value: str) -> str:
     return value
 
 
-def _path(value: object) -> Path:
-    if isinstance(value, (str, os.PathLike)):
-        return Path(value)
-    raise ValueError("must be a path")
-
-
 def _choice(kind: type[E]) -> Check:
     allowed = " or ".join(repr(member.value) for member in kind)
 
@@ -155,21 +142,8 @@ def _choice(kind: type[E]) -> Check:
     return check
 
 
-def _size(le: int) -> Check:
-    bounded = integer(ge=0, le=le)
-
-    def check(value: object) -> int:
-        if isinstance(value, str):
-            try:
-                value = parse_size(value)
-            except ValueError:
-                raise ValueError("must be a size such as 100MiB or 104857600") from None
-        return bounded(value)  # type: ignore[no-any-return]
-    return check
-
-
 _FIELDS = (
-    Field("code_dir", _path),
+    Field("code_dir", path),
     Field("mode", _choice(ReadinessMode)),
     Field("url_prefix", chain(text(), _url_prefix)),
     Field("address", chain(text(), _address)),
@@ -184,7 +158,7 @@ _FIELDS = (
     Field("threads", integer(ge=1, le=256)),
     Field("read_timeout", integer(ge=1, le=3600)),
     Field("max_concurrent_predictions", integer(ge=1, le=256)),
-    Field("max_request_body", _size(le=1 << 40)),
+    Field("max_request_body", byte_size(ge=0, le=1 << 40, example="100MiB or 104857600")),
     Field("info_details", boolean),
     Field("with_error_server", boolean),
     Field("backlog", integer(ge=1, le=65535)),

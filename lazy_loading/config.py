@@ -224,7 +224,7 @@ _REPOSITORY_FIELDS = camel_fields(
 )
 _CREDENTIAL_FIELDS = camel_fields(
     Field("credential_type", _credential_type),
-    Field("aws_access_key_id", chain(_secret_text)),
+    Field("aws_access_key_id", _secret_text),
     Field("aws_secret_access_key", chain(_secret_text, Secret)),
     Field("aws_session_token", optional(_session_token), None),
     Field("region", optional(text()), None, also=("regionName",)),

@@ -10,10 +10,14 @@ be a secret.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
+
+from .errors import ConfigError
 
 Loc = tuple[int | str, ...]
 Check = Callable[[Any], Any]
@@ -90,25 +94,44 @@ def read(fields: Sequence[Field], data: Mapping[Any, Any]) -> dict[str, Any]:
                 problems.append(((field.spelling,), "is required"))
             else:
                 values[field.name] = field.default
-            continue
-        try:
-            values[field.name] = field.check(data[key])
-        except Invalid as exc:
-            problems.extend(exc.within(key))
-        except ValueError as exc:
-            problems.append(((key,), str(exc)))
+        else:
+            values[field.name] = _located(field.check, data[key], key, problems)
     if problems:
         raise Invalid(problems)
     return values
 
 
-def check_fields(instance: Any, fields: Sequence[Field]) -> None:
-    """Check a frozen dataclass's values as its constructor got them, and keep what the checks
-    return (``"16"`` becomes 16): built from the environment or in code, it is checked alike.
-    Raises ``Invalid``."""
-    checked = read(fields, {field.name: getattr(instance, field.name) for field in fields})
+def _located(check: Check, value: Any, at: int | str, problems: list[tuple[Loc, str]]) -> Any:
+    """``check(value)``, or None with its problems added to ``problems``, located at ``at``."""
+    try:
+        return check(value)
+    except Invalid as exc:
+        problems.extend(exc.within(at))
+    except ValueError as exc:
+        problems.append(((at,), str(exc)))
+    return None
+
+
+def check_settings(instance: Any, fields: Sequence[Field], variable: Callable[[str], str]
+                   ) -> None:
+    """Check a frozen settings dataclass's values as its constructor got them and keep what the
+    checks return (``"16"`` becomes 16), so one built in code is checked like one read from
+    the environment. The first problem is one line naming the ``variable`` of its field."""
+    try:
+        checked = read(fields, {field.name: getattr(instance, field.name) for field in fields})
+    except Invalid as exc:
+        (loc, *_), message = exc.problems[0]
+        name = str(loc)
+        raise ConfigError(f"{variable(name)}: {message} (got {getattr(instance, name)!r})"
+                          ) from None
     for name, value in checked.items():
         object.__setattr__(instance, name, value)
+
+
+def path(value: Any) -> Path:
+    if isinstance(value, (str, os.PathLike)):
+        return Path(value)
+    raise ValueError("must be a path")
 
 
 def record(build: Callable[[Mapping[Any, Any]], T]) -> Callable[[Any], T]:
@@ -127,15 +150,9 @@ def list_of(item: Check, min_length: int = 0) -> Check:
             raise ValueError("must be a list")
         if len(value) < min_length:
             raise ValueError("must not be empty")
-        items: list[Any] = []
         problems: list[tuple[Loc, str]] = []
-        for index, element in enumerate(value):
-            try:
-                items.append(item(element))
-            except Invalid as exc:
-                problems.extend(exc.within(index))
-            except ValueError as exc:
-                problems.append(((index,), str(exc)))
+        items = [_located(item, element, index, problems)
+                 for index, element in enumerate(value)]
         if problems:
             raise Invalid(problems)
         return items

@@ -9,8 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .schema import Check, Field, Invalid, boolean, check_fields, integer, number, optional
+from .schema import Check, Field, boolean, check_settings, integer, number, optional, path
 
 MiB = 1024 * 1024
 
@@ -48,12 +47,7 @@ class LazyLoadingSettings:
     cache_max_bytes: int | None = None
 
     def __post_init__(self) -> None:
-        try:
-            check_fields(self, _FIELDS)
-        except Invalid as exc:
-            (name, *_), message = exc.problems[0]
-            raise ConfigError(f"LAZY_LOADING_{str(name).upper()}: {message} "
-                              f"(got {getattr(self, str(name))!r})") from None
+        check_settings(self, _FIELDS, lambda name: f"LAZY_LOADING_{name.upper()}")
 
     @property
     def rate_window(self) -> float:
@@ -77,18 +71,17 @@ def setting_names() -> list[str]:
     return [f"LAZY_LOADING_{field.name.upper()}" for field in _FIELDS]
 
 
-def _size(ge: int | None = None, le: int | None = None, auto: bool = False) -> Check:
-    """Bytes as ``16777216``, ``16M`` or ``16MiB``; with ``auto``, the word ``auto`` (None)."""
+def byte_size(ge: int | None = None, le: int | None = None,
+              example: str = "16MiB or 16777216") -> Check:
+    """A number of bytes, or its text: ``16777216``, ``16M`` or ``16MiB``."""
     bounded = integer(ge=ge, le=le)
 
-    def check(value: object) -> int | None:
+    def check(value: object) -> int:
         if isinstance(value, str):
-            if auto and value.strip().lower() == "auto":
-                return None
             try:
                 value = parse_size(value)
             except ValueError:
-                raise ValueError("must be a size such as 16MiB or 16777216") from None
+                raise ValueError(f"must be a size such as {example}") from None
         return bounded(value)  # type: ignore[no-any-return]
     return check
 
@@ -101,34 +94,26 @@ def _auto_or(inner: Check) -> Check:
     return check
 
 
-def _path(value: object) -> Path:
-    if isinstance(value, Path):
-        return value
-    if isinstance(value, str):
-        return Path(value)
-    raise ValueError("must be a path")
-
-
 def _absolute_dir(value: object) -> Path:
-    path = _path(value)
-    if not path.is_absolute():
+    absolute = path(value)
+    if not absolute.is_absolute():
         raise ValueError("must be an absolute path (a volume every pod of the node mounts)")
-    return path
+    return absolute
 
 
 def _roots(value: object) -> tuple[Path, ...]:
     if isinstance(value, str):
         return tuple(Path(p) for p in value.split(os.pathsep) if p.strip())
     if isinstance(value, (list, tuple)):
-        return tuple(_path(p) for p in value)
+        return tuple(path(p) for p in value)
     raise ValueError("must be paths separated by ':'")
 
 
 _FIELDS = (
     Field("max_connections", integer(ge=1, le=256)),
-    Field("part_size", optional(_size(ge=1 * MiB, le=5 * 1024 * MiB, auto=True))),
+    Field("part_size", optional(_auto_or(byte_size(ge=1 * MiB, le=5 * 1024 * MiB)))),
     Field("stall_timeout", number(gt=0, le=3600)),
-    Field("min_rate", _size(ge=0)),
+    Field("min_rate", byte_size(ge=0)),
     Field("timeout", optional(_auto_or(number(gt=0)))),
     Field("max_attempts", integer(ge=1, le=100)),
     Field("allowed_roots", _roots),
@@ -138,5 +123,5 @@ _FIELDS = (
     Field("scrub_env", boolean),
     Field("replace_model_code", boolean),
     Field("cache_dir", optional(_absolute_dir)),
-    Field("cache_max_bytes", optional(_size(ge=0))),
+    Field("cache_max_bytes", optional(byte_size(ge=0))),
 )
