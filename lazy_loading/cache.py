@@ -4,7 +4,9 @@
   second worker can trust an intact local copy instead of fetching it again.
 * ``journal/<id>.log`` — completed ranges of an unfinished multi-part file, so a process killed
   mid-download resumes with only the missing ranges.
-* ``locks/<id>.lock`` — one lock per target: the single-flight between processes on one host.
+* ``locks/targets.lock`` — one byte-range lock per target in one shared file (``locks/<id>.lock``
+  per target where the platform has no open-file-description locks): the single-flight between
+  processes on one host.
 
 All writes are unique-temp-then-``os.replace``; readers never see a torn JSON document.
 """
@@ -20,6 +22,8 @@ import json
 import logging
 import os
 import stat
+import struct
+import sys
 import threading
 import time
 import uuid
@@ -360,34 +364,56 @@ class ResumeJournal:
             self.path.unlink()
 
 
-class TargetLock:
-    """An exclusive ``flock`` on one lock file per target, across processes.
+# Open-file-description locks (Linux >= 3.15), with the 64-bit ``struct flock`` layout.
+_OFD_SETLK: int | None = (getattr(fcntl, "F_OFD_SETLK", None)
+                          if sys.platform == "linux" and struct.calcsize("P") == 8 else None)
+SHARED_LOCK_FILE = "targets.lock"
 
-    Written by hand rather than taken from ``filelock``: per file that library cost about 20%
-    of the GIL time of a 256-small-file download (its re-entrancy levels, fork tracking and
-    thread-locals), and the engine needs only try-lock and release. The descriptor is opened
-    with ``O_NOFOLLOW`` and never truncates, and the lock dies with the process.
+
+def _open_lock_file(path: Path) -> int:
+    """The descriptor of a lock file, never following a symlink planted where it lives, and
+    never truncating it."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+    os.unlink(path)
+    return os.open(path, flags | os.O_EXCL, 0o644)
+
+
+class TargetLock:
+    """An exclusive lock on one target, across processes and across threads of one process.
+
+    Where the platform has them, a one-byte open-file-description lock in the state dir's one
+    shared lock file, at an offset named by the target: a cold start then creates no inode per
+    file for its locks (creating one cost about an eighth of a 256-small-file download). An
+    OFD lock, unlike ``lockf``'s, belongs to its descriptor, so two threads of one process
+    exclude each other, and it dies with the descriptor. Elsewhere, a ``flock`` on one file per
+    target. Written by hand rather than taken from ``filelock``: per file that library cost
+    about 20% of the GIL time of a 256-small-file download (its re-entrancy levels, fork
+    tracking and thread-locals), and the engine needs only try-lock and release.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, offset: int | None = None) -> None:
         self.path = path
+        self._offset = offset  # None: the whole file is this target's lock
         self._fd: int | None = None
 
     def try_acquire(self) -> bool:
         """Take the lock if it is free now; never waits."""
         if self._fd is not None:
             return True
-        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = _open_lock_file(self.path)
         try:
-            fd = os.open(self.path, flags, 0o644)
-        except OSError as exc:
-            if exc.errno != errno.ELOOP:
-                raise
-            os.unlink(self.path)  # a symlink planted where the lock lives: never follow it
-            fd = os.open(self.path, flags | os.O_EXCL, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            if self._offset is None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            else:
+                assert _OFD_SETLK is not None
+                fcntl.fcntl(fd, _OFD_SETLK,
+                            struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, self._offset, 1, 0))
+        except (BlockingIOError, PermissionError):  # held elsewhere (EAGAIN, or EACCES)
             os.close(fd)
             return False
         except BaseException:
@@ -399,9 +425,14 @@ class TargetLock:
     def release(self) -> None:
         fd, self._fd = self._fd, None
         if fd is not None:
-            os.close(fd)  # closing the only descriptor releases the flock
+            os.close(fd)  # closing the only descriptor releases either kind of lock
 
 
 def target_lock(state_dir: Path, target: Path) -> TargetLock:
     """Usable from any thread of the process (not thread-local)."""
-    return TargetLock(state_dir / LOCKS_DIR / f"{target_id(target)}.lock")
+    name = target_id(target)
+    if _OFD_SETLK is None:
+        return TargetLock(state_dir / LOCKS_DIR / f"{name}.lock")
+    # 60 bits of the target's id: a shared byte between two targets of one code dir would only
+    # make one wait for the other.
+    return TargetLock(state_dir / LOCKS_DIR / SHARED_LOCK_FILE, offset=int(name[:15], 16))

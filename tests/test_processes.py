@@ -9,7 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-from lazy_loading.cache import ResumeJournal, target_id
+import pytest
+
+from lazy_loading import cache
+from lazy_loading.cache import SHARED_LOCK_FILE, ResumeJournal, target_id
 from tests.conftest import S3Store, kill_9_once_journaled, lazy_env, no_debris, payload
 from tests.faults import Rule
 
@@ -37,6 +40,50 @@ def test_eight_processes_at_once_fetch_each_object_once(s3: S3Store, tmp_path: P
         assert s3.faults.ledger.body_bytes[key] == len(body), f"{key} fetched more than once"
     assert sum("cached" in out for out in outputs) >= 7, "the other processes reused the file"
     assert no_debris(tmp_path) == []
+    locks = sorted(p.name for p in (tmp_path / ".lazy_loading" / "locks").iterdir())
+    assert locks == [SHARED_LOCK_FILE], "a lock file created per target costs an inode per file"
+
+
+_HOLD_A_LOCK = """
+import sys
+from pathlib import Path
+from lazy_loading import cache
+if sys.argv[3] == "flock":
+    cache._OFD_SETLK = None
+lock = cache.target_lock(Path(sys.argv[1]), Path(sys.argv[2]))
+print(lock.try_acquire(), flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("kind", ["ofd", "flock"])
+def test_a_target_lock_excludes_other_processes_and_threads_and_dies_with_its_holder(
+    tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if kind == "flock":
+        monkeypatch.setattr(cache, "_OFD_SETLK", None)
+    elif cache._OFD_SETLK is None:
+        pytest.skip("no open-file-description locks on this platform")
+    state = tmp_path / ".lazy_loading"
+    (state / "locks").mkdir(parents=True)
+    held, free = tmp_path / "held.bin", tmp_path / "free.bin"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_A_LOCK, str(state), str(held), kind],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "True"
+        assert not cache.target_lock(state, held).try_acquire(), "another process holds it"
+        mine = cache.target_lock(state, free)
+        assert mine.try_acquire(), "another target's lock is independent"
+        assert not cache.target_lock(state, free).try_acquire(), "another thread's holder"
+        mine.release()
+        assert cache.target_lock(state, free).try_acquire()
+        holder.kill()
+        holder.wait(timeout=10)
+        assert cache.target_lock(state, held).try_acquire(), "a killed holder's lock is gone"
+    finally:
+        holder.kill()
+        holder.communicate(timeout=10)
 
 
 def test_kill_9_then_resume_fetches_only_missing_ranges(s3: S3Store, tmp_path: Path) -> None:
