@@ -9,6 +9,7 @@ request. Larger files spread their parts over the shared pool, in priority order
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
@@ -97,7 +98,7 @@ class FileFetcher:
         self._retrier = retrier
         self._lookup = lookup
         self._cancel = cancel
-        self._publisher = Publisher(state_dir, settings, cancel)
+        self._publisher = Publisher(state_dir, settings, manifest, cancel)
         self._sinks: set[RangeSink] = set()
         self.part_size = 0  # one per run, set by the engine once every size is known
         self.pool: PriorityPool | None = None
@@ -145,16 +146,21 @@ class FileFetcher:
             kept = self._adopt_unrecorded(transfer, remote)
         return kept
 
-    def _record(self, transfer: FileTransfer, remote: RemoteObject, mtime_ns: int) -> None:
-        """The file is published and verified either way; a record lost to a full disk only
-        means the next start verifies the file again instead of trusting it."""
-        entry = ManifestEntry(
+    @staticmethod
+    def _entry(transfer: FileTransfer, remote: RemoteObject, mtime_ns: int) -> ManifestEntry:
+        return ManifestEntry(
             endpoint=remote.endpoint, bucket=remote.bucket, key=remote.key, etag=remote.etag,
             size=remote.size, mtime_ns=mtime_ns, version_id=remote.version_id,
             checksum=remote.checksum, sha256=transfer.spec.sha256, published_at=time.time(),
         )
+
+    def _record(self, transfer: FileTransfer, remote: RemoteObject, mtime_ns: int) -> None:
+        """The record file of a file published without its record attached. The file is
+        published and verified either way; a record lost to a full disk only means the next
+        start verifies the file again instead of trusting it."""
         try:
-            self._manifest.record(transfer.target, entry, self._settings.fsync)
+            self._manifest.record(transfer.target, self._entry(transfer, remote, mtime_ns),
+                                  self._settings.fsync)
         except OSError as exc:
             logger.warning("%s is published and verified, but its record could not be "
                            "written (%s); the next start checks it again",
@@ -406,15 +412,17 @@ class FileFetcher:
                     "version; set files[%d].sha256 to verify it", remote.where,
                     len(opened.sink.unproven), len(ranges), transfer.index)
             fd, opened.fd = opened.fd, -1  # finish closes it whatever happens: never twice
-            mtime_ns = self._publisher.finish(transfer, remote, fd, opened.temp, opened.dir_fd,
-                                              opened.digests, hashed, combined)
+            mtime_ns, recorded = self._publisher.finish(
+                transfer, remote, fd, opened.temp, opened.dir_fd, opened.digests, hashed,
+                combined, functools.partial(self._entry, transfer, remote))
         except BaseException:
             self._abandon(opened)
             raise
         self._let_go(opened)
         seconds = time.monotonic() - opened.started
         fetched = sum(r.length for r in opened.todo)
-        self._record(transfer, remote, mtime_ns)
+        if not recorded:
+            self._record(transfer, remote, mtime_ns)
         if opened.journal is not None:
             opened.journal.remove()
         self._tracker.file_done()

@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import bridge
-from .cache import Manifest
+from .cache import LOCKS_DIR, SHARED_LOCK_FILE, Manifest, open_lock_file
 from .client import S3ClientFactory
 from .config import (
     DATA_ENV,
@@ -309,10 +309,9 @@ def _check_writable(code_dir: Path) -> None:
     state_dir = code_dir / STATE_DIR_NAME
     try:
         prepare_state_dir(code_dir)
-        fd = os.open(state_dir / f".probe-{os.getpid()}",
-                     os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        os.close(fd)
-        os.unlink(state_dir / f".probe-{os.getpid()}")
+        # The shared lock file is the probe: opened for writing (created on a first start), it
+        # is needed anyway, so the check costs no inode of its own.
+        os.close(open_lock_file(state_dir / LOCKS_DIR / SHARED_LOCK_FILE))
     except OSError as exc:
         raise ConfigError(
             f"{state_dir}: not writable ({exc.strerror}); the code dir must be writable, since "

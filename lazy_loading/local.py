@@ -101,7 +101,10 @@ class LocalCopies:
             path, total = needed.get(dev, (anchor, 0))
             needed[dev] = (path, total + t.size)
         for path, total in needed.values():
-            free = shutil.disk_usage(path).free
+            usage = shutil.disk_usage(path)
+            if usage.total == 0:
+                continue  # a filesystem with no size to report (ramfs, some FUSE) has no limit
+            free = usage.free
             if total > free:
                 raise DownloadError(
                     f"not enough free disk space on {path}: the artifacts need "

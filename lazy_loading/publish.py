@@ -12,9 +12,10 @@ import errno
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
-from .cache import DebrisIndex, ResumeJournal
+from .cache import DebrisIndex, Manifest, ManifestEntry, ResumeJournal
 from .checksums import DigestSet
 from .dirfd import UnsafePath, fsync_dir, open_dir
 from .plan import FileTransfer, split_ranges
@@ -28,9 +29,10 @@ logger = logging.getLogger("lazy_loading")
 class Publisher:
     """Creates, publishes or discards the temp files of one run (blocking: run in a thread)."""
 
-    def __init__(self, state_dir: Path, settings: LazyLoadingSettings,
+    def __init__(self, state_dir: Path, settings: LazyLoadingSettings, manifest: Manifest,
                  cancel: threading.Event) -> None:
         self._state_dir = state_dir
+        self._manifest = manifest
         self._settings = settings
         self._cancel = cancel
         self._debris = DebrisIndex()  # one listing per directory per run
@@ -111,9 +113,12 @@ class Publisher:
             journal.start()
 
     def finish(self, transfer: FileTransfer, remote: RemoteObject, fd: int, temp: Path,
-                dir_fd: int, digests: DigestSet, inline: bool, combined: str | None) -> int:
-        """Verify, optionally fsync, and atomically rename the temp file onto the target, both
-        named in the directory open as ``dir_fd``. Returns the published file's mtime."""
+               dir_fd: int, digests: DigestSet, inline: bool, combined: str | None,
+               entry_for: Callable[[int], ManifestEntry]) -> tuple[int, bool]:
+        """Verify, attach the manifest record made by ``entry_for`` from the file's mtime,
+        optionally fsync, and atomically rename the temp file onto the target, both named in the
+        directory open as ``dir_fd``. Returns the published file's mtime, and whether its
+        record went with it (else the caller writes the record file)."""
         try:
             written = os.fstat(fd)  # nothing writes to it after this: its mtime is final
             if written.st_size != remote.size:
@@ -121,15 +126,16 @@ class Publisher:
                                    f"{remote.size}")
             if self._settings.verify_checksums:
                 verify(transfer, remote, fd, digests, inline, combined, self._cancel)
+            mtime_ns = written.st_mtime_ns
+            attached = self._manifest.attach(fd, transfer.target, entry_for(mtime_ns))
             if self._settings.fsync:
                 os.fsync(fd)
-            mtime_ns = written.st_mtime_ns
         finally:
             os.close(fd)
         os.replace(temp.name, transfer.target.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         if self._settings.fsync:
             fsync_dir(dir_fd)
-        return mtime_ns
+        return mtime_ns, attached
 
     def discard(self, fd: int, temp: Path, dir_fd: int, journal: ResumeJournal | None) -> None:
         if fd >= 0:

@@ -207,6 +207,42 @@ def test_warm_run_fetches_zero_body_bytes(s3: S3Store, tmp_path: Path) -> None:
     assert sum(s3.faults.ledger.body_bytes.values()) == 0
 
 
+def test_each_file_is_published_with_its_record_and_no_record_file_is_made(
+    s3: S3Store, tmp_path: Path
+) -> None:
+    """Where the filesystem has user attributes, a file and its record go in by one rename,
+    and a cold start creates no inode per file besides the file itself."""
+    import json
+    import os
+
+    from lazy_loading.cache import RECORD_ATTRIBUTE, Manifest
+
+    probe = tmp_path / "probe"
+    probe.touch()
+    try:
+        os.setxattr(probe, "user.probe", b"1")
+    except OSError:
+        pytest.skip("no user attributes on this filesystem")
+    probe.unlink()
+    objects = {"a.bin": payload(2 * MiB + 5), "d/b.bin": payload(1000, 2), "c.bin": b""}
+    _, env = _setup(s3, objects, LAZY_LOADING_PART_SIZE="1MiB")
+    LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    state = tmp_path / ".lazy_loading"
+    assert [p for p in state.rglob("*") if p.is_file() and p.parent.name != "locks"] == []
+    for key in objects:
+        record = json.loads(os.getxattr(tmp_path / key, RECORD_ATTRIBUTE))
+        assert record["target"] == str(tmp_path / key)
+        assert Manifest(state).lookup(tmp_path / key) is not None
+    s3.faults.ledger.body_bytes.clear()
+    results = LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert {r.status for r in results} == {"cached"}
+    assert sum(s3.faults.ledger.body_bytes.values()) == 0
+    (tmp_path / "a.bin").unlink()
+    (tmp_path / "a.bin").write_bytes(objects["a.bin"])  # same bytes, but not what we published
+    results = LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert [r.status for r in results] == ["cached", "cached", "cached"]
+
+
 def test_changed_object_is_fetched_again(s3: S3Store, tmp_path: Path) -> None:
     bucket, env = _setup(s3, {"a.bin": b"version-1", "b.bin": b"unchanged"})
     LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
@@ -512,7 +548,8 @@ def test_fsync_only_when_asked(
                     LAZY_LOADING_FSYNC=str(durable).lower())
     LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
     assert (tmp_path / "a.bin").stat().st_size == 2 * MiB
-    assert (len(calls) >= 3) if durable else (calls == [])
+    # Durable: at least the file, its record attached, and its directory.
+    assert (len(calls) >= 2) if durable else (calls == [])
 
 
 def test_lying_content_length_is_retried_never_published(s3: S3Store, tmp_path: Path) -> None:
