@@ -227,7 +227,11 @@ class Manifest:
         is found must name this very target (a hard link shares its attribute)."""
         try:
             attached = json.loads(os.getxattr(target, RECORD_ATTRIBUTE, follow_symlinks=False))
-        except (OSError, ValueError, AttributeError):  # AttributeError: no xattrs (macOS)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                return None  # no file there: a record would vouch for nothing
+            attached = None
+        except (ValueError, AttributeError):  # AttributeError: no xattrs (macOS)
             attached = None
         return self._entry(attached, target) or self._entry(_read_json(self.path(target)),
                                                             target)

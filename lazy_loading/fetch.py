@@ -120,8 +120,8 @@ class FileFetcher:
     def _unrecorded_candidate(self, transfer: FileTransfer) -> bool:
         remote = transfer.remote
         return (remote is not None and bool(digests_for(transfer, remote, self._settings))
-                and self._manifest.lookup(transfer.target) is None
-                and self._local.same_size_file(transfer.target, remote.size))
+                and self._local.same_size_file(transfer.target, remote.size)
+                and self._manifest.lookup(transfer.target) is None)
 
     def _adopt_unrecorded(self, transfer: FileTransfer, remote: RemoteObject) -> FileResult | None:
         """A file the manifest does not know (its record was lost to a full disk, or a copy

@@ -43,10 +43,11 @@ def resolve_targets(
     state_dir = code_dir / STATE_DIR_NAME
     targets: list[Path] = []
     seen: dict[Path, int] = {}
+    parents: dict[Path, str] = {}
     for index, item in enumerate(data.files):
         raw = Path(os.path.expanduser(item.local_path))
         joined = raw if raw.is_absolute() else code_dir / raw
-        target = Path(os.path.realpath(joined))
+        target = Path(_realpath(joined, parents))
         field = f"{source}: " * bool(source) + f"files[{index}].localPath {item.local_path!r}"
         if not any(_is_within(target, root) for root in roots):
             allowed = ", ".join(str(r) for r in roots)
@@ -77,6 +78,24 @@ def resolve_targets(
                     "needs it to be a directory"
                 )
     return targets
+
+
+def _realpath(path: Path, parents: dict[Path, str]) -> str:
+    """``os.path.realpath``, resolving each distinct parent directory once: many files share a
+    few directories, and resolving walks (``lstat``) every component of the path."""
+    name = path.name
+    if name in ("", ".", "..") or str(path).endswith("/"):
+        return os.path.realpath(path)
+    parent = parents.get(path.parent)
+    if parent is None:
+        parent = parents[path.parent] = os.path.realpath(path.parent)
+    joined = os.path.join(parent, name)
+    try:
+        if not stat.S_ISLNK(os.lstat(joined).st_mode):
+            return joined
+    except OSError:
+        return joined  # not there yet: nothing to follow
+    return os.path.realpath(joined)
 
 
 def root_of(target: Path, code_dir: Path, allowed_roots: Sequence[Path] = ()) -> Path:

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import urllib3
 from botocore.exceptions import (
@@ -49,7 +49,7 @@ from .config import LazyLoadingRepository
 from .plan import FileTransfer
 from .s3io import NO_ETAG, NO_LENGTH, ByteRange, FatalFailure, RemoteObject
 from .settings import LazyLoadingSettings
-from .sigv4 import SigV4Signer
+from .sigv4 import SigV4Signer, host_header
 
 logger = logging.getLogger("lazy_loading")
 
@@ -69,26 +69,33 @@ class _SignedSession:
         assert repository.endpoint_url is not None
         creds = clients.credentials_for(repository)
         self._repository = repository
-        self._base = f"{repository.endpoint_url.rstrip('/')}/{repository.bucket_name}/"
+        base = f"{repository.endpoint_url.rstrip('/')}/{repository.bucket_name}/"
+        self._host, self._prefix = host_header(base), urlsplit(base).path
+        self._origin = base[: len(base) - len(self._prefix)]  # scheme://host[:port]
         self._signer = SigV4Signer(
             creds.aws_access_key_id, creds.aws_secret_access_key.get_secret_value(),
             creds.aws_session_token.get_secret_value() if creds.aws_session_token else None,
             clients.region_for(repository) or "us-east-1",
         )
         connect, read = timeouts(settings)
-        self._pool = urllib3.PoolManager(
+        self._manager = urllib3.PoolManager(
             maxsize=settings.max_connections, timeout=urllib3.Timeout(connect=connect, read=read),
             retries=False, **_tls(clients.verify_for(repository)))
+        # Every request goes to this one host: its pool directly, without the manager's URL
+        # parsing and pool lookup per request.
+        self._pool = self._manager.connection_from_url(base)
 
     def _send(self, method: str, key: str, headers: dict[str, str]) -> Any:
         """One request, its body not read; urllib3's errors become botocore's, so the engine
         classifies them the same whichever path sent the request. An error status is read to
         at most ``ERROR_BODY_LIMIT`` and its connection dropped, never drained."""
-        url = self._base + quote(key, safe="/~")
+        path = self._prefix + quote(key, safe="/~")
+        url = self._origin + path  # for the errors
         try:
-            response = self._pool.urlopen(method, url, headers=self._signer.sign(method, url, headers),
-                                          redirect=False, preload_content=False,
-                                          decode_content=False, assert_same_host=False)
+            response = self._pool.urlopen(
+                method, path, headers=self._signer.sign_path(method, self._host, path, headers),
+                redirect=False, preload_content=False, decode_content=False,
+                assert_same_host=False)
         except Urllib3SSLError as exc:
             raise SSLError(endpoint_url=url, error=exc) from None
         except (NewConnectionError, socket.gaierror) as exc:
@@ -164,7 +171,7 @@ class _SignedSession:
         return parsed, response
 
     def close(self) -> None:
-        self._pool.clear()
+        self._manager.clear()
 
 
 def _tls(verify: bool | str | None) -> dict[str, Any]:

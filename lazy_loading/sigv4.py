@@ -60,9 +60,15 @@ class SigV4Signer:
         """``headers`` plus Host, the date, the payload hash, the token and Authorization, with
         every header signed. ``url`` is sent as is: its path must already be percent-encoded,
         and it carries no query."""
+        return self.sign_path(method, host_header(url), urlsplit(url).path or "/", headers, now)
+
+    def sign_path(self, method: str, host: str, path: str, headers: dict[str, str],
+                  now: float | None = None) -> dict[str, str]:
+        """``sign`` for a request to ``host`` (as ``host_header`` gives it) at ``path``: a
+        session sending many requests to one host splits its URL once, not per request."""
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
         day = stamp[:8]
-        signed = {**headers, "Host": host_header(url), "X-Amz-Date": stamp,
+        signed = {**headers, "Host": host, "X-Amz-Date": stamp,
                   "X-Amz-Content-SHA256": EMPTY_SHA256}
         if self._token:
             signed["X-Amz-Security-Token"] = self._token
@@ -70,7 +76,7 @@ class SigV4Signer:
                            for name, value in signed.items())
         names = ";".join(name for name, _ in canonical)
         request = "\n".join([
-            method, urlsplit(url).path or "/", "",
+            method, path, "",
             "".join(f"{name}:{value}\n" for name, value in canonical),
             names, EMPTY_SHA256,
         ])
