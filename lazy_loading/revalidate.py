@@ -6,7 +6,8 @@ session) was about a third of each request's GIL time, and importing it a third 
 start. Building a boto3 client costs about 60 ms of CPU (parsing S3's 1.4 MB model and endpoint
 rules), several times everything else a warm start does. For custom endpoints, where the URL is
 simply ``<endpoint>/<bucket>/<key>`` (path style, as our clients use there), requests are signed
-here (``sigv4``) and sent over one urllib3 pool per repository.
+here (``sigv4``) and sent over one pool of keep-alive ``http.client`` connections per
+repository (``connections``).
 
 This path can only skip work: a HEAD that gets anything but a 200 carrying an ETag and a length
 returns None and the engine takes its normal path (client, HEAD with retries, download), which
@@ -16,10 +17,11 @@ then reports any error properly. An endpoint reached through a proxy takes the c
 from __future__ import annotations
 
 import contextlib
+import http.client
 import logging
 import os
 import re
-import socket
+import ssl
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +30,6 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-import urllib3
 from botocore.exceptions import (
     ClientError,
     ConnectionClosedError,
@@ -38,14 +39,11 @@ from botocore.exceptions import (
     ReadTimeoutError,
     SSLError,
 )
-from urllib3.exceptions import ConnectTimeoutError as Urllib3ConnectTimeoutError
-from urllib3.exceptions import NewConnectionError, ProtocolError
-from urllib3.exceptions import ReadTimeoutError as Urllib3ReadTimeoutError
-from urllib3.exceptions import SSLError as Urllib3SSLError
 
 from .checksums import pick_s3_checksum
 from .client import ERROR_BODY_LIMIT, S3ClientFactory, describe_endpoint, timeouts
 from .config import LazyLoadingRepository
+from .connections import ConnectFailure, HostConnections
 from .plan import FileTransfer
 from .s3io import NO_ETAG, NO_LENGTH, ByteRange, FatalFailure, RemoteObject
 from .settings import LazyLoadingSettings
@@ -70,7 +68,8 @@ class _SignedSession:
         creds = clients.credentials_for(repository)
         self._repository = repository
         base = f"{repository.endpoint_url.rstrip('/')}/{repository.bucket_name}/"
-        self._host, self._prefix = host_header(base), urlsplit(base).path
+        parts = urlsplit(base)
+        self._host, self._prefix = host_header(base), parts.path
         self._origin = base[: len(base) - len(self._prefix)]  # scheme://host[:port]
         self._signer = SigV4Signer(
             creds.aws_access_key_id, creds.aws_secret_access_key.get_secret_value(),
@@ -78,42 +77,28 @@ class _SignedSession:
             clients.region_for(repository) or "us-east-1",
         )
         connect, read = timeouts(settings)
-        self._manager = urllib3.PoolManager(
-            maxsize=settings.max_connections, timeout=urllib3.Timeout(connect=connect, read=read),
-            retries=False, **_tls(clients.verify_for(repository)))
-        # Every request goes to this one host: its pool directly, without the manager's URL
-        # parsing and pool lookup per request.
-        self._pool = self._manager.connection_from_url(base)
+        self._connections = HostConnections(
+            parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80),
+            _tls(clients.verify_for(repository)) if parts.scheme == "https" else None,
+            connect, read, settings.max_connections)
 
     def _send(self, method: str, key: str, headers: dict[str, str]) -> Any:
-        """One request, its body not read; urllib3's errors become botocore's, so the engine
-        classifies them the same whichever path sent the request. An error status is read to
-        at most ``ERROR_BODY_LIMIT`` and its connection dropped, never drained."""
+        """One request, its body not read; connection and HTTP errors become botocore's, so
+        the engine classifies them the same whichever path sent the request. An error status
+        is read to at most ``ERROR_BODY_LIMIT`` and its connection dropped, never drained."""
         path = self._prefix + quote(key, safe="/~")
-        url = self._origin + path  # for the errors
         try:
-            response = self._pool.urlopen(
-                method, path, headers=self._signer.sign_path(method, self._host, path, headers),
-                redirect=False, preload_content=False, decode_content=False,
-                assert_same_host=False)
-        except Urllib3SSLError as exc:
-            raise SSLError(endpoint_url=url, error=exc) from None
-        except (NewConnectionError, socket.gaierror) as exc:
-            raise EndpointConnectionError(endpoint_url=url, error=exc) from None
-        except Urllib3ConnectTimeoutError as exc:
-            raise ConnectTimeoutError(endpoint_url=url, error=exc) from None
-        except Urllib3ReadTimeoutError as exc:
-            raise ReadTimeoutError(endpoint_url=url, error=exc) from None
-        except ProtocolError as exc:
-            raise ConnectionClosedError(endpoint_url=url, error=exc) from None
-        except urllib3.exceptions.HTTPError as exc:
-            raise HTTPClientError(error=exc) from None
+            response = self._connections.request(
+                method, path, self._signer.sign_path(method, self._host, path, headers))
+        except Exception as exc:
+            raise _as_botocore_error(exc, self._origin + path) from None
         if response.status >= 300:
             try:
                 body = response.read(ERROR_BODY_LIMIT) or b""
+            except Exception:
+                body = b""
             finally:
-                with contextlib.suppress(Exception):
-                    response.close()
+                response.close()
             raise _client_error(response.status, body, response.headers)
         return response
 
@@ -151,7 +136,7 @@ class _SignedSession:
     def get(self, remote: RemoteObject, byte_range: ByteRange, whole: bool
             ) -> tuple[dict[str, Any], Any]:
         """GET one range pinned to the HEAD's ETag, streamed: the response fields as botocore's
-        ``get_object`` parses them, and the body (urllib3's response, unread). An error status
+        ``get_object`` parses them, and the body (the pooled response, unread). An error status
         becomes the ``ClientError`` botocore would raise, so it is classified the same."""
         headers = {"If-Match": remote.etag}
         if not whole:
@@ -171,18 +156,42 @@ class _SignedSession:
         return parsed, response
 
     def close(self) -> None:
-        self._manager.clear()
+        self._connections.close()
 
 
-def _tls(verify: bool | str | None) -> dict[str, Any]:
-    """urllib3's TLS settings for what ``S3ClientFactory.verify_for`` says, as botocore applies
-    them: no verification, a CA bundle (file or directory), or certifi's bundle (else the one
+def _as_botocore_error(exc: Exception, url: str) -> Exception:
+    """What botocore raises for the same failure, so ``s3io.classify`` treats both paths
+    alike. The URL carries no query, hence no signature."""
+    error: Exception
+    if isinstance(exc, ConnectFailure):
+        cause = exc.cause
+        if isinstance(cause, ssl.SSLError):
+            error = SSLError(endpoint_url=url, error=cause)
+        elif isinstance(cause, TimeoutError):
+            error = ConnectTimeoutError(endpoint_url=url, error=cause)
+        else:
+            error = EndpointConnectionError(endpoint_url=url, error=cause)
+    elif isinstance(exc, TimeoutError):
+        error = ReadTimeoutError(endpoint_url=url, error=exc)
+    elif isinstance(exc, (http.client.HTTPException, OSError)):
+        error = ConnectionClosedError(endpoint_url=url, error=exc)
+    else:
+        error = HTTPClientError(error=exc)
+    return error
+
+
+def _tls(verify: bool | str | None) -> ssl.SSLContext:
+    """The TLS context for what ``S3ClientFactory.verify_for`` says, as botocore applies it:
+    no verification, a CA bundle (file or directory), or certifi's bundle (else the one
     botocore ships)."""
     if verify is False:
-        return {"cert_reqs": "CERT_NONE"}
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
     if isinstance(verify, str):
-        return ({"cert_reqs": "CERT_REQUIRED", "ca_cert_dir": verify} if os.path.isdir(verify)
-                else {"cert_reqs": "CERT_REQUIRED", "ca_certs": verify})
+        return (ssl.create_default_context(capath=verify) if os.path.isdir(verify)
+                else ssl.create_default_context(cafile=verify))
     try:
         from certifi import where
         bundle = where()
@@ -190,7 +199,7 @@ def _tls(verify: bool | str | None) -> dict[str, Any]:
         import botocore
 
         bundle = os.path.join(os.path.dirname(botocore.__file__), "cacert.pem")
-    return {"cert_reqs": "CERT_REQUIRED", "ca_certs": bundle}
+    return ssl.create_default_context(cafile=bundle)
 
 
 def _proxied(url: str) -> bool:

@@ -207,15 +207,17 @@ class MisbehavingStore:
     """A small S3-like store of its own, for what moto cannot play: threaded, HTTP/1.1
     keep-alive, path-style HEAD and ranged GET, and one selectable misbehaviour per run.
 
-    ``misbehaviour``: None (a well-behaved store), or ``"trickle-head"`` (HEAD response headers
-    one byte every ``seconds``). Records ``(method, client port)`` per request, so a test can
-    count TCP connections.
+    ``misbehaviour``: None (a well-behaved store), ``"trickle-head"`` (HEAD response headers
+    one byte every ``seconds``) or ``"drop-idle"`` (each connection closed after one response
+    that did not say so, as a store or balancer dropping idle keep-alive connections does).
+    Records ``(method, client port)`` per request, so a test can count TCP connections.
     """
 
     def __init__(self, objects: dict[str, bytes], misbehaviour: str | None = None,
                  seconds: float = 0.5) -> None:
-        if misbehaviour not in (None, "trickle-head"):
+        if misbehaviour not in (None, "trickle-head", "drop-idle"):
             raise ValueError(misbehaviour)
+        drop_idle = misbehaviour == "drop-idle"
         trickle_head = seconds if misbehaviour == "trickle-head" else 0.0
         import contextlib
         import hashlib
@@ -265,6 +267,7 @@ class MisbehavingStore:
                 if body is not None:
                     self._headers(200, body, len(body))
                     self.end_headers()
+                self.close_connection = drop_idle or self.close_connection
 
             def do_GET(self) -> None:
                 body = self._object()
@@ -279,6 +282,7 @@ class MisbehavingStore:
                     self.send_header("Content-Range", f"bytes {start}-{end}/{len(body)}")
                 self.end_headers()
                 self.wfile.write(body[start:end + 1])
+                self.close_connection = drop_idle or self.close_connection
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._server.daemon_threads = True

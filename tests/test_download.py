@@ -69,6 +69,26 @@ def test_parts_reuse_one_connection(tmp_path: Path) -> None:
     assert len(ports) == 1, f"HEAD and 6 GETs should share one connection, used {len(ports)}"
 
 
+def test_connections_the_store_dropped_while_idle_are_not_reused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store (or a balancer in front of it) closes idle keep-alive connections without
+    saying so: the next request must take a new connection, not fail and wait for a retry."""
+    import logging
+
+    objects = {f"s{i}.bin": payload(1000 + i, seed=i) for i in range(6)}
+    objects["big.bin"] = payload(3 * MiB, seed=7)
+    with MisbehavingStore(objects, "drop-idle") as store, \
+            caplog.at_level(logging.WARNING, logger="lazy_loading"):
+        env = lazy_env(store.url, "bucket", {k: k for k in objects},
+                       LAZY_LOADING_PART_SIZE="1MiB", LAZY_LOADING_MAX_CONNECTIONS="2")
+        for _ in range(2):  # a cold start, then a warm one
+            LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert all((tmp_path / key).read_bytes() == body for key, body in objects.items())
+    assert "retrying" not in caplog.text
+    assert sorted(m for m, _ in store.requests) == ["GET"] * 9 + ["HEAD"] * 14, store.requests
+
+
 def test_second_call_in_process_returns_at_once(s3: S3Store, tmp_path: Path) -> None:
     _, env = _setup(s3, {"a.bin": payload(1000)})
     handler = LazyLoadingHandler(code_dir=tmp_path, environ=env)
