@@ -113,7 +113,10 @@ class FileFetcher:
         """A killed run left this file's preallocated temp file and journal to adopt, or the
         file itself is already there, unrecorded, waiting to be verified."""
         assert transfer.remote is not None
-        return self._unrecorded_candidate(transfer) or ResumeJournal.resume(
+        if self._unrecorded_candidate(transfer):
+            return True
+        # Only a file of several parts keeps a journal and a preallocated temp file.
+        return transfer.remote.size > self.part_size and ResumeJournal.resume(
             self._state_dir, transfer.target, transfer.remote, self.part_size,
             part_check_algorithm(transfer.remote, self._settings)) is not None
 

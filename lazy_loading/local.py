@@ -89,15 +89,19 @@ class LocalCopies:
         temp file is ``allocated`` already (a killed run's, to be resumed) needs no more room:
         counting it again would refuse every restart on a volume under twice the size."""
         needed: dict[int, tuple[Path, int]] = {}
+        devices: dict[Path, tuple[int, Path]] = {}  # many files share a few directories
         for t in transfers:
             if t.remote is not None and self.published(t, t.remote) is not None:
                 continue
             if allocated(t):
                 continue
-            anchor = t.target.parent
-            while not anchor.exists():
-                anchor = anchor.parent
-            dev = anchor.stat().st_dev
+            parent = t.target.parent
+            if parent not in devices:
+                anchor = parent
+                while not anchor.exists():
+                    anchor = anchor.parent
+                devices[parent] = (anchor.stat().st_dev, anchor)
+            dev, anchor = devices[parent]
             path, total = needed.get(dev, (anchor, 0))
             needed[dev] = (path, total + t.size)
         for path, total in needed.values():
