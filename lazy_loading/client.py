@@ -15,8 +15,6 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
-from urllib3.exceptions import InsecureRequestWarning
-
 from .config import LazyLoadingConfig, LazyLoadingRepository, S3Credentials
 from .settings import LazyLoadingSettings
 
@@ -27,7 +25,10 @@ logger = logging.getLogger("lazy_loading")
 
 
 def _quiet_insecure_warnings() -> None:
-    """urllib3 warns on every unverified request; the user opted out, and one line says so."""
+    """urllib3 warns on every unverified request; the user opted out, and one line says so.
+    Imported here: only a boto3 client, built after this, uses urllib3 (about 30 ms to import)."""
+    from urllib3.exceptions import InsecureRequestWarning
+
     warnings.filterwarnings("ignore", category=InsecureRequestWarning)
 
 

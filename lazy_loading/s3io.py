@@ -12,6 +12,7 @@ import http.client
 import os
 import re
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +30,6 @@ from botocore.exceptions import (
     ResponseStreamingError,
     SSLError,
 )
-from urllib3.exceptions import HTTPError as Urllib3HTTPError
 
 from .checksums import DigestSet, pick_s3_checksum
 from .redact import one_line
@@ -157,11 +157,18 @@ def classify(exc: BaseException, where: str) -> TransferFailure:
         return TransientFailure(f"{where}: stalled (no bytes within the read timeout)")
     if isinstance(exc, (ConnectionClosedError, IncompleteReadError, ResponseStreamingError)):
         return TransientFailure(f"{where}: connection cut mid-body ({type(exc).__name__})")
-    if isinstance(exc, (BotoCoreError, Urllib3HTTPError, ConnectionError, TimeoutError)):
+    if isinstance(exc, (BotoCoreError, ConnectionError, TimeoutError)) or _is_urllib3_error(exc):
         return TransientFailure(f"{where}: {type(exc).__name__}")
     if isinstance(exc, OSError):
         return FatalFailure(f"{where}: local I/O error: {one_line(exc.strerror or str(exc))}")
     return FatalFailure(f"{where}: unexpected {type(exc).__name__}")
+
+
+def _is_urllib3_error(exc: BaseException) -> bool:
+    """An urllib3 error can only come from a boto3 client, which imported urllib3: checked
+    without importing it (about 30 ms) in a process that never builds one."""
+    module = sys.modules.get("urllib3.exceptions")
+    return module is not None and isinstance(exc, module.HTTPError)
 
 
 def _first_line(text: str, limit: int = 200) -> str:
