@@ -7,16 +7,69 @@ small file, was about a fifth of a 256-small-file download; and its connection s
 the IDNA codec, 3 ms of every warm start. What those requests need is kept: idle connections
 reused until the server drops them (checked before each reuse, as urllib3 does), separate connect
 and read timeouts, and TLS through one ``ssl`` context. Proxies never come here: a proxied
-endpoint takes the boto3 path.
+endpoint takes the boto3 path. Response headers are read by ``parse_headers`` below rather than
+by the ``email`` package, inside ``http.client``'s own ``begin``.
 """
 
 from __future__ import annotations
 
 import http.client
+import re
 import select
 import ssl
 import threading
+import types
 from typing import Any
+
+# A header line as the ``email`` package's feed parser recognises one (its ``headerRE``);
+# any other line ends the headers there, as it does in that parser.
+_HEADER_LINE = re.compile(r"From |[\041-\071\073-\176]*:|[\t ]")
+
+
+def parse_headers(fp: Any, _class: type[http.client.HTTPMessage] = http.client.HTTPMessage
+                  ) -> http.client.HTTPMessage:
+    """``http.client.parse_headers`` without the ``email`` feed parser, which took about a
+    seventh of the GIL time of a small-file download (py-spy). The same lines, read with the
+    same limits (``_read_headers``: at most 100 headers of 64 KiB), kept or skipped by the
+    feed parser's rules and stored as its compat32 policy stores them (the name as sent; the
+    value without leading blanks or the final line end, continuation lines kept), into the
+    same ``HTTPMessage``. ``tests/test_connections.py`` compares the two on generated input."""
+    message = _class()
+    name: str | None = None
+    value: list[str] = []
+    for raw in http.client._read_headers(fp):  # type: ignore[attr-defined]
+        line = raw.decode("iso-8859-1")
+        if not _HEADER_LINE.match(line):
+            break  # the blank line, or what the feed parser would take for the body
+        if line[0] in " \t":
+            if name is not None:  # a continuation of nothing is skipped
+                value.append(line)
+            continue
+        if name is not None:
+            message[name] = "".join(value).rstrip("\r\n")
+            name = None
+        colon = line.find(":")
+        if line.startswith("From ") or colon <= 0:
+            continue  # an envelope line, or no name: skipped
+        name, value = line[:colon], [line[colon + 1:].lstrip(" \t")]
+    if name is not None:
+        message[name] = "".join(value).rstrip("\r\n")
+    return message
+
+
+def _begin_with_our_parser() -> Any:
+    """``http.client``'s own ``HTTPResponse.begin`` (whatever the Python version's is), with
+    ``parse_headers`` above in place of its module's: nothing of the status line, 100-continue,
+    length, chunking or keep-alive handling is copied here."""
+    begin = http.client.HTTPResponse.begin
+    namespace = {**vars(http.client), "parse_headers": parse_headers}
+    return types.FunctionType(begin.__code__, namespace, begin.__name__, begin.__defaults__,
+                              begin.__closure__)
+
+
+class _Response(http.client.HTTPResponse):
+    begin = _begin_with_our_parser()
+
 
 # A reused connection the server had closed: nothing of the response arrived.
 _CLOSED_UNDER_US = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
@@ -90,6 +143,7 @@ class HostConnections:
             if self._tls is not None
             else http.client.HTTPConnection(self._host, self._port,
                                             timeout=self._connect_timeout))
+        conn.response_class = _Response
         try:
             conn.connect()
         except Exception as exc:
