@@ -168,8 +168,8 @@ class PooledResponse:
 
     def __init__(self, pool: HostConnections, conn: http.client.HTTPConnection,
                  response: http.client.HTTPResponse) -> None:
-        self._pool: HostConnections | None = pool
-        self._conn: http.client.HTTPConnection | None = conn
+        self._pool = pool
+        self._conn: http.client.HTTPConnection | None = conn  # None once given back or closed
         self._fp = response
         self.status = response.status
         self.headers = response.msg
@@ -182,18 +182,18 @@ class PooledResponse:
         return int(sock.fileno()) if sock is not None else -1
 
     def release_conn(self) -> None:
-        conn, pool, self._conn, self._pool = self._conn, self._pool, None, None
-        if conn is None or pool is None:
+        conn, self._conn = self._conn, None
+        if conn is None:
             return
         if self._fp.length == 0 and not self._fp.isclosed():
             self._fp.read()  # a HEAD's or an empty body: http.client marks the end on a read
         if self._fp.isclosed() and not self._fp.will_close:
-            pool._give_back(conn)
+            self._pool._give_back(conn)
         else:
             conn.close()
 
     def close(self) -> None:
-        conn, self._conn, self._pool = self._conn, None, None
+        conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
         self._fp.close()

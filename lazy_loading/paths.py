@@ -84,7 +84,7 @@ def _realpath(path: Path, parents: dict[Path, str]) -> str:
     """``os.path.realpath``, resolving each distinct parent directory once: many files share a
     few directories, and resolving walks (``lstat``) every component of the path."""
     name = path.name
-    if name in ("", ".", "..") or str(path).endswith("/"):
+    if name in ("", ".."):  # the root, or a name that climbs: nothing to share
         return os.path.realpath(path)
     parent = parents.get(path.parent)
     if parent is None:
