@@ -29,10 +29,10 @@ from .errors import ConfigError, DownloadError, LazyLoadingError
 from .nodecache import NodeCache, Tampered
 from .paths import (
     STATE_DIR_NAME,
+    place_targets,
     prepare_state_dir,
     resolve_code_dir,
     resolve_targets,
-    root_of,
 )
 from .plan import FileTransfer
 from .progress import (
@@ -199,10 +199,12 @@ class LazyLoadingHandler:
                 spec=spec,
                 repository=config.data.repository(spec.repository_id),
                 target=target,
-                root=root_of(target, code_dir, settings.allowed_roots),
-                display=_display(target, code_dir),
+                root=root,
+                display=display,
             )
-            for index, (spec, target) in enumerate(zip(config.data.files, targets, strict=True))
+            for index, (spec, target, (root, display)) in enumerate(zip(
+                config.data.files, targets,
+                place_targets(targets, code_dir, settings.allowed_roots), strict=True))
         ]
         _check_writable(code_dir)
         clients = S3ClientFactory(config, settings, self._environ)
@@ -317,7 +319,3 @@ def _check_writable(code_dir: Path) -> None:
             f"{state_dir}: not writable ({exc.strerror}); the code dir must be writable, since "
             "artifacts and the download cache live there (mount a volume such as an emptyDir)"
         ) from None
-
-
-def _display(target: Path, code_dir: Path) -> str:
-    return str(target.relative_to(code_dir)) if target.is_relative_to(code_dir) else str(target)
