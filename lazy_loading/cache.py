@@ -20,6 +20,7 @@ import errno
 import fcntl
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -82,7 +83,22 @@ def _temp_prefix(target: Path) -> str:
 def temp_path(target: Path) -> Path:
     """A unique temp file beside ``target`` whose name stays short whatever the target's length
     (a long name plus a suffix would exceed NAME_MAX)."""
-    return target.parent / f"{_temp_prefix(target)}{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
+    return target.parent / f"{_temp_prefix(target)}{_process_tag}{next(_temp_count):x}.partial"
+
+
+def _tag_this_process() -> None:
+    """The pid and a random token, read once per process (and again in a forked child): a temp
+    name per file then costs no system call (``getpid`` and ``getrandom`` each released the
+    GIL once per file)."""
+    global _process_tag
+    _process_tag = f"{os.getpid()}-{os.urandom(4).hex()}-"
+
+
+_process_tag = ""
+_temp_count = itertools.count()
+_tag_this_process()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_tag_this_process)
 
 
 class DebrisIndex:
