@@ -65,12 +65,14 @@ class TransferEngine:
         except BaseException:
             self._cancel_all()
             pool.shutdown(wait=False)
+            self._fetcher.close()
             raise
         finally:
             self._fetcher.pool = None
             self._lookup.close()
         # Join the idle threads so none is alive if the caller forks next (gunicorn master).
         await to_thread(pool.shutdown, True)
+        self._fetcher.close()
         return results
 
     def _cancel_all(self) -> None:

@@ -103,6 +103,10 @@ class FileFetcher:
         self.part_size = 0  # one per run, set by the engine once every size is known
         self.pool: PriorityPool | None = None
 
+    def close(self) -> None:
+        """At the end of the run, once its threads are done or abandoned."""
+        self._publisher.close()
+
     def abort_all(self) -> None:
         """Close every body being read, so no thread waits for a stalled store."""
         for sink in list(self._sinks):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -869,6 +871,35 @@ def test_many_files_stay_under_a_small_descriptor_limit(s3: S3Store, tmp_path: P
     assert result.returncode == 0, result.stderr[-2000:]
     for key, body in list(objects.items())[::37]:
         assert (tmp_path / "art" / key).read_bytes() == body
+
+
+@pytest.mark.parametrize("outcome", ["done", "failed"])
+def test_a_run_leaves_no_descriptor_of_the_code_dir_open(
+    outcome: str, s3: S3Store, tmp_path: Path
+) -> None:
+    """Threads keep the directory they wrote into open for their next file; the run closes
+    them all, whether it succeeds or fails, so a server does not carry them for its life."""
+    objects = {f"d{i % 3}/f{i:02d}.bin": payload(3_000 + i, seed=i) for i in range(24)}
+    _, env = _setup(s3, objects, {k: f"art/{k}" for k in objects})
+    if outcome == "failed":
+        s3.faults.add(Rule("status", key="d2/f23.bin", method="GET", times=None, status=403))
+
+    def open_under_code_dir() -> list[str]:
+        found = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/self/fd/{fd}").startswith(str(tmp_path)):
+                    found.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return found
+
+    handler = LazyLoadingHandler(code_dir=tmp_path, environ=env)
+    if outcome == "failed":
+        with pytest.raises(DownloadError):
+            handler.download_lazy_loading_files()
+    else:
+        handler.download_lazy_loading_files()
+        assert (tmp_path / "art/d1/f04.bin").read_bytes() == objects["d1/f04.bin"]
+    assert open_under_code_dir() == []
 
 
 @pytest.mark.parametrize("through", ["code dir", "node cache", "warm restart"])
