@@ -13,7 +13,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from .aio import to_thread
+from .aio import in_own_thread, to_thread
 from .client import S3ClientFactory, describe_endpoint
 from .local import LocalCopies
 from .plan import FileTransfer
@@ -56,8 +56,8 @@ class RemoteLookup:
             if entry is None:
                 return None
             entries.append(entry)
-        remotes = await to_thread(head_without_client, self._transfers, self._clients,
-                                  self._settings)
+        remotes = await in_own_thread(head_without_client, self._transfers, self._clients,
+                                      self._settings)
         if remotes is None:
             return None
         for transfer, remote in zip(self._transfers, remotes, strict=True):

@@ -229,6 +229,31 @@ def test_warm_run_fetches_zero_body_bytes(s3: S3Store, tmp_path: Path) -> None:
     assert sum(s3.faults.ledger.body_bytes.values()) == 0
 
 
+def test_a_warm_start_awaited_on_the_callers_loop_leaves_no_thread_behind(
+    s3: S3Store, tmp_path: Path
+) -> None:
+    """A server awaiting the download in its own loop (a FastAPI lifespan) keeps running, and
+    may fork next: the warm start's one blocking step must not leave a thread in its loop."""
+    import threading
+
+    _, env = _setup(s3, {"a.bin": payload(2 * MiB), "b.bin": payload(1000, 2)},
+                    LAZY_LOADING_PART_SIZE="1MiB")
+    LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+
+    def threads() -> list[str]:  # but the store's, which answer each request on a thread
+        return sorted(t.name for t in threading.enumerate() if "process_request" not in t.name)
+
+    async def serve() -> tuple[list[str], list[str]]:
+        before = threads()
+        results = await LazyLoadingHandler(
+            code_dir=tmp_path, environ=env).download_lazy_loading_files_async()
+        assert {r.status for r in results} == {"cached"}
+        return before, threads()
+
+    before, after = asyncio.run(serve())
+    assert after == before
+
+
 def test_each_file_is_published_with_its_record_and_no_record_file_is_made(
     s3: S3Store, tmp_path: Path
 ) -> None:
