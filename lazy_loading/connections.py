@@ -16,6 +16,7 @@ from __future__ import annotations
 import http.client
 import re
 import select
+import socket
 import ssl
 import threading
 import types
@@ -144,6 +145,7 @@ class HostConnections:
             else http.client.HTTPConnection(self._host, self._port,
                                             timeout=self._connect_timeout))
         conn.response_class = _Response
+        conn._create_connection = self._open_socket  # type: ignore[attr-defined]
         try:
             conn.connect()
         except Exception as exc:
@@ -152,6 +154,17 @@ class HostConnections:
         assert conn.sock is not None
         conn.sock.settimeout(self._read_timeout)
         return conn
+
+    def _open_socket(self, address: tuple[str, int], timeout: float,
+                     source_address: tuple[str, int] | None = None) -> socket.socket:
+        """``socket.create_connection`` with an ASCII host name given as bytes: given a
+        ``str``, ``getaddrinfo`` encodes it with the IDNA codec, whose import (with
+        ``unicodedata``) took 2-3 ms of every start. The codec leaves ASCII names as they are,
+        so the resolver sees the same name; TLS still checks the ``str`` name."""
+        host, port = address
+        return socket.create_connection(
+            (host.encode("ascii") if host.isascii() else host, port),  # type: ignore[arg-type]
+            timeout, source_address)
 
     def _give_back(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:
