@@ -116,6 +116,11 @@ class DebrisIndex:
         self._listings: dict[str, dict[str, list[str]]] = {}
 
     def _grouped(self, key: str, list_names: Any, group_of: Any) -> dict[str, list[str]]:
+        # Read without the lock once listed: every I/O thread asks for every file, and a lock
+        # taken each time made them queue behind whichever holder the GIL had paused.
+        grouped = self._listings.get(key)
+        if grouped is not None:
+            return grouped
         with self._lock:
             grouped = self._listings.get(key)
             if grouped is None:

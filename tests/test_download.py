@@ -919,8 +919,15 @@ def test_a_run_leaves_no_descriptor_of_the_code_dir_open(
 
     handler = LazyLoadingHandler(code_dir=tmp_path, environ=env)
     if outcome == "failed":
+        import threading
+
         with pytest.raises(DownloadError):
             handler.download_lazy_loading_files()
+        # A failed run returns at once; its threads let go as they notice (bounded).
+        deadline = time.monotonic() + 10
+        while (any(t.name.startswith("lazy-loading") for t in threading.enumerate())
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
     else:
         handler.download_lazy_loading_files()
         assert (tmp_path / "art/d1/f04.bin").read_bytes() == objects["d1/f04.bin"]
