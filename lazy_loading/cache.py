@@ -299,11 +299,15 @@ class ResumeJournal:
     """
 
     def __init__(self, state_dir: Path, target: Path, remote: RemoteObject, part_size: int,
-                 temp: Path, crc_algorithm: str, done: set[int] | None = None,
-                 crcs: dict[int, int] | None = None, durable: bool = False) -> None:
+                 temp: Path, crc_algorithm: str | None, done: set[int] | None = None,
+                 crcs: dict[int, int] | None = None, durable: bool = False,
+                 parts_trusted: bool = True) -> None:
         self.path = self.path_for(state_dir, target)
         self.crc_algorithm = crc_algorithm  # of every part's CRC, checked again on resume
         self.durable = durable
+        # Without CRCs, the parts of a journal from this boot, or synced: a power cut can leave
+        # a record on disk while its part's bytes are not (zeros in their place).
+        self.parts_trusted = parts_trusted
         self.target = target
         self.remote = remote
         self.part_size = part_size
@@ -346,7 +350,7 @@ class ResumeJournal:
 
     @classmethod
     def resume(cls, state_dir: Path, target: Path, remote: RemoteObject, part_size: int,
-               crc_algorithm: str, durable: bool = False) -> ResumeJournal | None:
+               crc_algorithm: str | None, durable: bool = False) -> ResumeJournal | None:
         """The journal of an earlier, dead attempt at the same object version, if usable."""
         probe = cls(state_dir, target, remote, part_size, temp=target,
                     crc_algorithm=crc_algorithm)
@@ -364,15 +368,18 @@ class ResumeJournal:
             return None
         if not stat.S_ISREG(st.st_mode) or st.st_size != remote.size:
             return None
+        boot = boot_id()
+        trusted = header.get("durable") is True or (boot is not None and header.get("boot") == boot)
         return cls(state_dir, target, remote, part_size, temp=temp, crc_algorithm=crc_algorithm,
-                   done=done, crcs=crcs, durable=durable)
+                   done=done, crcs=crcs, durable=durable, parts_trusted=trusted)
 
     def start(self) -> None:
         """(Re)write the header and the parts done so far, then append from here on."""
         with self._lock:
             self._close()
             header = json.dumps({**self._identity(), "temp": str(self.temp),
-                                 "started": time.time()}, sort_keys=True)
+                                 "started": time.time(), "boot": boot_id(),
+                                 "durable": self.durable}, sort_keys=True)
             body = "".join(self._line(i) for i in sorted(self.done))
             write_atomic(self.path, f"{header}\n{body}".encode())
             self._fd = os.open(self.path,
@@ -418,6 +425,16 @@ class ResumeJournal:
             self._close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+@functools.lru_cache(maxsize=1)
+def boot_id() -> str | None:
+    """This boot of the machine (Linux), for telling a journal written before a restart."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
+            return fh.read().strip() or None
+    except OSError:
+        return None
 
 
 # Open-file-description locks (Linux >= 3.15), with the 64-bit ``struct flock`` layout.

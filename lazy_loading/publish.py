@@ -101,15 +101,21 @@ class Publisher:
         return journal, fd
 
     def _check_resumed_parts(self, journal: ResumeJournal, fd: int) -> None:
-        """Journaled parts are read back and checked against their CRCs: after a power cut a
-        record can be on disk while its part's bytes are not (zeros in their place)."""
+        """After a power cut a record can be on disk while its part's bytes are not (zeros in
+        their place): journaled parts are read back and checked against their CRCs, and
+        without CRCs, fetched again unless written since the machine started or synced."""
         ranges = [r for r in split_ranges(journal.remote.size, journal.part_size)
                   if r.index in journal.done]
-        bad = parts_failing_their_crc(fd, ranges, journal.crcs, journal.crc_algorithm,
-                                      self._cancel)
+        if journal.crc_algorithm is not None:
+            bad = parts_failing_their_crc(fd, ranges, journal.crcs, journal.crc_algorithm,
+                                          self._cancel)
+            why = "failed their check"
+        else:
+            bad = set() if journal.parts_trusted else {r.index for r in ranges}
+            why = "were written before this machine restarted, and never synced"
         if bad:
-            logger.warning("%d resumed part(s) of %s failed their check; fetching them again",
-                           len(bad), journal.target)
+            logger.warning("%d resumed part(s) of %s %s; fetching them again",
+                           len(bad), journal.target, why)
             journal.forget(bad)
             journal.start()
 

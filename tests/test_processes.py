@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -236,16 +237,22 @@ def test_cli_download_from_a_values_file(s3: S3Store, tmp_path: Path) -> None:
     assert "values-file-secret" not in result.stderr + result.stdout
 
 
+@pytest.mark.parametrize("how", ["checked by its CRC", "written before a restart"])
 def test_a_resumed_part_whose_bytes_never_reached_the_disk_is_fetched_again(
-    s3: S3Store, tmp_path: Path
+    how: str, s3: S3Store, tmp_path: Path
 ) -> None:
-    # A power cut can leave a journal record on disk while its part's bytes are not (zeros):
-    # resumed parts are checked against their journaled CRCs, never trusted as they are.
+    """A power cut can leave a journal record on disk while its part's bytes are not (zeros).
+    An object with a checksum its parts' CRCs combine into gets those CRCs journaled, and
+    resumed parts are checked against them. Without one, parts journaled before the machine
+    restarted, and never synced, are fetched again; this boot's are trusted (the page cache
+    holds their bytes whatever happened to the process)."""
     bucket = s3.bucket()
     body = payload(6 * MiB, seed=43)
     s3.put(bucket, "big.bin", body)  # single-part upload: CRC32, combinable
+    crc = how == "checked by its CRC"
     env = lazy_env(s3.url, bucket, {"big.bin": "big.bin"}, LAZY_LOADING_PART_SIZE="1MiB",
-                   LAZY_LOADING_MAX_CONNECTIONS="1", LAZY_LOADING_VERIFY_CHECKSUMS="false")
+                   LAZY_LOADING_MAX_CONNECTIONS="1",
+                   LAZY_LOADING_VERIFY_CHECKSUMS="true" if crc else "false")
     s3.faults.add(Rule("throttle", key="big.bin", times=None, rate=2 * MiB))
     journal_dir = tmp_path / ".lazy_loading" / "journal"
     proc = subprocess.Popen(_download_cmd(tmp_path), env=env, stderr=subprocess.DEVNULL)
@@ -254,12 +261,20 @@ def test_a_resumed_part_whose_bytes_never_reached_the_disk_is_fetched_again(
     (partial,) = no_debris(tmp_path)
     with open(partial, "r+b") as fh:  # part 0's bytes "lost": zeros, as after a power cut
         fh.write(b"\0" * MiB)
+    (journal,) = journal_dir.glob("*.log")
+    header, _, rest = journal.read_text().partition("\n")
+    fields = json.loads(header)
+    assert (fields["crc"] is not None) == crc, fields
+    if not crc:  # as the journal of the machine's previous boot reads
+        fields["boot"] = "an earlier boot"
+        journal.write_text(json.dumps(fields) + "\n" + rest)
     s3.faults.reset()
     result = subprocess.run(_download_cmd(tmp_path), env=env, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "big.bin").read_bytes() == body, "no zeroed part is ever published"
-    assert "resumed part(s) of" in result.stderr and "failed their check" in result.stderr
+    assert "resumed part(s) of" in result.stderr
+    assert ("failed their check" if crc else "before this machine restarted") in result.stderr
     requested = {int(rng.split("=")[1].split("-")[0]) // MiB
                  for method, key, rng, _ in s3.faults.ledger.requests
                  if method == "GET" and key == "big.bin" and rng}
