@@ -65,6 +65,8 @@ def _prepare(kind: str, spec: dict) -> Callable[[], object]:
         return _http_floor(spec)
     if kind == "floor16":
         return _http_floor(spec, connections=16)
+    if kind == "floor-safe":
+        return _floor_with_guarantees(spec)
     raise SystemExit(f"unknown candidate {kind}")
 
 
@@ -200,6 +202,66 @@ def _http_floor(spec: dict, connections: int = 4) -> Callable[[], None]:
         for thread in threads:
             thread.join()
         for fd in fds:
+            os.close(fd)
+
+    return run
+
+
+def _floor_with_guarantees(spec: dict, connections: int = 16) -> Callable[[], None]:
+    """The raw floor for whole small files, plus the steps this package's guarantees cost per
+    file and nothing else: a HEAD before the GET (a missing object fails before any body
+    moves), a lock byte in one shared lock file (processes starting together fetch once), the
+    body written to a temp file beside the target and renamed over it (never a partial file).
+    No signing, checks, retries, records or progress; 16 connections, as ours.
+
+    Not a usable downloader either: it bounds what any Python downloader keeping those
+    guarantees can do here, for reading the small-file rows against obstore."""
+    import fcntl
+    import http.client
+    import queue
+    import struct
+    import threading
+    from urllib.parse import urlsplit
+
+    host = urlsplit(spec["url"])
+    work: queue.SimpleQueue[tuple[int, str, str] | None] = queue.SimpleQueue()
+    _make_parents(spec["files"])
+    lock_path = os.path.join(spec["code_dir"], ".floor.lock")
+
+    def worker(lock_fd: int) -> None:
+        conn = http.client.HTTPConnection(host.hostname, host.port)
+        while (item := work.get()) is not None:
+            index, path, local = item
+            conn.request("HEAD", path)
+            head = conn.getresponse()
+            head.read()
+            size = int(head.headers["Content-Length"])
+            byte = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, index, 1, 0)
+            fcntl.fcntl(lock_fd, fcntl.F_OFD_SETLK, byte)
+            temp = f"{local}.{index}.partial"
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            conn.request("GET", path)
+            body = conn.getresponse().read()
+            if len(body) != size:
+                raise SystemExit(f"{path}: {len(body)} bytes, HEAD said {size}")
+            os.pwrite(fd, body, 0)
+            os.close(fd)
+            os.rename(temp, local)
+            fcntl.fcntl(lock_fd, fcntl.F_OFD_SETLK,
+                        struct.pack("hhqqi4x", fcntl.F_UNLCK, os.SEEK_SET, index, 1, 0))
+        conn.close()
+
+    def run() -> None:
+        for index, (key, local, _size) in enumerate(spec["files"]):
+            work.put((index, f"/{spec['bucket']}/{key}", local))
+        locks = [os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644) for _ in range(connections)]
+        threads = [threading.Thread(target=worker, args=(fd,)) for fd in locks]
+        for thread in threads:
+            work.put(None)
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for fd in locks:
             os.close(fd)
 
     return run
