@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from .aio import settled, to_thread, to_thread_settled
 from .cache import Manifest, ManifestEntry, ResumeJournal, TargetLock, target_lock, temp_path
-from .checksums import DigestSet, combinable, combine_parts
+from .checksums import DigestSet, combine_parts
 from .client import S3ClientFactory
 from .local import LocalCopies
 from .lookup import RemoteLookup
@@ -74,8 +74,7 @@ class _TempFile:
     todo: list[ByteRange]
     digests: DigestSet
     sink: RangeSink
-    part_algorithm: str | None  # the S3 CRC combined from the parts' CRCs
-    check_algorithm: str | None  # each part's own CRC, journaled for resume checks
+    part_algorithm: str | None  # each part's CRC, journaled and combined into the S3 CRC
     prefix: PrefixHasher | None
     started: float
     part_crcs: dict[int, int] = field(default_factory=dict)
@@ -345,18 +344,15 @@ class FileFetcher:
                          rate_window=self._settings.rate_window)
         # A multi-part file checks its CRC from per-part values computed while each part's bytes
         # are hot, combined at the end: no second read of the file.
-        part_algorithm = (remote.checksum[0] if multipart and remote.checksum is not None
-                          and self._settings.verify_checksums and combinable(remote.checksum[0])
-                          else None)
+        part_algorithm = part_check_algorithm(remote, self._settings) if multipart else None
         prefix = (PrefixHasher(fd, ranges, digests, resumed, sink.cancel)
                   if multipart and digests and not (part_algorithm
                                                    and digests.algorithms == [part_algorithm])
                   else None)
         opened = _TempFile(
             transfer, remote, temp, journal, fd, dir_fd, ranges,
-            [r for r in ranges if r.index not in resumed], digests, sink, part_algorithm,
-            part_check_algorithm(remote, self._settings) if multipart else None, prefix, started,
-            dict(journal.crcs) if journal is not None else {})
+            [r for r in ranges if r.index not in resumed], digests, sink, part_algorithm, prefix,
+            started, dict(journal.crcs) if journal is not None else {})
         self._sinks.add(sink)
         if self._cancel.is_set():
             sink.abort()
@@ -369,7 +365,7 @@ class FileFetcher:
 
     def _fetch_part(self, opened: _TempFile, client: Any, signed: Any,
                     byte_range: ByteRange) -> None:
-        sink, algorithm = opened.sink, opened.check_algorithm
+        sink, algorithm = opened.sink, opened.part_algorithm
         written = [0]
 
         def count(n: int) -> None:

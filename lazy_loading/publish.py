@@ -167,7 +167,6 @@ def _unwritable(target: Path, exc: OSError) -> FatalFailure:
                         "a writable directory")
 
 
-
 class _LastDirectories:
     """The directory each thread opened last, kept open for that thread's next file.
 
