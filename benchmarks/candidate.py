@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def _prepare(kind: str, spec: dict) -> Callable[[], object]:
@@ -156,6 +157,16 @@ def _obstore(spec: dict) -> Callable[[], None]:
     return lambda: asyncio.run(main())
 
 
+def _run_workers(work: Any, threads: list[Any]) -> None:
+    """Start the floors' worker threads, each stopped by a ``None`` after the queued work, and
+    wait for them all."""
+    for thread in threads:
+        work.put(None)
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def _http_floor(spec: dict, connections: int = 4) -> Callable[[], None]:
     """The least work any HTTP client can do: 4 keep-alive connections pulling 16 MiB ranges
     with ``readinto`` into one buffer and ``pwrite``; no S3 logic, no checks, no retries.
@@ -195,12 +206,7 @@ def _http_floor(spec: dict, connections: int = 4) -> Callable[[], None]:
             fds.append(fd)
             for start in range(0, size, part):
                 work.put((f"/{spec['bucket']}/{key}", fd, start, min(start + part, size)))
-        threads = [threading.Thread(target=worker) for _ in range(connections)]
-        for thread in threads:
-            work.put(None)
-            thread.start()
-        for thread in threads:
-            thread.join()
+        _run_workers(work, [threading.Thread(target=worker) for _ in range(connections)])
         for fd in fds:
             os.close(fd)
 
@@ -228,6 +234,9 @@ def _floor_with_guarantees(spec: dict, connections: int = 16) -> Callable[[], No
     _make_parents(spec["files"])
     lock_path = os.path.join(spec["code_dir"], ".floor.lock")
 
+    def lock_byte(kind: int, index: int) -> bytes:  # a one-byte ``struct flock``, 64-bit
+        return struct.pack("hhqqi4x", kind, os.SEEK_SET, index, 1, 0)
+
     def worker(lock_fd: int) -> None:
         conn = http.client.HTTPConnection(host.hostname, host.port)
         while (item := work.get()) is not None:
@@ -236,8 +245,7 @@ def _floor_with_guarantees(spec: dict, connections: int = 16) -> Callable[[], No
             head = conn.getresponse()
             head.read()
             size = int(head.headers["Content-Length"])
-            byte = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, index, 1, 0)
-            fcntl.fcntl(lock_fd, fcntl.F_OFD_SETLK, byte)
+            fcntl.fcntl(lock_fd, fcntl.F_OFD_SETLK, lock_byte(fcntl.F_WRLCK, index))
             temp = f"{local}.{index}.partial"
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             conn.request("GET", path)
@@ -247,20 +255,14 @@ def _floor_with_guarantees(spec: dict, connections: int = 16) -> Callable[[], No
             os.pwrite(fd, body, 0)
             os.close(fd)
             os.rename(temp, local)
-            fcntl.fcntl(lock_fd, fcntl.F_OFD_SETLK,
-                        struct.pack("hhqqi4x", fcntl.F_UNLCK, os.SEEK_SET, index, 1, 0))
+            fcntl.fcntl(lock_fd, fcntl.F_OFD_SETLK, lock_byte(fcntl.F_UNLCK, index))
         conn.close()
 
     def run() -> None:
         for index, (key, local, _size) in enumerate(spec["files"]):
             work.put((index, f"/{spec['bucket']}/{key}", local))
         locks = [os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644) for _ in range(connections)]
-        threads = [threading.Thread(target=worker, args=(fd,)) for fd in locks]
-        for thread in threads:
-            work.put(None)
-            thread.start()
-        for thread in threads:
-            thread.join()
+        _run_workers(work, [threading.Thread(target=worker, args=(fd,)) for fd in locks])
         for fd in locks:
             os.close(fd)
 
