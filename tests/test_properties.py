@@ -161,3 +161,43 @@ def test_parser_never_crashes_on_arbitrary_json(doc: Any) -> None:
 @given(text=st.text(max_size=60))
 def test_parser_never_crashes_on_arbitrary_text(text: str) -> None:
     _check(text)
+
+
+def _near_miss() -> st.SearchStrategy[str]:
+    """A known name with a few characters inserted, dropped or replaced, or any short name."""
+    from lazy_loading import environ
+
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZ_0123456789ab-."
+    edit = st.tuples(st.sampled_from("idr"), st.integers(0, 40), st.sampled_from(alphabet))
+
+    def apply(name: str, edits: list[tuple[str, int, str]]) -> str:
+        chars = list(name)
+        for op, at, char in edits:
+            at = min(at, len(chars))
+            if op == "i":
+                chars.insert(at, char)
+            elif chars:
+                at = min(at, len(chars) - 1)
+                if op == "d":
+                    del chars[at]
+                else:
+                    chars[at] = char
+        return "".join(chars)
+
+    return st.one_of(
+        st.builds(apply, st.sampled_from(sorted(environ._known)), st.lists(edit, max_size=6)),
+        st.text(alphabet, max_size=40),
+    )
+
+
+@settings(max_examples=3000)
+@given(word=_near_miss())
+def test_the_misspelled_variable_check_suggests_what_difflib_suggests(word: str) -> None:
+    """The check is our own loop for speed; its suggestion must stay difflib's."""
+    import difflib
+
+    from lazy_loading import environ
+
+    expected = difflib.get_close_matches(word, sorted(environ._known), n=1, cutoff=0.8)
+    found = environ._closest_known(word, environ._counted(frozenset(environ._known)))
+    assert found == (expected[0] if expected else None)
