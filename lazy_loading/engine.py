@@ -19,9 +19,10 @@ from .cache import Manifest
 from .client import S3ClientFactory
 from .errors import DownloadError
 from .fetch import FileFailed, FileFetcher
+from .lanes import LaneLimit
 from .local import LocalCopies
 from .lookup import RemoteLookup
-from .plan import FileTransfer, choose_part_size, group_for_threads, order_for_transfer
+from .plan import FileTransfer, choose_part_size, order_for_transfer, split_by_parts
 from .progress import DownloadState, ProgressTracker, format_bytes
 from .results import FileResult
 from .retry import Retrier
@@ -91,7 +92,8 @@ class TransferEngine:
                 "answering")
 
     async def _run(self) -> list[FileResult]:
-        failures = await self._lookup.head_all(self._fetcher.in_pool)
+        lanes = LaneLimit(self._settings.max_connections)
+        failures = await self._lookup.head_all(self._fetcher.in_pool, self._fetcher.submit, lanes)
         if failures:
             offline = (self._local.offline_results(self._transfers, failures)
                        if self._lookup.unreachable else None)
@@ -113,11 +115,16 @@ class TransferEngine:
         self._tracker.start(len(transfers), total)
         ticker = asyncio.ensure_future(self._log_progress())
         # Each file in flight holds a lock, a temp file and a journal open: bound them by the
-        # connection budget, not by the number of files.
+        # connection budget, not by the number of files. Single-part files are bound by their
+        # lanes, one file each.
         in_flight = asyncio.Semaphore(2 * self._settings.max_connections)
-        groups = group_for_threads(transfers, self._fetcher.part_size,
-                                   self._settings.max_connections)
-        tasks = [asyncio.ensure_future(self._files(group, in_flight)) for group in groups]
+        single, several = split_by_parts(transfers, self._fetcher.part_size)
+        groups = [[transfer] for transfer in several] + ([single] if single else [])
+        tasks = [asyncio.ensure_future(self._file(transfer, in_flight)) for transfer in several]
+        if single:
+            lanes.next_stage()
+            tasks.append(asyncio.ensure_future(
+                self._fetcher.make_present_single_part(single, lanes)))
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             if any(t.done() and not t.cancelled() and t.exception() for t in tasks):
@@ -150,10 +157,10 @@ class TransferEngine:
                 for transfer, result in zip(group, task.result(), strict=True)}
         return [done[transfer.index] for transfer in self._transfers]
 
-    async def _files(self, group: list[FileTransfer], in_flight: asyncio.Semaphore
-                     ) -> list[FileResult]:
+    async def _file(self, transfer: FileTransfer, in_flight: asyncio.Semaphore
+                    ) -> list[FileResult]:
         async with in_flight:
-            return await self._fetcher.make_present(group)
+            return [await self._fetcher.make_present(transfer)]
 
     async def _log_progress(self) -> None:
         interval = self._settings.progress_interval

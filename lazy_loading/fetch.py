@@ -1,9 +1,10 @@
 """One file's transfer: under the target's lock, keep the local copy or fetch the object's parts
 into a temp file, then verify and publish it (``publish``) and record it in the manifest.
 
-A file that fits in one part goes from lock to record on one I/O thread (``_whole_file``): for a
-small object, each hop between the event loop and a thread cost more GIL time than its
-request. Larger files spread their parts over the shared pool, in priority order.
+A file that fits in one part goes from lock to record on one I/O thread (``_whole_file``), and
+single-part files are taken one after another by a few threads (``lanes``): for a small object,
+each hop between the event loop and a thread cost more GIL time than its request. Larger files
+spread their parts over the shared pool, in priority order.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .aio import settled, to_thread, to_thread_settled
 from .cache import Manifest, ManifestEntry, ResumeJournal, TargetLock, target_lock, temp_path
 from .checksums import DigestSet, combine_parts
 from .client import S3ClientFactory
+from .lanes import LaneLimit, Lanes
 from .local import LocalCopies
 from .lookup import RemoteLookup
 from .plan import FileTransfer, split_ranges
@@ -172,31 +174,39 @@ class FileFetcher:
                            "written (%s); the next start checks it again",
                            transfer.display, exc.strerror)
 
-    async def make_present(self, transfers: list[FileTransfer]) -> list[FileResult]:
-        """Files from the local copy or the store. Single-part ones (grouped by
-        ``group_for_threads``) go from lock to record on one I/O thread, one after another;
-        anything larger, or a file another process is fetching or that grew past one part, goes
-        part by part. A file that fails ends the group: the run gives up as a whole anyway."""
-        first = transfers[0]
-        if first.remote is None or first.remote.size > self.part_size:
-            return [await self._materialize(transfer) for transfer in transfers]
-        job: Future[list[FileResult | None]] = self._submit(
-            (0, -first.size), self._whole_files, transfers)
+    async def make_present(self, transfer: FileTransfer) -> FileResult:
+        """A file of several parts, from the local copy or the store."""
+        return await self._materialize(transfer)
+
+    async def make_present_single_part(self, transfers: list[FileTransfer], limit: LaneLimit
+                                       ) -> list[FileResult]:
+        """Single-part files, largest first: each from lock to record on one I/O thread, taken
+        by lanes. A file another process is fetching, or that grew past one part, goes part by
+        part. A file that fails stops the lanes: the run gives up as a whole anyway."""
+        largest = transfers[0].size
+        lanes = Lanes(transfers, self._whole_file, limit,
+                      lambda lane: self.submit((0, -largest), lane), self._cancel)
         try:
-            found = await settled(asyncio.wrap_future(job))
+            found = await settled(asyncio.wrap_future(lanes.start()))
         except Cancelled:
             raise asyncio.CancelledError() from None
-        return [result if result is not None else await self._materialize(transfer)
-                for transfer, result in zip(transfers, found, strict=True)]
+        # Files another process holds wait for it side by side, not one after another.
+        bound = asyncio.Semaphore(self._settings.max_connections)
 
-    def _whole_files(self, transfers: list[FileTransfer]) -> list[FileResult | None]:
-        return [self._whole_file(transfer) for transfer in transfers]
+        async def part_by_part(transfer: FileTransfer) -> FileResult:
+            async with bound:
+                return await self._materialize(transfer)
+
+        left = iter(await asyncio.gather(*(part_by_part(transfer) for transfer, result
+                                           in zip(transfers, found, strict=True)
+                                           if result is None)))
+        return [result if result is not None else next(left) for result in found]
 
     async def in_pool(self, priority: tuple[int, ...], fn: Any, *args: Any) -> Any:
         """Run ``fn`` on the run's I/O pool (a cancelled caller may abandon it)."""
-        return await asyncio.wrap_future(self._submit(priority, fn, *args))
+        return await asyncio.wrap_future(self.submit(priority, fn, *args))
 
-    def _submit(self, priority: tuple[int, ...], fn: Callable[..., T], *args: Any) -> Future[T]:
+    def submit(self, priority: tuple[int, ...], fn: Callable[..., T], *args: Any) -> Future[T]:
         assert self.pool is not None, "the engine sets the pool for the run"
         return self.pool.submit(priority, fn, *args)
 
@@ -293,7 +303,7 @@ class FileFetcher:
         """Fetch the ranges in the shared pool; on any failure stop this file's other parts and
         wait until no thread can still write to its descriptor."""
         client, signed = self._transport(opened.transfer)
-        futures = [self._submit((r.index, -opened.remote.size), self._fetch_part, opened, client,
+        futures = [self.submit((r.index, -opened.remote.size), self._fetch_part, opened, client,
                                 signed, r)
                    for r in opened.todo]
         try:

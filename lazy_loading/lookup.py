@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from .aio import in_own_thread, to_thread
 from .client import S3ClientFactory, describe_endpoint
+from .lanes import LaneLimit, Lanes
 from .local import LocalCopies
 from .plan import FileTransfer
 from .progress import ProgressTracker
@@ -25,6 +27,7 @@ from .s3io import RemoteObject, TransferFailure, TransientFailure, head_object
 from .settings import LazyLoadingSettings
 
 InPool = Callable[..., Awaitable[Any]]
+Submit = Callable[..., Future[Any]]
 T = TypeVar("T")
 
 
@@ -71,7 +74,8 @@ class RemoteLookup:
             results.append(result)
         return results
 
-    async def head_all(self, in_pool: InPool) -> dict[str, str]:
+    async def head_all(self, in_pool: InPool, submit: Submit, limit: LaneLimit
+                       ) -> dict[str, str]:
         """Set every transfer's ``remote``; returns what failed, by file."""
         # Build each client before the first request: construction takes ~60 ms of GIL, and
         # every I/O thread would otherwise queue behind it on the factory's lock.
@@ -83,8 +87,9 @@ class RemoteLookup:
         # A warm start that found a change already knows every object.
         results: list[RemoteObject | BaseException | None] = [t.remote for t in self._transfers]
         unknown = [i for i, found in enumerate(results) if found is None]
-        answers = await self._each_in_pool(in_pool, quick.head,
-                                           [self._transfers[i] for i in unknown])
+        lanes = Lanes([self._transfers[i] for i in unknown], quick.head, limit,
+                      lambda lane: submit((-1,), lane), self._cancel)
+        answers = await asyncio.wrap_future(lanes.start())
         for i, found in zip(unknown, answers, strict=True):
             results[i] = found
         retry = [i for i, found in enumerate(results) if found is None]
@@ -114,27 +119,6 @@ class RemoteLookup:
                     f"{result.size} bytes"
                 )
         return failures
-
-    async def _each_in_pool(self, in_pool: InPool, head: Callable[[FileTransfer], T],
-                            transfers: list[FileTransfer]) -> list[T | None]:
-        """``head`` of every transfer, each pool thread taking the next one until none is left:
-        one hop between the loop and a thread per thread, not per file, since a hop costs more
-        GIL time than a quick HEAD. A transfer left unasked (cancelled run) stays None."""
-        results: list[T | None] = [None] * len(transfers)
-        taken = iter(range(len(transfers)))
-        take = threading.Lock()
-
-        def work() -> None:
-            while not self._cancel.is_set():
-                with take:
-                    index = next(taken, None)
-                if index is None:
-                    return
-                results[index] = head(transfers[index])
-
-        workers = min(self._settings.max_connections, len(transfers))
-        await asyncio.gather(*(in_pool((-1, k), work) for k in range(workers)))
-        return results
 
     def head(self, transfer: FileTransfer) -> RemoteObject:
         """One HEAD through the client, with retries (blocking)."""

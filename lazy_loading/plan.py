@@ -62,24 +62,10 @@ def order_for_transfer(transfers: list[FileTransfer]) -> list[FileTransfer]:
     return sorted(transfers, key=lambda t: (-t.size, t.index))
 
 
-_MAX_FILES_PER_HOP = 16
-
-
-def group_for_threads(transfers: list[FileTransfer], part_size: int,
-                      connections: int) -> list[list[FileTransfer]]:
-    """Files in the order given, single-part ones in groups that one I/O thread takes one after
-    another: a hop between the event loop and a thread costs more GIL time than a small file's
-    request. Groups stay small enough that every connection gets about two of them, so no
-    thread is left with a long queue at the end. Larger files go alone (their parts spread)."""
-    def single(transfer: FileTransfer) -> bool:
-        return transfer.remote is not None and transfer.remote.size <= part_size
-
-    per_group = max(1, min(_MAX_FILES_PER_HOP,
-                           sum(map(single, transfers)) // (_ROUNDS * connections)))
-    groups: list[list[FileTransfer]] = []
-    for transfer in transfers:
-        if groups and single(transfer) and single(groups[-1][0]) and len(groups[-1]) < per_group:
-            groups[-1].append(transfer)
-        else:
-            groups.append([transfer])
-    return groups
+def split_by_parts(transfers: list[FileTransfer], part_size: int
+                   ) -> tuple[list[FileTransfer], list[FileTransfer]]:
+    """(single-part files, files of several parts), each in the order given. A file not
+    looked up yet counts as several: it goes the careful way, part by part."""
+    single = [t for t in transfers if t.remote is not None and t.remote.size <= part_size]
+    chosen = {id(t) for t in single}
+    return single, [t for t in transfers if id(t) not in chosen]

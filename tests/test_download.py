@@ -477,8 +477,8 @@ def _small_files(count: int) -> dict[str, bytes]:
 def test_small_files_sharing_a_thread_stop_at_the_first_failure_and_name_it(
     s3: S3Store, tmp_path: Path
 ) -> None:
-    """Single-part files go to a thread in groups (16 files over 2 connections: groups of 4);
-    a 403 in the middle of a group fails the run, names that file and leaves nothing torn."""
+    """Single-part files are taken one after another by lanes (16 files over 2 connections);
+    a 403 in the middle fails the run, names that file and leaves nothing torn."""
     objects = _small_files(16)
     _, env = _setup(s3, objects, LAZY_LOADING_MAX_CONNECTIONS="2")
     s3.faults.add(Rule("status", method="GET", key="s05.bin", times=None, status=403))
@@ -498,8 +498,8 @@ def test_small_files_sharing_a_thread_stop_at_the_first_failure_and_name_it(
 def test_a_small_file_another_process_is_fetching_is_waited_for_not_skipped(
     s3: S3Store, tmp_path: Path
 ) -> None:
-    """A grouped file whose lock another process holds is handed back and waited for, while
-    the rest of its group goes on."""
+    """A single-part file whose lock another process holds is handed back and waited for,
+    while the lanes go on with the others."""
     import threading
 
     from lazy_loading.cache import target_lock
@@ -517,6 +517,43 @@ def test_a_small_file_another_process_is_fetching_is_waited_for_not_skipped(
     finally:
         releaser.cancel()
         other.release()
+    assert [r.display for r in results] == list(objects)
+    assert all((tmp_path / key).read_bytes() == body for key, body in objects.items())
+
+
+def test_small_files_other_processes_hold_are_waited_for_side_by_side(
+    s3: S3Store, tmp_path: Path
+) -> None:
+    """Two small files held elsewhere: the one let go first is fetched while the other (larger,
+    so first in line) is still held, not after it."""
+    import threading
+
+    from lazy_loading.cache import target_lock
+    from lazy_loading.handler import STATE_DIR_NAME
+
+    objects = _small_files(8)
+    _, env = _setup(s3, objects, LAZY_LOADING_MAX_CONNECTIONS="2")
+    (tmp_path / STATE_DIR_NAME / "locks").mkdir(parents=True)
+    first = target_lock(tmp_path / STATE_DIR_NAME, tmp_path / "s05.bin")
+    later = target_lock(tmp_path / STATE_DIR_NAME, tmp_path / "s01.bin")
+    assert first.try_acquire() and later.try_acquire()
+    while_held: list[bool] = []
+
+    def let_go() -> None:
+        later.release()
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "s01.bin").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        while_held.append((tmp_path / "s01.bin").exists())
+        first.release()
+
+    releaser = threading.Timer(0.5, let_go)
+    releaser.start()
+    try:
+        results = LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    finally:
+        releaser.join(timeout=30)
+    assert while_held == [True], "s01.bin waited for s05.bin's holder"
     assert [r.display for r in results] == list(objects)
     assert all((tmp_path / key).read_bytes() == body for key, body in objects.items())
 

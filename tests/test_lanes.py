@@ -1,0 +1,217 @@
+"""``lanes``: how many threads take the quick jobs, and that every job is done once whatever
+that number does meanwhile. Clocks are injected: no test here depends on the machine's speed."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+
+import pytest
+
+from lazy_loading.lanes import LaneLimit, Lanes
+from lazy_loading.scheduler import PriorityPool
+
+
+class _Clocks:
+    """Wall and CPU time that advance only when told."""
+
+    def __init__(self) -> None:
+        self.wall = 0.0
+        self.cpu = 0.0
+
+    def window(self, limit: LaneLimit, jobs: int, seconds: float, cores: float) -> int:
+        """``jobs`` finished over ``seconds``, the process using ``cores`` meanwhile."""
+        allowed = limit.allowed
+        for _ in range(jobs):
+            self.wall += seconds / jobs
+            self.cpu += seconds * cores / jobs
+            allowed = limit.job_done()
+        return allowed
+
+
+def _limit(most: int = 16) -> tuple[LaneLimit, _Clocks]:
+    clocks = _Clocks()
+    return LaneLimit(most, clock=lambda: clocks.wall, cpu=lambda: clocks.cpu), clocks
+
+
+def test_a_process_using_a_whole_core_halves_its_lanes_while_the_rate_holds() -> None:
+    limit, clocks = _limit()
+    assert limit.allowed == 16
+    assert [clocks.window(limit, 16, 0.05, 1.2) for _ in range(4)] == [8, 4, 4, 4]
+
+
+def test_a_store_keeping_the_process_waiting_keeps_every_connection() -> None:
+    limit, clocks = _limit()
+    assert [clocks.window(limit, 16, 0.05, 0.3) for _ in range(3)] == [16, 16, 16]
+
+
+def test_a_halving_that_slows_the_jobs_is_undone_for_good() -> None:
+    limit, clocks = _limit()
+    assert clocks.window(limit, 16, 0.05, 1.0) == 8
+    assert clocks.window(limit, 16, 0.10, 1.0) == 16, "half the rate: back to 16"
+    assert [clocks.window(limit, 16, 0.05, 1.0) for _ in range(3)] == [16, 16, 16]
+
+
+def test_lanes_grow_back_when_the_process_goes_idle() -> None:
+    limit, clocks = _limit()
+    assert [clocks.window(limit, 16, 0.05, 1.0) for _ in range(2)] == [8, 4]
+    limit.next_stage()
+    assert [clocks.window(limit, 16, 0.05, 0.2) for _ in range(3)] == [8, 16, 16]
+
+
+def test_short_windows_change_nothing() -> None:
+    limit, clocks = _limit()
+    assert clocks.window(limit, 15, 1.0, 2.0) == 16, "fewer than 16 jobs"
+    limit.next_stage()
+    assert clocks.window(limit, 200, 0.019, 2.0) == 16, "less than 20 ms"
+
+
+class _Scripted(LaneLimit):
+    """A limit that follows a script, one value per finished job, then stays."""
+
+    def __init__(self, most: int, script: list[int]) -> None:
+        super().__init__(most)
+        self._script = iter(script)
+        self._guard = threading.Lock()
+
+    def job_done(self) -> int:
+        with self._guard:
+            self.allowed = next(self._script, self.allowed)
+            return self.allowed
+
+
+def _run(items: list[int], work: Callable[[int], int], limit: LaneLimit, *, threads: int = 16,
+         stop: threading.Event | None = None) -> Future[list[int | None]]:
+    pool = PriorityPool(threads)
+    pool.start()
+    try:
+        lanes = Lanes(items, work, limit, lambda lane: pool.submit((1,), lane),
+                      stop or threading.Event())
+        done = lanes.start()
+        done.exception(timeout=30)
+        return done
+    finally:
+        pool.shutdown(wait=True)
+
+
+def test_every_job_is_done_once_while_the_lanes_fall_and_rise() -> None:
+    taken: list[int] = []
+    guard = threading.Lock()
+    busy = 0
+    most_busy = [0]
+
+    def work(item: int) -> int:
+        nonlocal busy
+        with guard:
+            taken.append(item)
+            busy += 1
+            most_busy[0] = max(most_busy[0], busy)
+        with guard:
+            busy -= 1
+        return item * 2
+
+    script = [16] * 40 + [1] * 200 + [8] * 200
+    done = _run(list(range(1000)), work, _Scripted(16, script))
+    assert done.result() == [i * 2 for i in range(1000)]
+    assert sorted(taken) == list(range(1000))
+
+
+def test_lanes_over_the_limit_leave_one_at_a_time_and_the_jobs_still_finish(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every lane finishes a job at the moment the limit drops to one: they must not all see
+    themselves over it and leave together, with jobs left undone. A lane's way out is slowed
+    down, so that the others look at the count meanwhile."""
+    gate = threading.Barrier(8)
+    leave = Lanes._end
+
+    def slow_end(self: Lanes[int, int], error: BaseException | None) -> None:
+        time.sleep(0.05)
+        leave(self, error)
+
+    monkeypatch.setattr(Lanes, "_end", slow_end)
+
+    def work(item: int) -> int:
+        if item < 8:
+            gate.wait(timeout=10)
+        return item
+
+    done = _run(list(range(64)), work, _Scripted(8, [1]))
+    assert done.result() == list(range(64))
+
+
+def test_the_first_failure_stops_the_lanes_and_is_what_they_raise() -> None:
+    class Broken(Exception):
+        pass
+
+    taken: list[int] = []
+
+    def work(item: int) -> int:
+        taken.append(item)
+        if item == 3:
+            raise Broken("item 3")
+        return item
+
+    done = _run(list(range(100)), work, LaneLimit(1), threads=1)
+    with pytest.raises(Broken, match="item 3"):
+        done.result()
+    assert taken == [0, 1, 2, 3]
+
+    taken.clear()
+    done = _run(list(range(100)), work, LaneLimit(4), threads=4)
+    with pytest.raises(Broken, match="item 3"):
+        done.result()
+    assert len(taken) <= 8, "the other lanes went on taking jobs"
+
+
+def test_a_stopped_run_leaves_the_rest_untaken() -> None:
+    stop = threading.Event()
+
+    def work(item: int) -> int:
+        if item == 2:
+            stop.set()
+        return item
+
+    done = _run(list(range(50)), work, LaneLimit(1), threads=1, stop=stop)
+    assert done.result() == [0, 1, 2] + [None] * 47
+
+
+def test_a_lane_goes_back_to_the_queue_so_better_work_is_not_kept_waiting() -> None:
+    """One thread: a job of a higher priority submitted while a lane runs goes before that
+    lane's next hop, not after every small file."""
+    pool = PriorityPool(1)
+    pool.start()
+    order: list[str] = []
+    try:
+        def urgent() -> None:
+            order.append("urgent")
+
+        def work(item: int) -> int:
+            if item == 0:
+                pool.submit((0,), urgent)
+            order.append(str(item))
+            return item
+
+        lanes = Lanes(list(range(20)), work, LaneLimit(1),
+                      lambda lane: pool.submit((1,), lane), threading.Event())
+        assert lanes.start().result(timeout=30) == list(range(20))
+    finally:
+        pool.shutdown(wait=True)
+    assert order.index("urgent") == 8, order
+
+
+def test_lanes_dropped_by_a_pool_shutting_down_still_settle() -> None:
+    """A run that gives up shuts its pool down with lanes still queued: whoever waits on the
+    lanes must be told, not left waiting."""
+    pool = PriorityPool(1)
+    pool.start()
+    release = threading.Event()
+    pool.submit((0,), release.wait, 10)  # the one thread is busy: the lanes stay queued
+    lanes = Lanes(list(range(10)), lambda item: item, LaneLimit(4),
+                  lambda lane: pool.submit((1,), lane), threading.Event())
+    done = lanes.start()
+    pool.shutdown(wait=False)
+    release.set()
+    assert done.result(timeout=10) == [None] * 10
+    pool.shutdown(wait=True)
