@@ -558,6 +558,21 @@ def test_small_files_other_processes_hold_are_waited_for_side_by_side(
     assert all((tmp_path / key).read_bytes() == body for key, body in objects.items())
 
 
+def test_a_store_that_answers_slowly_keeps_every_connection_busy_to_the_end(
+    s3: S3Store, tmp_path: Path
+) -> None:
+    """Lanes are halved only while the process keeps a CPU core busy; a store that takes
+    0.2 s to answer each GET keeps it waiting, so the last GETs still go 8 at a time."""
+    objects = _small_files(48)
+    _, env = _setup(s3, objects, LAZY_LOADING_MAX_CONNECTIONS="8")
+    s3.faults.add(Rule("headers", method="GET", times=None, seconds=0.2))
+    LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    seen = s3.faults.ledger.gets_in_flight
+    assert len(seen) == 48
+    assert max(seen[-16:]) == 8, seen
+    assert all((tmp_path / key).read_bytes() == body for key, body in objects.items())
+
+
 def test_a_file_cancelled_while_its_temp_file_is_created_leaves_nothing_behind(
     s3: S3Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
