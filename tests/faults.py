@@ -60,8 +60,9 @@ class Rule:
 class Ledger:
     body_bytes: Counter[str] = field(default_factory=Counter)
     requests: list[tuple[str, str, str | None, int]] = field(default_factory=list)
-    # How many GETs of objects were being answered as each one arrived (itself included).
-    gets_in_flight: list[int] = field(default_factory=list)
+    # How many slow answers (``headers`` rules with ``seconds``) were waiting as each one began,
+    # itself included: the requests the client had in flight at once.
+    slow_answers_waiting: list[int] = field(default_factory=list)
 
     def gets(self, key: str | None = None) -> int:
         return sum(1 for m, k, _, _ in self.requests if m == "GET" and (key is None or k == key))
@@ -73,21 +74,12 @@ class FaultInjector:
         self.ledger = Ledger()
         self._lock = threading.Lock()
         self.stopping = threading.Event()
-        self._gets_answering = 0
+        self._waiting = 0
 
     def reset(self) -> None:
         with self._lock:
             self.rules.clear()
             self.ledger = Ledger()
-
-    def _get_arrived(self) -> None:
-        with self._lock:
-            self._gets_answering += 1
-            self.ledger.gets_in_flight.append(self._gets_answering)
-
-    def _get_answered(self) -> None:
-        with self._lock:
-            self._gets_answering -= 1
 
     def add(self, rule: Rule) -> Rule:
         with self._lock:
@@ -108,66 +100,57 @@ class FaultInjector:
             path = environ.get("PATH_INFO", "")
             parts = path.lstrip("/").split("/", 1)
             key = parts[1] if len(parts) == 2 else ""
+            rng = environ.get("HTTP_RANGE")
             rule = self._pick(method, key) if key else None
-            if not (method == "GET" and key):
-                return self._answer(app, environ, start_response, method, key, rule)
-            self._get_arrived()
-            try:
-                answer = self._answer(app, environ, start_response, method, key, rule)
-            except BaseException:
-                self._get_answered()
-                raise
-            return self._then_answered(answer)
+            if rule is not None and rule.ignore_if_match:
+                environ.pop("HTTP_IF_MATCH", None)
+            if rule is not None and rule.action == "headers" and rule.seconds:
+                self._answer_slowly(rule.seconds)
+            status_holder: list[Any] = []
+            with self._lock:
+                self.ledger.requests.append((method, key, rng, rule.fired if rule else 0))
+            if rule is not None and rule.action == "status":
+                body = _SLOWDOWN if rule.status == 503 else _INTERNAL
+                if rule.status in (403, 404):
+                    body = b""
+                if rule.body is not None:
+                    body = rule.body
+                start_response(f"{rule.status} Fault", _replace(
+                    [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))],
+                    rule.headers))
+                return self._counted(key, body) if method != "HEAD" else []
+
+            def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+                if rule is not None and rule.action == "headers":
+                    headers = _replace(headers, rule.headers)
+                if rule is not None and rule.action == "bad_range":
+                    headers = [(h, v) for h, v in headers if h.lower() != "content-range"]
+                    headers.append(("Content-Range", "bytes 0-0/1"))
+                if rule is not None and rule.action == "bad_length":
+                    length = next(int(v) for h, v in headers if h.lower() == "content-length")
+                    headers = [(h, v) for h, v in headers if h.lower() != "content-length"]
+                    headers.append(("Content-Length", str(max(0, length - 10))))
+                status_holder.append(status)
+                return start_response(status, headers, exc_info)
+
+            result = app(environ, capture)
+            if method != "GET" or not key:
+                return result
+            return self._body(result, key, rule)
 
         return middleware
 
-    def _then_answered(self, answer: Iterable[bytes]) -> Iterator[bytes]:
-        try:
-            yield from answer
-        finally:
-            close = getattr(answer, "close", None)
-            if close is not None:
-                close()
-            self._get_answered()
-
-    def _answer(self, app: WSGIApp, environ: dict[str, Any], start_response: Callable[..., Any],
-                method: str, key: str, rule: Rule | None) -> Iterable[bytes]:
-        rng = environ.get("HTTP_RANGE")
-        if rule is not None and rule.ignore_if_match:
-            environ.pop("HTTP_IF_MATCH", None)
-        if rule is not None and rule.action == "headers" and rule.seconds:
-            time.sleep(rule.seconds)  # a slow answer: a window for the test to act in
-        status_holder: list[Any] = []
+    def _answer_slowly(self, seconds: float) -> None:
+        """A slow answer: a window for the test to act in, and a count of how many the client
+        keeps waiting at once."""
         with self._lock:
-            self.ledger.requests.append((method, key, rng, rule.fired if rule else 0))
-        if rule is not None and rule.action == "status":
-            body = _SLOWDOWN if rule.status == 503 else _INTERNAL
-            if rule.status in (403, 404):
-                body = b""
-            if rule.body is not None:
-                body = rule.body
-            start_response(f"{rule.status} Fault", _replace(
-                [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))],
-                rule.headers))
-            return self._counted(key, body) if method != "HEAD" else []
-
-        def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-            if rule is not None and rule.action == "headers":
-                headers = _replace(headers, rule.headers)
-            if rule is not None and rule.action == "bad_range":
-                headers = [(h, v) for h, v in headers if h.lower() != "content-range"]
-                headers.append(("Content-Range", "bytes 0-0/1"))
-            if rule is not None and rule.action == "bad_length":
-                length = next(int(v) for h, v in headers if h.lower() == "content-length")
-                headers = [(h, v) for h, v in headers if h.lower() != "content-length"]
-                headers.append(("Content-Length", str(max(0, length - 10))))
-            status_holder.append(status)
-            return start_response(status, headers, exc_info)
-
-        result = app(environ, capture)
-        if method != "GET" or not key:
-            return result
-        return self._body(result, key, rule)
+            self._waiting += 1
+            self.ledger.slow_answers_waiting.append(self._waiting)
+        try:
+            time.sleep(seconds)
+        finally:
+            with self._lock:
+                self._waiting -= 1
 
     def _body(self, result: Iterable[bytes], key: str, rule: Rule | None) -> Iterator[bytes]:
         sent = 0

@@ -567,9 +567,9 @@ def test_a_store_that_answers_slowly_keeps_every_connection_busy_to_the_end(
     _, env = _setup(s3, objects, LAZY_LOADING_MAX_CONNECTIONS="8")
     s3.faults.add(Rule("headers", method="GET", times=None, seconds=0.2))
     LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
-    seen = s3.faults.ledger.gets_in_flight
-    assert len(seen) == 48
-    assert max(seen[-16:]) == 8, seen
+    waiting = s3.faults.ledger.slow_answers_waiting
+    assert len(waiting) == 48
+    assert max(waiting[-16:]) == 8, waiting
     assert all((tmp_path / key).read_bytes() == body for key, body in objects.items())
 
 
