@@ -93,7 +93,7 @@ class TransferEngine:
 
     async def _run(self) -> list[FileResult]:
         lanes = LaneLimit(self._settings.max_connections)
-        failures = await self._lookup.head_all(self._fetcher.in_pool, self._fetcher.submit, lanes)
+        failures = await self._lookup.head_all(self._fetcher.submit, lanes)
         if failures:
             offline = (self._local.offline_results(self._transfers, failures)
                        if self._lookup.unreachable else None)

@@ -174,10 +174,6 @@ class FileFetcher:
                            "written (%s); the next start checks it again",
                            transfer.display, exc.strerror)
 
-    async def make_present(self, transfer: FileTransfer) -> FileResult:
-        """A file of several parts, from the local copy or the store."""
-        return await self._materialize(transfer)
-
     async def make_present_single_part(self, transfers: list[FileTransfer], limit: LaneLimit
                                        ) -> list[FileResult]:
         """Single-part files, largest first: each from lock to record on one I/O thread, taken
@@ -195,7 +191,7 @@ class FileFetcher:
 
         async def part_by_part(transfer: FileTransfer) -> FileResult:
             async with bound:
-                return await self._materialize(transfer)
+                return await self.make_present(transfer)
 
         left = iter(await asyncio.gather(*(part_by_part(transfer) for transfer, result
                                            in zip(transfers, found, strict=True)
@@ -213,7 +209,7 @@ class FileFetcher:
     # ----------------------------------------------------------------- one file, one thread
     def _whole_file(self, transfer: FileTransfer) -> FileResult | None:
         """A single-part file from lock to record, blocking. None when another process holds
-        its lock or the object grew past one part: ``_materialize`` then takes over."""
+        its lock or the object grew past one part: ``make_present`` then takes over."""
         if self._cancel.is_set():
             raise Cancelled()
         lock = target_lock(self._state_dir, transfer.target)
@@ -251,7 +247,8 @@ class FileFetcher:
             raise
 
     # ----------------------------------------------------------------- parts over the pool
-    async def _materialize(self, transfer: FileTransfer) -> FileResult:
+    async def make_present(self, transfer: FileTransfer) -> FileResult:
+        """A file from the local copy or the store, part by part over the pool."""
         lock = target_lock(self._state_dir, transfer.target)
         await self._acquire(lock, transfer)
         try:

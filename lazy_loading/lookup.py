@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any
 
 from .aio import in_own_thread, to_thread
 from .client import S3ClientFactory, describe_endpoint
@@ -26,9 +26,7 @@ from .revalidate import SignedRequests, head_without_client
 from .s3io import RemoteObject, TransferFailure, TransientFailure, head_object
 from .settings import LazyLoadingSettings
 
-InPool = Callable[..., Awaitable[Any]]
 Submit = Callable[..., Future[Any]]
-T = TypeVar("T")
 
 
 class RemoteLookup:
@@ -74,8 +72,7 @@ class RemoteLookup:
             results.append(result)
         return results
 
-    async def head_all(self, in_pool: InPool, submit: Submit, limit: LaneLimit
-                       ) -> dict[str, str]:
+    async def head_all(self, submit: Submit, limit: LaneLimit) -> dict[str, str]:
         """Set every transfer's ``remote``; returns what failed, by file."""
         # Build each client before the first request: construction takes ~60 ms of GIL, and
         # every I/O thread would otherwise queue behind it on the factory's lock.
@@ -94,7 +91,8 @@ class RemoteLookup:
             results[i] = found
         retry = [i for i, found in enumerate(results) if found is None]
         slow = await asyncio.gather(
-            *(in_pool((-1, i), self.head, self._transfers[i]) for i in retry),
+            *(asyncio.wrap_future(submit((-1, i), self.head, self._transfers[i]))
+              for i in retry),
             return_exceptions=True,
         )
         for i, outcome in zip(retry, slow, strict=True):

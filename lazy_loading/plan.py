@@ -66,6 +66,8 @@ def split_by_parts(transfers: list[FileTransfer], part_size: int
                    ) -> tuple[list[FileTransfer], list[FileTransfer]]:
     """(single-part files, files of several parts), each in the order given. A file not
     looked up yet counts as several: it goes the careful way, part by part."""
-    single = [t for t in transfers if t.remote is not None and t.remote.size <= part_size]
-    chosen = {id(t) for t in single}
-    return single, [t for t in transfers if id(t) not in chosen]
+    single: list[FileTransfer] = []
+    several: list[FileTransfer] = []
+    for t in transfers:
+        (single if t.remote is not None and t.remote.size <= part_size else several).append(t)
+    return single, several
