@@ -107,7 +107,8 @@ class TransferEngine:
         total = sum(t.size for t in transfers)
         # From every file's size, not just the missing ones: a resumed run must cut the same
         # parts as the run it resumes.
-        self._fetcher.part_size = choose_part_size(total, self._settings.max_connections,
+        self._fetcher.part_size = choose_part_size([t.size for t in transfers],
+                                                   self._settings.max_connections,
                                                    self._settings.part_size)
         await to_thread(self._local.check_free_space, transfers, self._fetcher.needs_no_room)
         if self._settings.timeout is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import heapq
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,19 +44,39 @@ _AUTO_MAX_PART = 64 * MiB
 _ROUNDS = 2
 
 
-def choose_part_size(total_bytes: int, max_connections: int, configured: int | None) -> int:
+def choose_part_size(sizes: Sequence[int], max_connections: int, configured: int | None) -> int:
     """One part size for a whole run: a configured size as is, otherwise about two parts per
-    connection over all the bytes to fetch, within 4–64 MiB.
+    connection over all the bytes to fetch, within 4–64 MiB; but no file up to 64 MiB is split
+    when the files alone keep the connections as evenly busy.
 
     Fewer, larger parts save per-request CPU (a botocore request costs ~1 ms of GIL on 2 cores);
     two rounds per connection keep every connection busy to the end, so no lone last part
-    makes a long tail. A lone 32 MiB file still gets 8 parts, a 1 GiB one 32, 20 GB 320.
+    makes a long tail. A lone 32 MiB file still gets 8 parts, a 1 GiB one 32, 20 GB 320. But
+    16 files of 32 MiB on 16 connections are already one round of equal jobs: cutting each in
+    two only made them 16 several-part files, with a journal and a part schedule each (0.34 s
+    against 0.28 s whole, on 2 cores).
     """
     if configured is not None:
         return configured
-    wanted = -(-total_bytes // (_ROUNDS * max_connections))
+    wanted = -(-sum(sizes) // (_ROUNDS * max_connections))
     wanted = -(-wanted // MiB) * MiB
-    return max(_AUTO_MIN_PART, min(_AUTO_MAX_PART, wanted))
+    part = max(_AUTO_MIN_PART, min(_AUTO_MAX_PART, wanted))
+    whole = max((size for size in sizes if size <= _AUTO_MAX_PART), default=0)
+    whole = -(-whole // MiB) * MiB
+    if whole > part and (_busiest_connection(sizes, whole, max_connections)
+                         <= _busiest_connection(sizes, part, max_connections)):
+        return whole
+    return part
+
+
+def _busiest_connection(sizes: Sequence[int], part_size: int, connections: int) -> int:
+    """The bytes of the busiest connection when the parts are taken largest first by whichever
+    connection is free, as the pool takes them (equal speeds assumed)."""
+    loads = [0] * connections
+    for length in sorted((min(part_size, size - start) for size in sizes
+                          for start in range(0, size, part_size)), reverse=True):
+        heapq.heapreplace(loads, loads[0] + length)
+    return max(loads)
 
 
 def order_for_transfer(transfers: list[FileTransfer]) -> list[FileTransfer]:

@@ -34,16 +34,53 @@ def test_ranges_tile_the_object_exactly(size: int, part: int) -> None:
 
 @given(total=st.integers(0, 10**13), connections=st.integers(1, 256))
 def test_auto_part_size_keeps_every_connection_busy(total: int, connections: int) -> None:
-    part = choose_part_size(total, connections, None)
+    part = choose_part_size([total], connections, None)
     assert 4 * MiB <= part <= 64 * MiB and part % MiB == 0
     parts = -(-total // part)
     assert parts >= min(connections, -(-total // (4 * MiB))), "idle connections with work left"
 
 
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _whole_mib(n: int) -> int:
+    return _ceil_div(n, MiB) * MiB
+
+
+def _busiest(sizes: list[int], part: int, connections: int) -> int:
+    loads = [0] * connections
+    for length in sorted((min(part, size - start) for size in sizes
+                          for start in range(0, size, part)), reverse=True):
+        loads[loads.index(min(loads))] += length
+    return max(loads)
+
+
+@settings(max_examples=300)
+@given(sizes=st.lists(st.integers(0, 200 * MiB), min_size=1, max_size=40),
+       connections=st.integers(1, 32))
+def test_auto_part_size_keeps_files_whole_only_when_the_balance_holds(
+        sizes: list[int], connections: int) -> None:
+    """Files up to 64 MiB stay whole when they balance the connections as well as two rounds
+    of parts would; never at the cost of a busier connection."""
+    part = choose_part_size(sizes, connections, None)
+    wanted = max(4 * MiB, min(64 * MiB, _whole_mib(_ceil_div(sum(sizes), 2 * connections))))
+    whole = max((s for s in sizes if s <= 64 * MiB), default=0)
+    assert part in (wanted, _whole_mib(whole))
+    assert _busiest(sizes, part, connections) <= _busiest(sizes, wanted, connections)
+
+
+def test_as_many_equal_files_as_connections_are_fetched_whole() -> None:
+    assert choose_part_size([32 * MiB] * 16, 16, None) == 32 * MiB
+    assert choose_part_size([32 * MiB] * 3, 16, None) == 4 * MiB, "3 files keep 3 of 16 busy"
+    assert choose_part_size([1024 * MiB], 16, None) == 32 * MiB, "1 GiB still in 2 rounds"
+    assert choose_part_size([32 * MiB] * 20, 16, None) == 20 * MiB, "20 whole: 4 go twice"
+
+
 @given(total=st.integers(0, 10**13), connections=st.integers(1, 256),
        configured=st.integers(MiB, 5 * 1024 * MiB))
 def test_configured_part_size_is_used_as_is(total: int, connections: int, configured: int) -> None:
-    assert choose_part_size(total, connections, configured) == configured
+    assert choose_part_size([total], connections, configured) == configured
 
 
 @settings(max_examples=60, deadline=None)
