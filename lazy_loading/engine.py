@@ -26,7 +26,7 @@ from .plan import FileTransfer, choose_part_size, order_for_transfer, split_by_p
 from .progress import DownloadState, ProgressTracker, format_bytes
 from .results import FileResult
 from .retry import Retrier
-from .scheduler import PriorityPool
+from .scheduler import PriorityPool, Throttle
 from .settings import LazyLoadingSettings
 
 logger = logging.getLogger("lazy_loading")
@@ -69,7 +69,7 @@ class TransferEngine:
             self._fetcher.close()
             raise
         finally:
-            self._fetcher.pool = None
+            self._fetcher.pool = self._fetcher.gets = None
             self._lookup.close()
         # Join the idle threads so none is alive if the caller forks next (gunicorn master).
         await to_thread(pool.shutdown, True)
@@ -120,6 +120,10 @@ class TransferEngine:
         # lanes, one file each.
         in_flight = asyncio.Semaphore(2 * self._settings.max_connections)
         single, several = split_by_parts(transfers, self._fetcher.part_size)
+        assert self._fetcher.pool is not None
+        # GETs start on a few connections and take more while the process has CPU to spare.
+        self._fetcher.gets = Throttle(self._fetcher.pool, LaneLimit(
+            self._settings.max_connections, start_low=True))
         groups = [[transfer] for transfer in several] + ([single] if single else [])
         tasks = [asyncio.ensure_future(self._file(transfer, in_flight)) for transfer in several]
         if single:

@@ -4,7 +4,8 @@ into a temp file, then verify and publish it (``publish``) and record it in the 
 A file that fits in one part goes from lock to record on one I/O thread (``_whole_file``), and
 single-part files are taken one after another by a few threads (``lanes``): for a small object,
 each hop between the event loop and a thread cost more GIL time than its request. Larger files
-spread their parts over the shared pool, in priority order.
+spread their parts over the shared pool, in priority order; every GET enters it through the run's
+``Throttle``, which gives it as many connections as the process can read.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from .s3io import (
     TransferFailure,
     fetch_range,
 )
-from .scheduler import PriorityPool
+from .scheduler import PriorityPool, Throttle
 from .settings import LazyLoadingSettings
 from .verify import PrefixHasher, digests_for, part_check_algorithm
 
@@ -103,6 +104,7 @@ class FileFetcher:
         self._sinks: set[RangeSink] = set()
         self.part_size = 0  # one per run, set by the engine once every size is known
         self.pool: PriorityPool | None = None
+        self.gets: Throttle | None = None  # the run's GETs (parts, lanes) enter the pool here
 
     def close(self) -> None:
         """At the end of the run, once its threads are done or abandoned."""
@@ -180,8 +182,10 @@ class FileFetcher:
         by lanes. A file another process is fetching, or that grew past one part, goes part by
         part. A file that fails stops the lanes: the run gives up as a whole anyway."""
         largest = transfers[0].size
+        assert self.gets is not None, "the engine sets the throttle for the run"
+        throttle = self.gets
         lanes = Lanes(transfers, self._whole_file, limit,
-                      lambda lane: self.submit((0, -largest), lane), self._cancel)
+                      lambda lane: throttle.submit((0, -largest), lane), self._cancel)
         try:
             found = await settled(asyncio.wrap_future(lanes.start()))
         except Cancelled:
@@ -300,8 +304,9 @@ class FileFetcher:
         """Fetch the ranges in the shared pool; on any failure stop this file's other parts and
         wait until no thread can still write to its descriptor."""
         client, signed = self._transport(opened.transfer)
-        futures = [self.submit((r.index, -opened.remote.size), self._fetch_part, opened, client,
-                                signed, r)
+        assert self.gets is not None, "the engine sets the throttle for the run"
+        futures = [self.gets.submit((r.index, -opened.remote.size), self._fetch_part, opened,
+                                    client, signed, r)
                    for r in opened.todo]
         try:
             await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
@@ -374,10 +379,13 @@ class FileFetcher:
                     byte_range: ByteRange) -> None:
         sink, algorithm = opened.sink, opened.part_algorithm
         written = [0]
+        throttle = self.gets
 
         def count(n: int) -> None:
             written[0] += n
             sink.on_bytes(n)
+            if throttle is not None and n > 0:
+                throttle.progress(n)
 
         part_digest = DigestSet([algorithm]) if algorithm else None
         part_sink = sink.with_counter(count, part_digest)

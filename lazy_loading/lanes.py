@@ -24,42 +24,51 @@ _WINDOW_SECONDS = 0.02
 _SATURATED = 0.9  # cores of CPU time per second of wall time: the GIL allows about one
 _IDLE = 0.5
 _KEEPS_RATE = 0.75
+_GAINS_RATE = 1.25
 _FEWEST = 4
 _JOBS_PER_HOP = 8
 
 
 class LaneLimit:
-    """How many lanes may run, measured in windows of at least 16 jobs and 20 ms.
+    """How many lanes may run, measured in windows of at least 16 jobs and 20 ms. It starts at
+    the budget, or at the fewest (4) when told to ``start_low``.
 
     * The process used at least 0.9 of a core: halve the lanes (not below 4).
     * The window after a halving was more than a quarter slower: undo it, and halve no more.
     * The process used less than half a core, so the store is what it waits for: double the
       lanes, up to the budget.
+    * In between: double them to see, and undo it for good unless the next window is at least
+      a quarter faster.
+
+    A job's ``amount`` (bytes, for parts) is what the rate counts.
     """
 
-    def __init__(self, most: int, *, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, most: int, *, start_low: bool = False,
+                 clock: Callable[[], float] = time.monotonic,
                  cpu: Callable[[], float] = time.process_time) -> None:
         self.most = max(1, most)
         self.fewest = min(_FEWEST, self.most)
-        self.allowed = self.most
+        self.allowed = self.fewest if start_low else self.most
         self._clock, self._cpu = clock, cpu
         self._lock = threading.Lock()
-        self._jobs = 0
+        self._jobs = self._amount = 0
         self._start = (clock(), cpu())
         self._before_halving: tuple[int, float] | None = None  # (lanes, jobs per second)
-        self._settled = False
+        self._before_trying: tuple[int, float] | None = None
+        self._settled = self._topped = False
 
     def next_stage(self) -> None:
         """The same store, other jobs (the GETs after the HEADs): start from the lanes found so
         far, and measure afresh."""
         with self._lock:
-            self._jobs, self._start = 0, (self._clock(), self._cpu())
-            self._before_halving = None
+            self._jobs, self._amount, self._start = 0, 0, (self._clock(), self._cpu())
+            self._before_halving = self._before_trying = None
 
-    def job_done(self) -> int:
-        """Count one finished job; returns how many lanes may run now."""
+    def job_done(self, amount: int = 1) -> int:
+        """Count one finished job (``amount`` of work); returns how many lanes may run now."""
         with self._lock:
             self._jobs += 1
+            self._amount += amount
             if self._jobs < _WINDOW_JOBS:
                 return self.allowed
             now, used = self._clock(), self._cpu()
@@ -67,19 +76,25 @@ class LaneLimit:
             if wall < _WINDOW_SECONDS:
                 return self.allowed
             busy = (used - self._start[1]) / wall
-            rate = self._jobs / wall
-            self._jobs, self._start = 0, (now, used)
+            rate = self._amount / wall
+            self._jobs, self._amount, self._start = 0, 0, (now, used)
             self._adjust(busy, rate)
             return self.allowed
 
     def _adjust(self, busy: float, rate: float) -> None:
         halved, self._before_halving = self._before_halving, None
+        tried, self._before_trying = self._before_trying, None
         if halved is not None and rate < _KEEPS_RATE * halved[1]:
             self.allowed, self._settled = halved[0], True
+        elif tried is not None and rate < _GAINS_RATE * tried[1]:
+            self.allowed, self._topped = tried[0], True
         elif busy >= _SATURATED and self.allowed > self.fewest and not self._settled:
             self._before_halving = (self.allowed, rate)
             self.allowed = max(self.fewest, self.allowed // 2)
         elif busy < _IDLE and self.allowed < self.most:
+            self.allowed = min(self.most, self.allowed * 2)
+        elif busy < _SATURATED and self.allowed < self.most and not self._topped:
+            self._before_trying = (self.allowed, rate)
             self.allowed = min(self.most, self.allowed * 2)
 
 

@@ -7,12 +7,16 @@ Ordering parts by (round, size) lets every file start early and keeps all connec
 
 from __future__ import annotations
 
+import functools
+import heapq
 import itertools
 import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
+
+from .lanes import LaneLimit
 
 T = TypeVar("T")
 
@@ -84,3 +88,69 @@ class PriorityPool:
         if wait:
             for thread in threads:
                 thread.join()
+
+
+class Throttle:
+    """Jobs that enter ``pool`` at most ``limit.allowed`` at a time, in priority order; the
+    rest wait here, holding no thread. Parts take every connection only while the process has
+    the CPU to read them: on 2 cores, 16 × 32 MiB over loopback took 0.31 s on 16 connections
+    and 0.26 s on 4, and a mixed set 0.37 against 0.31 s, while a distant store needs them all.
+    ``progress`` feeds the limit the bytes read, and lets waiting jobs in when it rises."""
+
+    def __init__(self, pool: PriorityPool, limit: LaneLimit) -> None:
+        self._pool, self._limit = pool, limit
+        self._lock = threading.Lock()
+        self._waiting: list[tuple[Priority, int, Future[Any], Callable[..., Any],
+                                  tuple[Any, ...]]] = []
+        self._seq = itertools.count()
+        self._running = 0
+        self._allowed = limit.allowed
+
+    def submit(self, priority: Priority, fn: Callable[..., T], *args: Any) -> Future[T]:
+        future: Future[T] = Future()
+        with self._lock:
+            heapq.heappush(self._waiting, (priority, next(self._seq), future, fn, args))
+        self._admit()
+        return future
+
+    def progress(self, amount: int) -> None:
+        allowed = self._limit.job_done(amount)
+        if allowed != self._allowed:
+            self._allowed = allowed
+            self._admit()
+
+    def _admit(self) -> None:
+        while True:
+            with self._lock:
+                if self._running >= self._limit.allowed or not self._waiting:
+                    return
+                priority, _, future, fn, args = heapq.heappop(self._waiting)
+                if not future.set_running_or_notify_cancel():
+                    continue  # cancelled while it waited
+                self._running += 1
+            try:
+                self._pool.submit(priority, self._run, future, fn, args).add_done_callback(
+                    functools.partial(self._unless_run, future))
+            except BaseException as exc:  # the pool is shut down
+                self._ended()
+                future.set_exception(exc)
+
+    def _run(self, future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+        finally:
+            self._ended()
+
+    def _unless_run(self, future: Future[Any], entered: Future[None]) -> None:
+        if entered.cancelled():  # dropped from the pool's queue by its shutdown
+            self._ended()
+            future.set_exception(RuntimeError("pool is shut down"))
+
+    def _ended(self) -> None:
+        with self._lock:
+            self._running -= 1
+        self._admit()

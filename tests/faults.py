@@ -63,6 +63,7 @@ class Ledger:
     # How many slow answers (``headers`` rules with ``seconds``) were waiting as each one began,
     # itself included: the requests the client had in flight at once.
     slow_answers_waiting: list[int] = field(default_factory=list)
+    slow_answers_at: list[float] = field(default_factory=list)  # time.monotonic() of each
 
     def gets(self, key: str | None = None) -> int:
         return sum(1 for m, k, _, _ in self.requests if m == "GET" and (key is None or k == key))
@@ -146,6 +147,7 @@ class FaultInjector:
         with self._lock:
             self._waiting += 1
             self.ledger.slow_answers_waiting.append(self._waiting)
+            self.ledger.slow_answers_at.append(time.monotonic())
         try:
             time.sleep(seconds)
         finally:

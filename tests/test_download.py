@@ -279,7 +279,9 @@ def test_each_file_is_published_with_its_record_and_no_record_file_is_made(
     for key in objects:
         record = json.loads(os.getxattr(tmp_path / key, RECORD_ATTRIBUTE))
         assert record["target"] == str(tmp_path / key)
-        assert Manifest(state).lookup(tmp_path / key) is not None
+        entry = Manifest(state).lookup(tmp_path / key)
+        assert entry is not None
+        assert record["entry"] == json.loads(json.dumps(asdict(entry))), "every field, as is"
     s3.faults.ledger.body_bytes.clear()
     results = LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
     assert {r.status for r in results} == {"cached"}
@@ -571,6 +573,24 @@ def test_a_store_that_answers_slowly_keeps_every_connection_busy_to_the_end(
     assert len(waiting) == 48
     assert max(waiting[-16:]) == 8, waiting
     assert all((tmp_path / key).read_bytes() == body for key, body in objects.items())
+
+
+def test_a_store_that_answers_slowly_gets_every_connection_for_a_files_parts(
+    s3: S3Store, tmp_path: Path
+) -> None:
+    """GETs start on 4 connections, and take more while the process waits for the store: 32
+    parts answered in 0.2 s each still end 8 at a time. The fifth GET waits for a first answer
+    (a lower bound the store's sleep sets: a slow machine cannot make this fail)."""
+    objects = {"model.bin": payload(32 * MiB, seed=77)}
+    _, env = _setup(s3, objects, LAZY_LOADING_MAX_CONNECTIONS="8", LAZY_LOADING_PART_SIZE="1MiB")
+    s3.faults.add(Rule("headers", method="GET", times=None, seconds=0.2))
+    LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    waiting = s3.faults.ledger.slow_answers_waiting
+    assert len(waiting) == 32
+    arrived = s3.faults.ledger.slow_answers_at
+    assert arrived[4] - arrived[0] >= 0.15, "more than 4 GETs at first"
+    assert max(waiting[-8:]) == 8, waiting
+    assert (tmp_path / "model.bin").read_bytes() == objects["model.bin"]
 
 
 def test_a_file_cancelled_while_its_temp_file_is_created_leaves_nothing_behind(

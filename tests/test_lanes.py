@@ -11,7 +11,7 @@ from concurrent.futures import Future
 import pytest
 
 from lazy_loading.lanes import LaneLimit, Lanes
-from lazy_loading.scheduler import PriorityPool
+from lazy_loading.scheduler import PriorityPool, Throttle
 
 
 class _Clocks:
@@ -21,19 +21,21 @@ class _Clocks:
         self.wall = 0.0
         self.cpu = 0.0
 
-    def window(self, limit: LaneLimit, jobs: int, seconds: float, cores: float) -> int:
+    def window(self, limit: LaneLimit, jobs: int, seconds: float, cores: float,
+               amount: int = 1) -> int:
         """``jobs`` finished over ``seconds``, the process using ``cores`` meanwhile."""
         allowed = limit.allowed
         for _ in range(jobs):
             self.wall += seconds / jobs
             self.cpu += seconds * cores / jobs
-            allowed = limit.job_done()
+            allowed = limit.job_done(amount)
         return allowed
 
 
-def _limit(most: int = 16) -> tuple[LaneLimit, _Clocks]:
+def _limit(most: int = 16, start_low: bool = False) -> tuple[LaneLimit, _Clocks]:
     clocks = _Clocks()
-    return LaneLimit(most, clock=lambda: clocks.wall, cpu=lambda: clocks.cpu), clocks
+    return LaneLimit(most, start_low=start_low, clock=lambda: clocks.wall,
+                     cpu=lambda: clocks.cpu), clocks
 
 
 def test_a_process_using_a_whole_core_halves_its_lanes_while_the_rate_holds() -> None:
@@ -61,6 +63,28 @@ def test_lanes_grow_back_when_the_process_goes_idle() -> None:
     assert [clocks.window(limit, 16, 0.05, 0.2) for _ in range(3)] == [8, 16, 16]
 
 
+def test_gets_start_on_four_connections_and_a_waiting_process_doubles_them() -> None:
+    limit, clocks = _limit(start_low=True)
+    assert limit.allowed == 4
+    assert [clocks.window(limit, 16, 0.05, 0.2) for _ in range(3)] == [8, 16, 16]
+
+
+def test_a_busy_process_keeps_four_connections() -> None:
+    limit, clocks = _limit(start_low=True)
+    assert [clocks.window(limit, 16, 0.05, 1.3) for _ in range(3)] == [4, 4, 4]
+
+
+def test_between_idle_and_busy_more_connections_are_kept_only_while_they_pay() -> None:
+    """Half to 0.9 of a core: double to see. The rate counts the amount (bytes), not jobs."""
+    limit, clocks = _limit(start_low=True)
+    mib = 1 << 20
+    assert clocks.window(limit, 16, 0.05, 0.7, amount=mib) == 8, "trying 8"
+    assert clocks.window(limit, 16, 0.05, 0.7, amount=2 * mib) == 16, "twice as fast: try 16"
+    assert clocks.window(limit, 16, 0.05, 0.7, amount=2 * mib) == 8, "no faster: back to 8"
+    assert [clocks.window(limit, 16, 0.05, 0.7, amount=2 * mib) for _ in range(3)] == [8] * 3
+    assert clocks.window(limit, 16, 0.05, 0.2, amount=2 * mib) == 16, "idle: grows anyway"
+
+
 def test_short_windows_change_nothing() -> None:
     limit, clocks = _limit()
     assert clocks.window(limit, 15, 1.0, 2.0) == 16, "fewer than 16 jobs"
@@ -76,7 +100,7 @@ class _Scripted(LaneLimit):
         self._script = iter(script)
         self._guard = threading.Lock()
 
-    def job_done(self) -> int:
+    def job_done(self, amount: int = 1) -> int:
         with self._guard:
             self.allowed = next(self._script, self.allowed)
             return self.allowed
@@ -214,4 +238,72 @@ def test_lanes_dropped_by_a_pool_shutting_down_still_settle() -> None:
     pool.shutdown(wait=False)
     release.set()
     assert done.result(timeout=10) == [None] * 10
+    pool.shutdown(wait=True)
+
+
+def _throttled(limit: LaneLimit, jobs: int, work: Callable[[int], None],
+               threads: int = 16) -> tuple[list[Future[None]], PriorityPool, Throttle]:
+    pool = PriorityPool(threads)
+    pool.start()
+    throttle = Throttle(pool, limit)
+    return [throttle.submit((index,), work, index) for index in range(jobs)], pool, throttle
+
+
+def test_the_throttle_runs_no_more_jobs_than_allowed_and_lets_more_in_when_it_rises() -> None:
+    limit = _Scripted(16, [])
+    limit.allowed = 4
+    guard = threading.Lock()
+    running, most_running, order = [0], [0], []
+    release = threading.Event()
+
+    def work(index: int) -> None:
+        with guard:
+            running[0] += 1
+            most_running[0] = max(most_running[0], running[0])
+            order.append(index)
+        release.wait(10)
+        with guard:
+            running[0] -= 1
+
+    futures, pool, throttle = _throttled(limit, 40, work)
+    try:
+        deadline = time.monotonic() + 10
+        while len(order) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        assert sorted(order) == [0, 1, 2, 3], "the first 4 by priority, and no more"
+        limit.allowed = 8
+        throttle.progress(1)  # the limit rose: waiting jobs go in at once
+        while len(order) < 8 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sorted(order) == list(range(8))
+        release.set()
+        for future in futures:
+            future.result(timeout=10)
+    finally:
+        release.set()
+        pool.shutdown(wait=True)
+    assert most_running[0] == 8
+    assert sorted(order) == list(range(40))
+
+
+def test_throttled_jobs_cancelled_or_dropped_by_a_pool_shutting_down_still_settle() -> None:
+    """Two may run on one thread: job 0 runs, job 1 waits in the pool's queue, the others here.
+    A run that gives up shuts its pool down: whoever waits on a job must be told."""
+    limit = _Scripted(2, [])
+    started, release = threading.Event(), threading.Event()
+
+    def work(index: int) -> None:
+        started.set()
+        release.wait(10)
+
+    futures, pool, _ = _throttled(limit, 5, work, threads=1)
+    assert started.wait(10)
+    assert futures[4].cancel(), "a job still waiting can be cancelled"
+    pool.shutdown(wait=False)
+    release.set()
+    futures[0].result(timeout=10)
+    for future in futures[1:4]:
+        with pytest.raises(RuntimeError, match="shut down"):
+            future.result(timeout=10)
     pool.shutdown(wait=True)
