@@ -58,15 +58,6 @@ def parse_headers(fp: Any, _class: type[http.client.HTTPMessage] = http.client.H
     return message
 
 
-def first_values(message: http.client.HTTPMessage) -> dict[str, str]:
-    """Each header's first value under its lower-case name, as ``message.get`` returns it, in
-    one pass: ``get`` scans every header on each call, and a response was asked ten times."""
-    values: dict[str, str] = {}
-    for name, value in message.items():
-        values.setdefault(name.lower(), value)
-    return values
-
-
 def _begin_with_our_parser() -> Any:
     """``http.client``'s own ``HTTPResponse.begin`` (whatever the Python version's is), with
     ``parse_headers`` above in place of its module's: nothing of the status line, 100-continue,

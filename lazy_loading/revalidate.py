@@ -17,7 +17,6 @@ then reports any error properly. An endpoint reached through a proxy takes the c
 from __future__ import annotations
 
 import contextlib
-import functools
 import http.client
 import logging
 import os
@@ -44,7 +43,7 @@ from botocore.exceptions import (
 from .checksums import pick_s3_checksum
 from .client import ERROR_BODY_LIMIT, S3ClientFactory, describe_endpoint, timeouts
 from .config import LazyLoadingRepository
-from .connections import ConnectFailure, HostConnections, first_values
+from .connections import ConnectFailure, HostConnections
 from .plan import FileTransfer
 from .s3io import NO_ETAG, NO_LENGTH, ByteRange, FatalFailure, RemoteObject
 from .settings import LazyLoadingSettings
@@ -114,8 +113,8 @@ class _SignedSession:
             return None
         if response.status != 200:
             return None
-        headers = first_values(response.headers)
-        etag, length = headers.get("etag"), headers.get("content-length")
+        headers = response.headers
+        etag, length = headers.get("ETag"), headers.get("Content-Length")
         where = f"s3://{self._repository.bucket_name}/{key} at {describe_endpoint(self._repository)}"
         if not etag:
             return FatalFailure(f"{where}: {NO_ETAG}")
@@ -124,7 +123,7 @@ class _SignedSession:
         fields: dict[str, object] = {name: headers.get(header)
                                      for name, header in _CHECKSUM_HEADERS.items()}
         fields.update(ETag=etag, ChecksumType=headers.get("x-amz-checksum-type"))
-        modified = headers.get("last-modified")
+        modified = headers.get("Last-Modified")
         try:  # the form botocore's parsed HEAD gives, which the GETs are compared against
             last_modified = str(_http_date(modified)) if modified else None
         except (ValueError, TypeError):
@@ -143,13 +142,13 @@ class _SignedSession:
         if not whole:
             headers["Range"] = f"bytes={byte_range.start}-{byte_range.end}"
         response = self._send("GET", remote.key, headers)
-        fields = first_values(response.headers)
-        length = fields.get("content-length")
-        modified = fields.get("last-modified")
+        fields = response.headers
+        length = fields.get("Content-Length")
+        modified = fields.get("Last-Modified")
         parsed: dict[str, Any] = {
-            "ETag": fields.get("etag"),
+            "ETag": fields.get("ETag"),
             "ContentLength": int(length) if length and length.isdigit() else None,
-            "ContentRange": fields.get("content-range"),
+            "ContentRange": fields.get("Content-Range"),
         }
         if modified:
             with contextlib.suppress(ValueError, TypeError):
@@ -220,11 +219,9 @@ def _proxied(url: str) -> bool:
         return True
 
 
-@functools.lru_cache(maxsize=256)
 def _http_date(value: str) -> datetime:
     """``Last-Modified`` as botocore parses it, at a fraction of the cost: dateutil's parser
-    took about a fifth of a small object's request time. Anything unusual goes to botocore.
-    Cached: a file's HEAD and GETs carry the same date, and a datetime is immutable."""
+    took about a fifth of a small object's request time. Anything unusual goes to botocore."""
     try:
         parsed = parsedate_to_datetime(value)
     except (TypeError, ValueError):

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lazy_loading.connections import first_values, parse_headers
+from lazy_loading.connections import parse_headers
 
 _NAME = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E, blacklist_characters=":"),
                 min_size=0, max_size=12)
@@ -48,18 +48,6 @@ def test_an_s3_response_and_its_lookups() -> None:
     assert isinstance(message, http.client.HTTPMessage)
     assert message.get("etag") == '"9b2cf535f27731c974343645a3985328"'
     assert message.get_all("Content-Length") == ["262144", "1"]
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.lists(_LINE, max_size=8), st.lists(_NAME, max_size=4))
-def test_first_values_are_what_get_returns(lines: list[str], asked: list[str]) -> None:
-    """One pass over the headers instead of a scan per lookup: the same value for every name
-    (any case), the first of repeated ones, and nothing for the others."""
-    block = "".join(line + "\r\n" for line in lines) + "\r\n"
-    message = parse_headers(io.BytesIO(block.encode("iso-8859-1")))
-    values = first_values(message)
-    for name in [*message.keys(), *asked, "Content-Length", "etag"]:
-        assert values.get(name.lower()) == message.get(name)
 
 
 @pytest.mark.parametrize("block, error", [
