@@ -19,7 +19,7 @@ from .cache import Manifest
 from .client import S3ClientFactory
 from .errors import DownloadError
 from .fetch import FileFailed, FileFetcher
-from .lanes import LaneLimit
+from .lanes import ConnectionLimit, LaneLimit
 from .local import LocalCopies
 from .lookup import RemoteLookup
 from .plan import FileTransfer, choose_part_size, order_for_transfer, split_by_parts
@@ -122,8 +122,8 @@ class TransferEngine:
         single, several = split_by_parts(transfers, self._fetcher.part_size)
         assert self._fetcher.pool is not None
         # GETs start on a few connections and take more while the process has CPU to spare.
-        self._fetcher.gets = Throttle(self._fetcher.pool, LaneLimit(
-            self._settings.max_connections, start_low=True))
+        self._fetcher.gets = Throttle(self._fetcher.pool,
+                                      ConnectionLimit(self._settings.max_connections))
         groups = [[transfer] for transfer in several] + ([single] if single else [])
         tasks = [asyncio.ensure_future(self._file(transfer, in_flight)) for transfer in several]
         if single:

@@ -578,18 +578,19 @@ def test_a_store_that_answers_slowly_keeps_every_connection_busy_to_the_end(
 def test_a_store_that_answers_slowly_gets_every_connection_for_a_files_parts(
     s3: S3Store, tmp_path: Path
 ) -> None:
-    """GETs start on 4 connections, and take more while the process waits for the store: 32
-    parts answered in 0.2 s each still end 8 at a time. The fifth GET waits for a first answer
-    (a lower bound the store's sleep sets: a slow machine cannot make this fail)."""
+    """GETs start on 8 connections, and take the whole budget while the process waits for the
+    store: 32 parts answered in 1 s each end 16 at a time. The ninth GET waits for a first
+    answer (a lower bound the store's sleep sets: a slow machine cannot make this fail). The
+    store runs in this process: the second keeps its CPU time per part small next to the wait."""
     objects = {"model.bin": payload(32 * MiB, seed=77)}
-    _, env = _setup(s3, objects, LAZY_LOADING_MAX_CONNECTIONS="8", LAZY_LOADING_PART_SIZE="1MiB")
-    s3.faults.add(Rule("headers", method="GET", times=None, seconds=0.2))
+    _, env = _setup(s3, objects, LAZY_LOADING_MAX_CONNECTIONS="16", LAZY_LOADING_PART_SIZE="1MiB")
+    s3.faults.add(Rule("headers", method="GET", times=None, seconds=1.0))
     LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
     waiting = s3.faults.ledger.slow_answers_waiting
-    assert len(waiting) == 32
     arrived = s3.faults.ledger.slow_answers_at
-    assert arrived[4] - arrived[0] >= 0.15, "more than 4 GETs at first"
-    assert max(waiting[-8:]) == 8, waiting
+    assert len(waiting) == 32
+    assert arrived[8] - arrived[0] >= 0.9, "more than 8 GETs at first"
+    assert max(waiting) == 16, waiting
     assert (tmp_path / "model.bin").read_bytes() == objects["model.bin"]
 
 

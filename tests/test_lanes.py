@@ -10,7 +10,7 @@ from concurrent.futures import Future
 
 import pytest
 
-from lazy_loading.lanes import LaneLimit, Lanes
+from lazy_loading.lanes import ConnectionLimit, LaneLimit, Lanes
 from lazy_loading.scheduler import PriorityPool, Throttle
 
 
@@ -32,10 +32,9 @@ class _Clocks:
         return allowed
 
 
-def _limit(most: int = 16, start_low: bool = False) -> tuple[LaneLimit, _Clocks]:
+def _limit(most: int = 16, kind: type[LaneLimit] = LaneLimit) -> tuple[LaneLimit, _Clocks]:
     clocks = _Clocks()
-    return LaneLimit(most, start_low=start_low, clock=lambda: clocks.wall,
-                     cpu=lambda: clocks.cpu), clocks
+    return kind(most, clock=lambda: clocks.wall, cpu=lambda: clocks.cpu), clocks
 
 
 def test_a_process_using_a_whole_core_halves_its_lanes_while_the_rate_holds() -> None:
@@ -63,29 +62,39 @@ def test_lanes_grow_back_when_the_process_goes_idle() -> None:
     assert [clocks.window(limit, 16, 0.05, 0.2) for _ in range(3)] == [8, 16, 16]
 
 
-def test_gets_start_on_four_connections_and_a_waiting_process_doubles_them() -> None:
-    limit, clocks = _limit(start_low=True)
-    assert limit.allowed == 4
-    assert [clocks.window(limit, 16, 0.05, 0.2) for _ in range(3)] == [8, 16, 16]
+def test_gets_start_on_eight_connections_and_a_waiting_process_takes_them_all() -> None:
+    limit, clocks = _limit(kind=ConnectionLimit)
+    assert limit.allowed == 8
+    assert [clocks.window(limit, 16, 0.1, 0.2) for _ in range(2)] == [16, 16]
 
 
-def test_a_busy_process_keeps_four_connections() -> None:
-    limit, clocks = _limit(start_low=True)
-    assert [clocks.window(limit, 16, 0.05, 1.3) for _ in range(3)] == [4, 4, 4]
+def test_a_busy_process_goes_down_to_four_connections() -> None:
+    limit, clocks = _limit(kind=ConnectionLimit)
+    assert [clocks.window(limit, 16, 0.1, 1.3) for _ in range(4)] == [8, 4, 4, 4]
+
+
+def test_connections_are_halved_after_two_busy_windows_not_one() -> None:
+    """A store sending in bursts keeps a core busy one window in two: that is no reason."""
+    limit, clocks = _limit(kind=ConnectionLimit)
+    assert clocks.window(limit, 16, 0.1, 0.2) == 16
+    assert [clocks.window(limit, 16, 0.1, cores) for cores in (1.3, 0.6, 1.3, 0.3)] == [16] * 4
+    assert [clocks.window(limit, 16, 0.1, 1.3) for _ in range(3)] == [16, 8, 4]
 
 
 def test_between_idle_and_busy_more_connections_are_kept_only_while_they_pay() -> None:
     """Half to 0.9 of a core: double to see. The rate counts the amount (bytes), not jobs."""
-    limit, clocks = _limit(start_low=True)
+    limit, clocks = _limit(most=32, kind=ConnectionLimit)
     mib = 1 << 20
-    assert clocks.window(limit, 16, 0.05, 0.7, amount=mib) == 8, "trying 8"
-    assert clocks.window(limit, 16, 0.05, 0.7, amount=2 * mib) == 16, "twice as fast: try 16"
-    assert clocks.window(limit, 16, 0.05, 0.7, amount=2 * mib) == 8, "no faster: back to 8"
-    assert [clocks.window(limit, 16, 0.05, 0.7, amount=2 * mib) for _ in range(3)] == [8] * 3
-    assert clocks.window(limit, 16, 0.05, 0.2, amount=2 * mib) == 16, "idle: grows anyway"
+    assert clocks.window(limit, 16, 0.1, 0.7, amount=mib) == 16, "trying 16"
+    assert clocks.window(limit, 16, 0.1, 0.7, amount=2 * mib) == 32, "twice as fast: try 32"
+    assert clocks.window(limit, 16, 0.1, 0.7, amount=2 * mib) == 16, "no faster: back to 16"
+    assert [clocks.window(limit, 16, 0.1, 0.7, amount=2 * mib) for _ in range(3)] == [16] * 3
+    assert clocks.window(limit, 16, 0.1, 0.2, amount=2 * mib) == 32, "idle: grows anyway"
 
 
 def test_short_windows_change_nothing() -> None:
+    limit, clocks = _limit(kind=ConnectionLimit)
+    assert clocks.window(limit, 200, 0.045, 0.2) == 8, "connections: less than 50 ms"
     limit, clocks = _limit()
     assert clocks.window(limit, 15, 1.0, 2.0) == 16, "fewer than 16 jobs"
     limit.next_stage()
