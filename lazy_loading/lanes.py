@@ -102,11 +102,14 @@ class LaneLimit:
             self.allowed = self._grown()
         elif busy < _SATURATED and self.allowed < self.most and not self._topped:
             self._before_trying = (self.allowed, rate)
-            self.allowed = min(self.most, self.allowed * 2)
+            self.allowed = self._doubled()
 
+    def _doubled(self) -> int:
+        return min(self.most, self.allowed * 2)
 
     def _grown(self) -> int:
-        return min(self.most, self.allowed * 2)
+        """What a process waiting for the store gets."""
+        return self._doubled()
 
 
 class ConnectionLimit(LaneLimit):

@@ -23,6 +23,16 @@ T = TypeVar("T")
 Priority = tuple[int, ...]
 
 
+def _settle(future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    """Run ``fn`` and give its result or exception to ``future``, which is running."""
+    try:
+        result = fn(*args)
+    except BaseException as exc:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
 class PriorityPool:
     def __init__(self, workers: int, name: str = "lazy-loading") -> None:
         self._workers = workers
@@ -62,14 +72,8 @@ class PriorityPool:
             if item is None:
                 return
             future, fn, args = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                result = fn(*args)
-            except BaseException as exc:
-                future.set_exception(exc)
-            else:
-                future.set_result(result)
+            if future.set_running_or_notify_cancel():
+                _settle(future, fn, args)
 
     def shutdown(self, wait: bool = True) -> None:
         """Cancel queued work, stop the threads; ``wait`` joins them (running work finishes)."""
@@ -137,11 +141,7 @@ class Throttle:
 
     def _run(self, future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         try:
-            result = fn(*args)
-        except BaseException as exc:
-            future.set_exception(exc)
-        else:
-            future.set_result(result)
+            _settle(future, fn, args)
         finally:
             self._ended()
 
