@@ -29,7 +29,6 @@ import struct
 import sys
 import threading
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,7 @@ def target_id(target: Path) -> str:
 def write_atomic(path: Path, data: bytes, durable: bool = False) -> None:
     """Unique temp file, then ``os.replace``. Not fsynced unless ``durable``: a record lost in a
     power cut only costs a re-download, and fsyncs per record would dominate small files."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o644)
