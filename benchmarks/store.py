@@ -36,10 +36,12 @@ http {{
     fastcgi_temp_path {prefix}/tmp;
     uwsgi_temp_path {prefix}/tmp;
     scgi_temp_path {prefix}/tmp;
+    {maps}
     server {{
         listen 127.0.0.1:{port};
         root {root};
         {limit}
+        {headers}
         {locations}
     }}
 }}
@@ -65,10 +67,30 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _header_maps(headers: dict[str, dict[str, str]]) -> tuple[str, str]:
+    """nginx ``map`` blocks and ``add_header`` lines that send ``headers[uri]`` on HEADs and
+    whole-object GETs of ``uri`` only: S3 leaves a full-object checksum out of ranged answers.
+    The map's key is the path followed by any Range header, and nginx sends no empty header."""
+    names = sorted({name for extra in headers.values() for name in extra})
+    maps, lines = [], []
+    for index, name in enumerate(names):
+        entries = "".join(f'\n        "{uri}" "{extra[name]}";'
+                          for uri, extra in headers.items() if name in extra)
+        maps.append(f"map $uri$http_range $header_{index} {{{entries}\n        default \"\";\n    }}")
+        lines.append(f"add_header {name} $header_{index} always;")
+    if maps:
+        maps.insert(0, "map_hash_bucket_size 128;")
+    return "\n    ".join(maps), "\n        ".join(lines)
+
+
 class NginxStore:
     def __init__(self, root: Path, prefix: Path, rate: str | None = None,
-                 upstream: str | None = None) -> None:
+                 upstream: str | None = None,
+                 headers: dict[str, dict[str, str]] | None = None) -> None:
+        """``headers``: extra response headers by URI path (an S3 checksum, say), sent as S3
+        sends a checksum: on HEADs and whole-object GETs."""
         self.root, self.prefix, self.rate, self.upstream = root, prefix, rate, upstream
+        self.headers = headers or {}
         self.port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -83,8 +105,10 @@ class NginxStore:
         limit = f"limit_rate {self.rate};" if self.rate else ""
         locations = (_PROXY.format(upstream=self.upstream) if self.upstream
                      else _FILES.format())
+        maps, headers = _header_maps(self.headers)
         conf.write_text(_CONF.format(prefix=self.prefix, port=self.port, root=self.root,
-                                     limit=limit, locations=locations))
+                                     limit=limit, locations=locations, maps=maps,
+                                     headers=headers))
         self.proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(self.prefix),
                                       "-g", "daemon off;"])
         deadline = time.monotonic() + 10
