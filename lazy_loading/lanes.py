@@ -61,6 +61,9 @@ class LaneLimit:
         self._before_trying: tuple[int, float] | None = None
         self._settled = self._topped = False
         self._busy_windows = 0
+        # How many jobs run and whether more wait, for a limit whose changes show only as jobs
+        # end (``ConnectionLimit``); the throttle that applies it tells.
+        self.occupancy: Callable[[], tuple[int, bool]] = lambda: (self.allowed, False)
 
     def next_stage(self) -> None:
         """The same store, other jobs (the GETs after the HEADs): start from the lanes found so
@@ -86,7 +89,15 @@ class LaneLimit:
             self._adjust(busy, rate)
             return self.allowed
 
+    def _in_effect(self) -> bool:
+        """Whether the last change of ``allowed`` shows in the jobs running. A lane ends after
+        its job, so for lanes it does at once."""
+        return True
+
     def _adjust(self, busy: float, rate: float) -> None:
+        pending = self._before_halving is not None or self._before_trying is not None
+        if pending and not self._in_effect():
+            return  # hold: judged on a window that measures the change
         halved, self._before_halving = self._before_halving, None
         tried, self._before_trying = self._before_trying, None
         self._busy_windows = self._busy_windows + 1 if busy >= _SATURATED else 0
@@ -123,12 +134,33 @@ class ConnectionLimit(LaneLimit):
     * a process still waiting for the store takes the whole budget at once, since each of a
       real store's connections is capped: doubling cost a capped 1 GiB a window at each step;
     * it halves only after two busy windows in a row, and its windows are longer: a store that
-      sends in bursts (a proxy's rate cap) kept a core busy in one 20 ms window out of two.
+      sends in bursts (a proxy's rate cap) kept a core busy in one 20 ms window out of two;
+    * a change is judged only once the GETs running match it (``_in_effect``).
     """
 
     _STARTS_AT = 8
     _BUSY_WINDOWS_TO_HALVE = 2
     _WINDOW_SECONDS = 0.05
+
+    def __init__(self, most: int, *, clock: Callable[[], float] = time.monotonic,
+                 cpu: Callable[[], float] = time.process_time) -> None:
+        super().__init__(most, clock=clock, cpu=cpu)
+        self._effect_seen = False
+
+    def _in_effect(self) -> bool:
+        """A GET runs to its end, so a halving shows only once enough of them have ended, and
+        a doubling once the new ones send bytes: a change is judged on the first whole window
+        after the jobs running (``occupancy``: how many, and whether more wait) matched it.
+        Judged on the window right after it, a doubling on a store that caps each connection
+        was undone for good before the new connections' first bytes (90 MB/s per connection:
+        1 GiB in up to 1.7 s against 0.9 s on 16)."""
+        running, waiting = self.occupancy()
+        matched = running == self.allowed or (running < self.allowed and not waiting)
+        if self._effect_seen:
+            self._effect_seen = False
+            return True
+        self._effect_seen = matched
+        return False
 
     def _grown(self) -> int:
         return self.most

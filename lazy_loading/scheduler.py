@@ -109,6 +109,10 @@ class Throttle:
         self._seq = itertools.count()
         self._running = 0
         self._allowed = limit.allowed
+        limit.occupancy = self._occupancy
+
+    def _occupancy(self) -> tuple[int, bool]:
+        return self._running, bool(self._waiting)
 
     def submit(self, priority: Priority, fn: Callable[..., T], *args: Any) -> Future[T]:
         future: Future[T] = Future()

@@ -78,7 +78,8 @@ def test_connections_are_halved_after_two_busy_windows_not_one() -> None:
     limit, clocks = _limit(kind=ConnectionLimit)
     assert clocks.window(limit, 16, 0.1, 0.2) == 16
     assert [clocks.window(limit, 16, 0.1, cores) for cores in (1.3, 0.6, 1.3, 0.3)] == [16] * 4
-    assert [clocks.window(limit, 16, 0.1, 1.3) for _ in range(3)] == [16, 8, 4]
+    # The halving is judged on the window after the one in which it showed.
+    assert [clocks.window(limit, 16, 0.1, 1.3) for _ in range(4)] == [16, 8, 8, 4]
 
 
 def test_between_idle_and_busy_more_connections_are_kept_only_while_they_pay() -> None:
@@ -86,10 +87,46 @@ def test_between_idle_and_busy_more_connections_are_kept_only_while_they_pay() -
     limit, clocks = _limit(most=32, kind=ConnectionLimit)
     mib = 1 << 20
     assert clocks.window(limit, 16, 0.1, 0.7, amount=mib) == 16, "trying 16"
+    assert clocks.window(limit, 16, 0.1, 0.7, amount=mib) == 16, "the 16 start: not judged"
     assert clocks.window(limit, 16, 0.1, 0.7, amount=2 * mib) == 32, "twice as fast: try 32"
+    assert clocks.window(limit, 16, 0.1, 0.7, amount=2 * mib) == 32, "the 32 start"
     assert clocks.window(limit, 16, 0.1, 0.7, amount=2 * mib) == 16, "no faster: back to 16"
     assert [clocks.window(limit, 16, 0.1, 0.7, amount=2 * mib) for _ in range(3)] == [16] * 3
     assert clocks.window(limit, 16, 0.1, 0.2, amount=2 * mib) == 32, "idle: grows anyway"
+
+
+def test_more_connections_are_judged_once_they_all_send() -> None:
+    """A store capping each connection, far enough that new ones send nothing in their first
+    window: that window is no reason to undo, nor are the windows before they all run."""
+    limit, clocks = _limit(kind=ConnectionLimit)
+    running = [8, True]  # GETs running, and whether more wait
+    limit.occupancy = lambda: (running[0], running[1])
+    mib = 1 << 20
+    assert clocks.window(limit, 16, 0.1, 0.7, amount=mib) == 16, "trying 16"
+    assert clocks.window(limit, 16, 0.1, 0.7, amount=mib) == 16, "8 of them running yet"
+    running[0] = 16
+    assert clocks.window(limit, 16, 0.1, 0.7, amount=mib) == 16, "the 16 just started"
+    assert clocks.window(limit, 16, 0.1, 0.7, amount=2 * mib) == 16, "twice as fast: kept"
+    assert clocks.window(limit, 16, 0.1, 0.7, amount=2 * mib) == 16
+
+
+def test_a_halving_is_judged_once_the_gets_beyond_it_have_ended() -> None:
+    """A GET runs to its end: the rate after a halving falls only once the GETs beyond the new
+    limit end. A store capping each connection then shows half the rate: undone for good."""
+    limit, clocks = _limit(kind=ConnectionLimit)
+    running = [8, True]
+    limit.occupancy = lambda: (running[0], running[1])
+    mib = 1 << 20
+    assert clocks.window(limit, 16, 0.1, 0.2, amount=mib) == 16, "waiting: all of them"
+    running[0] = 16
+    assert [clocks.window(limit, 16, 0.1, 1.3, amount=2 * mib) for _ in range(2)] == [16, 8]
+    assert [clocks.window(limit, 16, 0.1, 1.3, amount=2 * mib) for _ in range(3)] == [8] * 3, \
+        "the 16 GETs still run: the same rate is no verdict"
+    running[0] = 8
+    assert clocks.window(limit, 16, 0.1, 1.0, amount=mib) == 8, "the halving just showed"
+    assert clocks.window(limit, 16, 0.1, 0.9, amount=mib) == 16, "half the rate: undone"
+    running[0] = 16
+    assert [clocks.window(limit, 16, 0.1, 1.3, amount=2 * mib) for _ in range(4)] == [16] * 4
 
 
 def test_short_windows_change_nothing() -> None:
@@ -281,6 +318,7 @@ def test_the_throttle_runs_no_more_jobs_than_allowed_and_lets_more_in_when_it_ri
             time.sleep(0.01)
         time.sleep(0.05)
         assert sorted(order) == [0, 1, 2, 3], "the first 4 by priority, and no more"
+        assert limit.occupancy() == (4, True), "the limit sees what runs and that more wait"
         limit.allowed = 8
         throttle.progress(1)  # the limit rose: waiting jobs go in at once
         while len(order) < 8 and time.monotonic() < deadline:
@@ -294,6 +332,7 @@ def test_the_throttle_runs_no_more_jobs_than_allowed_and_lets_more_in_when_it_ri
         pool.shutdown(wait=True)
     assert most_running[0] == 8
     assert sorted(order) == list(range(40))
+    assert limit.occupancy() == (0, False)
 
 
 def test_throttled_jobs_cancelled_or_dropped_by_a_pool_shutting_down_still_settle() -> None:
