@@ -141,11 +141,7 @@ class ConnectionLimit(LaneLimit):
     _STARTS_AT = 8
     _BUSY_WINDOWS_TO_HALVE = 2
     _WINDOW_SECONDS = 0.05
-
-    def __init__(self, most: int, *, clock: Callable[[], float] = time.monotonic,
-                 cpu: Callable[[], float] = time.process_time) -> None:
-        super().__init__(most, clock=clock, cpu=cpu)
-        self._effect_seen = False
+    _effect_seen = False  # a pending change matched the GETs running at the last window's end
 
     def _in_effect(self) -> bool:
         """A GET runs to its end, so a halving shows only once enough of them have ended, and
