@@ -84,6 +84,12 @@ def make_data(root: Path, keys: list[tuple[str, int]]) -> None:
                 left -= chunk
 
 
+def _chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as fh:
+        while chunk := fh.read(16 * MiB):
+            yield chunk
+
+
 def sha256_of(path: Path) -> str:
     """The file's SHA-256, cached beside it (computed once per data set)."""
     import hashlib
@@ -92,9 +98,8 @@ def sha256_of(path: Path) -> str:
     if cache.exists() and cache.stat().st_mtime >= path.stat().st_mtime:
         return cache.read_text().strip()
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(16 * MiB):
-            digest.update(chunk)
+    for chunk in _chunks(path):
+        digest.update(chunk)
     cache.write_text(digest.hexdigest())
     return digest.hexdigest()
 
@@ -107,9 +112,8 @@ def crc64nvme_of(path: Path) -> str:
     from awscrt import checksums
 
     crc = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(16 * MiB):
-            crc = checksums.crc64nvme(chunk, crc)
+    for chunk in _chunks(path):
+        crc = checksums.crc64nvme(chunk, crc)
     return base64.b64encode(crc.to_bytes(8, "big")).decode("ascii")
 
 
@@ -510,15 +514,15 @@ def main() -> None:
         # And the S3 checksum every run checks when the store has one: CRC64NVME, what current
         # AWS SDKs store by default, sent by a second nginx on 1 GiB and on 256 small files.
         big_sc = Scenario("1 × 1 GiB", big, False, ["ours"])
-        small_sc = Scenario(SMALL, workloads(scale)[SMALL], False, ["ours"])
-        checksums = {f"/{BUCKET}/{key}": {"x-amz-checksum-crc64nvme":
-                                          crc64nvme_of(data_root / BUCKET / key),
-                                          "x-amz-checksum-type": "FULL_OBJECT"}
-                     for key, _ in big + small_sc.files}
+        every_workload = workloads(scale)
+        small_sc = Scenario(SMALL, every_workload[SMALL], False, ["ours"])
+        crcs = {key: crc64nvme_of(data_root / BUCKET / key) for key, _ in big + small_sc.files}
         # One more object whose CRC is wrong: the rows below measure a check that is made.
-        decoy = workloads(scale)["mixed: 300 + 100 + 5 MiB and 50 small files, nested"][2]
-        checksums[f"/{BUCKET}/{decoy[0]}"] = {"x-amz-checksum-crc64nvme": "AAAAAAAAAAA=",
-                                              "x-amz-checksum-type": "FULL_OBJECT"}
+        decoy = every_workload["mixed: 300 + 100 + 5 MiB and 50 small files, nested"][2]
+        crcs[decoy[0]] = "AAAAAAAAAAA="
+        checksums = {f"/{BUCKET}/{key}": {"x-amz-checksum-crc64nvme": crc,
+                                          "x-amz-checksum-type": "FULL_OBJECT"}
+                     for key, crc in crcs.items()}
         verification: dict[str, list[dict[str, float]]] = {}
         for capped in (False, True):
             with contextlib.ExitStack() as stores:
