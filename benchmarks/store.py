@@ -144,20 +144,28 @@ class NginxStore:
         return counts
 
 
-def _free_low_port() -> int:
-    """A free port whose +10000 (SeaweedFS's gRPC port) is free and valid too."""
+def _free_low_ports(count: int) -> list[int]:
+    """``count`` distinct free ports, each with its +10000 (SeaweedFS's gRPC port) free and
+    valid too, and no port any other's +10000: drawn one at a time, two could coincide."""
     import random
 
-    for _ in range(200):
+    taken: set[int] = set()
+    ports: list[int] = []
+    for _ in range(200 * count):
+        if len(ports) == count:
+            return ports
         port = random.randint(20000, 45000)
+        if {port, port + 10000} & taken:
+            continue
         try:
             for candidate in (port, port + 10000):
                 with socket.socket() as sock:
                     sock.bind(("127.0.0.1", candidate))
         except OSError:
             continue
-        return port
-    raise RuntimeError("no free port pair")
+        ports.append(port)
+        taken |= {port, port + 10000}
+    raise RuntimeError("no free port pairs")
 
 
 _S3_CONFIG = """{{"identities": [{{"name": "bench", "credentials": [{{"accessKey": "{key}",
@@ -170,7 +178,7 @@ class SeaweedStore:
 
     def __init__(self, weed: str, prefix: Path, key: str, secret: str) -> None:
         self.weed, self.prefix, self.key, self.secret = weed, prefix, key, secret
-        self.port = _free_low_port()
+        self.port, *self._others = _free_low_ports(4)  # S3, then master, volume, filer
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -186,7 +194,7 @@ class SeaweedStore:
         data.mkdir(parents=True, exist_ok=True)
         config = self.prefix / "s3.json"
         config.write_text(_S3_CONFIG.format(key=self.key, secret=self.secret))
-        master, volume, filer = (_free_low_port() for _ in range(3))
+        master, volume, filer = self._others
         with open(self.prefix / "weed.log", "wb") as log:
             self.proc = subprocess.Popen(
                 [self.weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
