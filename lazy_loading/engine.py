@@ -122,8 +122,9 @@ class TransferEngine:
         single, several = split_by_parts(transfers, self._fetcher.part_size)
         assert self._fetcher.pool is not None
         # GETs start on a few connections and take more while the process has CPU to spare.
-        self._fetcher.gets = Throttle(self._fetcher.pool,
-                                      ConnectionLimit(self._settings.max_connections))
+        limit = ConnectionLimit.for_store(self._settings.max_connections, self._lookup.nearby)
+        logger.debug("GETs start on %d of %d connections", limit.allowed, limit.most)
+        self._fetcher.gets = Throttle(self._fetcher.pool, limit)
         groups = [[transfer] for transfer in several] + ([single] if single else [])
         tasks = [asyncio.ensure_future(self._file(transfer, in_flight)) for transfer in several]
         if single:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -22,7 +23,7 @@ from .plan import FileTransfer
 from .progress import ProgressTracker
 from .results import FileResult
 from .retry import Retrier
-from .revalidate import SignedRequests, head_without_client
+from .revalidate import NEARBY_SECONDS, SignedRequests, head_without_client
 from .s3io import RemoteObject, TransferFailure, TransientFailure, head_object
 from .settings import LazyLoadingSettings
 
@@ -43,6 +44,9 @@ class RemoteLookup:
         self.signed: SignedRequests | None = None
         # Every failure was the store not answering: intact local copies may then be served.
         self.unreachable = False
+        # The fastest signed HEAD, in seconds (None: none was answered).
+        self.fastest_head: float | None = None
+        self._timing = threading.Lock()
 
     def close(self) -> None:
         if self.signed is not None:
@@ -84,7 +88,7 @@ class RemoteLookup:
         # A warm start that found a change already knows every object.
         results: list[RemoteObject | BaseException | None] = [t.remote for t in self._transfers]
         unknown = [i for i, found in enumerate(results) if found is None]
-        lanes = Lanes([self._transfers[i] for i in unknown], quick.head, limit,
+        lanes = Lanes([self._transfers[i] for i in unknown], self._timed(quick.head), limit,
                       lambda lane: submit((-1,), lane), self._cancel)
         answers = await asyncio.wrap_future(lanes.start())
         for i, found in zip(unknown, answers, strict=True):
@@ -117,6 +121,27 @@ class RemoteLookup:
                     f"{result.size} bytes"
                 )
         return failures
+
+    @property
+    def nearby(self) -> bool:
+        """Whether a HEAD came back within ``NEARBY_SECONDS``: the store is on this machine or
+        next to it (its time includes our own work and any wait for the GIL, and a first
+        request's connection set-up, all well under that over loopback)."""
+        return self.fastest_head is not None and self.fastest_head < NEARBY_SECONDS
+
+    def _timed(self, head: Callable[[FileTransfer], Any]) -> Callable[[FileTransfer], Any]:
+        """``head``, keeping the fastest answer's time in ``fastest_head``."""
+        def timed(transfer: FileTransfer) -> Any:
+            started = time.monotonic()
+            found = head(transfer)
+            if isinstance(found, RemoteObject):
+                took = time.monotonic() - started
+                with self._timing:
+                    if self.fastest_head is None or took < self.fastest_head:
+                        self.fastest_head = took
+            return found
+
+        return timed
 
     def head(self, transfer: FileTransfer) -> RemoteObject:
         """One HEAD through the client, with retries (blocking)."""

@@ -51,7 +51,7 @@ from .sigv4 import SigV4Signer, host_header
 
 logger = logging.getLogger("lazy_loading")
 
-_NEARBY_SECONDS = 0.005
+NEARBY_SECONDS = 0.005  # a HEAD answered this fast: the store is on this machine or next to it
 _CHECKSUM_HEADERS = {"ChecksumCRC64NVME": "x-amz-checksum-crc64nvme",
                      "ChecksumCRC32C": "x-amz-checksum-crc32c",
                      "ChecksumCRC32": "x-amz-checksum-crc32",
@@ -300,7 +300,7 @@ def head_without_client(transfers: list[FileTransfer], clients: S3ClientFactory,
         if found[0] is None:
             return None
         rest = transfers[1:]
-        if time.monotonic() - started < _NEARBY_SECONDS or len(rest) <= 1:
+        if time.monotonic() - started < NEARBY_SECONDS or len(rest) <= 1:
             found += map(head, rest)
         else:
             workers = min(len(rest), settings.max_connections)

@@ -578,18 +578,44 @@ def test_a_store_that_answers_slowly_keeps_every_connection_busy_to_the_end(
 def test_a_store_that_answers_slowly_gets_every_connection_for_a_files_parts(
     s3: S3Store, tmp_path: Path
 ) -> None:
-    """GETs start on 8 connections, and take the whole budget while the process waits for the
-    store: 32 parts answered in 1 s each end 16 at a time. The ninth GET waits for a first
-    answer (a lower bound the store's sleep sets: a slow machine cannot make this fail). The
-    store runs in this process: the second keeps its CPU time per part small next to the wait."""
+    """GETs from a distant store (its HEAD took 50 ms) start on 8 connections, and take the
+    whole budget while the process waits for the store: 32 parts answered in 1 s each end 16
+    at a time. The ninth GET waits for a first answer (lower bounds the store's sleeps set: a
+    slow machine cannot make this fail). The store runs in this process: the second keeps its
+    CPU time per part small next to the wait."""
     objects = {"model.bin": payload(32 * MiB, seed=77)}
+    _, env = _setup(s3, objects, LAZY_LOADING_MAX_CONNECTIONS="16", LAZY_LOADING_PART_SIZE="1MiB")
+    s3.faults.add(Rule("headers", method="HEAD", times=None, seconds=0.05))
+    s3.faults.add(Rule("headers", method="GET", times=None, seconds=1.0))
+    LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    waiting = s3.faults.ledger.slow_answers_waiting[1:]  # the first slow answer is the HEAD
+    arrived = s3.faults.ledger.slow_answers_at[1:]
+    assert len(waiting) == 32
+    assert arrived[7] - arrived[0] < 0.9, "fewer than 8 GETs at first"
+    assert arrived[8] - arrived[0] >= 0.9, "more than 8 GETs at first"
+    assert max(waiting) == 16, waiting
+    assert (tmp_path / "model.bin").read_bytes() == objects["model.bin"]
+
+
+def test_gets_from_a_nearby_store_start_on_four_connections(
+    s3: S3Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store that answered a HEAD within ``NEARBY_SECONDS`` is on this machine or next to
+    it: GETs start on 4, so the fifth waits for a first answer, then take the whole budget
+    while the process waits. "Nearby" is widened to a minute here, so that a slow machine's
+    HEAD cannot make the store look distant; what is tested is what follows from it."""
+    import lazy_loading.lookup
+
+    monkeypatch.setattr(lazy_loading.lookup, "NEARBY_SECONDS", 60.0)
+    objects = {"model.bin": payload(32 * MiB, seed=78)}
     _, env = _setup(s3, objects, LAZY_LOADING_MAX_CONNECTIONS="16", LAZY_LOADING_PART_SIZE="1MiB")
     s3.faults.add(Rule("headers", method="GET", times=None, seconds=1.0))
     LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
     waiting = s3.faults.ledger.slow_answers_waiting
     arrived = s3.faults.ledger.slow_answers_at
     assert len(waiting) == 32
-    assert arrived[8] - arrived[0] >= 0.9, "more than 8 GETs at first"
+    assert arrived[3] - arrived[0] < 0.9, "fewer than 4 GETs at first"
+    assert arrived[4] - arrived[0] >= 0.9, "more than 4 GETs at first"
     assert max(waiting) == 16, waiting
     assert (tmp_path / "model.bin").read_bytes() == objects["model.bin"]
 

@@ -37,6 +37,14 @@ def _limit(most: int = 16, kind: type[LaneLimit] = LaneLimit) -> tuple[LaneLimit
     return kind(most, clock=lambda: clocks.wall, cpu=lambda: clocks.cpu), clocks
 
 
+@pytest.mark.parametrize(("most", "nearby", "first"), [(16, True, 4), (16, False, 8),
+                                                       (32, False, 8), (2, True, 2)])
+def test_gets_start_on_fewer_connections_from_a_nearby_store(most: int, nearby: bool,
+                                                             first: int) -> None:
+    limit = ConnectionLimit.for_store(most, nearby)
+    assert (limit.allowed, limit.most) == (first, most)
+
+
 def test_a_process_using_a_whole_core_halves_its_lanes_while_the_rate_holds() -> None:
     limit, clocks = _limit()
     assert limit.allowed == 16
