@@ -152,8 +152,6 @@ def _free_low_ports(count: int) -> list[int]:
     taken: set[int] = set()
     ports: list[int] = []
     for _ in range(200 * count):
-        if len(ports) == count:
-            return ports
         port = random.randint(20000, 45000)
         if {port, port + 10000} & taken:
             continue
@@ -164,6 +162,8 @@ def _free_low_ports(count: int) -> list[int]:
         except OSError:
             continue
         ports.append(port)
+        if len(ports) == count:
+            return ports
         taken |= {port, port + 10000}
     raise RuntimeError("no free port pairs")
 
