@@ -476,7 +476,8 @@ def main() -> None:
     stores = args.stores.split(",")
     with free_page_reporting_paused() as memory_note:
         data_root = args.work / "store"
-        every_key = sorted({f for files in workloads(scale).values() for f in files})
+        every_workload = workloads(scale)
+        every_key = sorted({f for files in every_workload.values() for f in files})
         make_data(data_root, every_key)
         target = args.work / "target"
         tables: list[tuple[str, list[Scenario]]] = []
@@ -496,8 +497,8 @@ def main() -> None:
             tables.append(("nginx" if store_kind == "nginx" else "SeaweedFS", table))
 
         nginx_table = dict(tables).get("nginx")
-        mid = workloads(scale)["16 × 32 MiB"]
-        big = workloads(scale)[BIG]
+        mid = every_workload["16 × 32 MiB"]
+        big = every_workload[BIG]
         # Warm restart: cold once, then restarts with every file present and unchanged.
         warm_sc = Scenario("warm restart, 16 × 32 MiB", mid, False, ["ours"])
         with open_store("nginx", False, tools, data_root, args.work, every_key) as store:
@@ -519,7 +520,6 @@ def main() -> None:
         # And the S3 checksum every run checks when the store has one: CRC64NVME, what current
         # AWS SDKs store by default, sent by a second nginx on 1 GiB and on 256 small files.
         big_sc = Scenario(BIG, big, False, ["ours"])
-        every_workload = workloads(scale)
         small_sc = Scenario(SMALL, every_workload[SMALL], False, ["ours"])
         crcs = {key: crc64nvme_of(data_root / BUCKET / key) for key, _ in big + small_sc.files}
         # One more object whose CRC is wrong: the rows below measure a check that is made.
