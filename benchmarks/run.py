@@ -395,9 +395,10 @@ def scenarios(store: str, scale: int) -> list[Scenario]:
     # Per-file steps only weigh on many small files: that floor is run there alone, on both
     # stores (it signs its requests). The connection budget only weighs on large transfers.
     extra = {SMALL: ["floor-safe"], BIG: ["ours-cli-32"]}
+    every_workload = workloads(scale)
     found = [Scenario(name, files, False, peers + on_nginx + extra.get(name, []))
-             for name, files in workloads(scale).items()]
-    found.append(Scenario(CAPPED, workloads(scale)[BIG], True, [*peers, "ours-cli-32"]))
+             for name, files in every_workload.items()]
+    found.append(Scenario(CAPPED, every_workload[BIG], True, [*peers, "ours-cli-32"]))
     return found
 
 
