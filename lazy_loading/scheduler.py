@@ -1,4 +1,4 @@
-"""A fixed pool of I/O threads (the connection budget) that runs work in priority order.
+"""A pool of I/O threads (up to the connection budget) that runs work in priority order.
 
 ``ThreadPoolExecutor`` runs work first-in first-out, so a file whose parts are queued behind a
 large file's parts waits for them: its first byte (and any error it would raise) comes late.
@@ -40,15 +40,25 @@ class PriorityPool:
         self._queue: queue.PriorityQueue[tuple[Priority, int, Any]] = queue.PriorityQueue()
         self._seq = itertools.count()
         self._threads: list[threading.Thread] = []
+        # One token per thread waiting for work, taken by the work that will wake it (as in
+        # ``ThreadPoolExecutor``): a count read beside the queue's size misjudged a thread
+        # between its ``get`` and the count, and left a part queued with no thread for it.
+        self._idle = threading.Semaphore(0)
         self._lock = threading.Lock()
         self._closed = False
 
-    def start(self) -> None:
-        """Spawn every worker now, while the GIL is free: a thread started while others run
-        Python code waits up to a switch interval (5 ms) just to begin."""
+    def start(self, threads: int | None = None) -> None:
+        """Spawn ``threads`` workers (all by default) now, while the GIL is free: a thread
+        started while others run Python code waits up to a switch interval (5 ms) just to
+        begin. The rest start only when work finds no thread idle: threads take work in turn,
+        and each one that reads a part fills a buffer of up to 4 MiB of its own (``s3io``).
+        With all 32 started for the 4 to 16 GETs a store that keeps up gets, SeaweedFS's 1 GiB
+        (its server on the same 2 cores) took 1.273 s against 1.247 s (medians of 11)."""
+        wanted = self._workers if threads is None else min(threads, self._workers)
         with self._lock:
-            while len(self._threads) < self._workers:
+            while len(self._threads) < wanted:
                 self._spawn()
+                self._idle.release()
 
     def _spawn(self) -> None:
         thread = threading.Thread(target=self._work, daemon=True,
@@ -62,7 +72,7 @@ class PriorityPool:
             if self._closed:
                 raise RuntimeError("pool is shut down")
             self._queue.put((priority, next(self._seq), (future, fn, args)))
-            if len(self._threads) < self._workers:
+            if not self._idle.acquire(blocking=False) and len(self._threads) < self._workers:
                 self._spawn()
         return future
 
@@ -74,6 +84,8 @@ class PriorityPool:
             future, fn, args = item
             if future.set_running_or_notify_cancel():
                 _settle(future, fn, args)
+            del future, fn, args, item  # nothing of the last job outlives it in an idle thread
+            self._idle.release()
 
     def shutdown(self, wait: bool = True) -> None:
         """Cancel queued work, stop the threads; ``wait`` joins them (running work finishes)."""

@@ -363,3 +363,21 @@ def test_throttled_jobs_cancelled_or_dropped_by_a_pool_shutting_down_still_settl
         with pytest.raises(RuntimeError, match="shut down"):
             future.result(timeout=10)
     pool.shutdown(wait=True)
+
+
+def test_a_pool_started_on_fewer_threads_starts_one_for_each_job_no_idle_thread_takes() -> None:
+    """The engine starts 16 of 32 threads: a 17th job at once, say a part for a store that
+    caps each connection, must get a thread of its own, not wait for a part to end. Jobs that
+    can only end together tell: one left queued would break the barrier. Many rounds, since
+    the fault this caught was a race between a thread taking a job and being counted busy."""
+    for _ in range(200):
+        pool = PriorityPool(6)
+        pool.start(2)
+        barrier = threading.Barrier(6, timeout=10)
+        try:
+            jobs = [pool.submit((1,), barrier.wait) for _ in range(6)]
+            for job in jobs:
+                job.result(timeout=20)
+        finally:
+            barrier.abort()
+            pool.shutdown(wait=True)
