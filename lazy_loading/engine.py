@@ -22,7 +22,13 @@ from .fetch import FileFailed, FileFetcher
 from .lanes import ConnectionLimit, LaneLimit
 from .local import LocalCopies
 from .lookup import RemoteLookup
-from .plan import FileTransfer, choose_part_size, order_for_transfer, split_by_parts
+from .plan import (
+    PLANNED_CONNECTIONS,
+    FileTransfer,
+    choose_part_size,
+    order_for_transfer,
+    split_by_parts,
+)
 from .progress import DownloadState, ProgressTracker, format_bytes
 from .results import FileResult
 from .retry import Retrier
@@ -60,7 +66,7 @@ class TransferEngine:
         if cached is not None:
             return cached
         pool = self._fetcher.pool = PriorityPool(self._settings.max_connections)
-        pool.start()
+        pool.start(PLANNED_CONNECTIONS)
         try:
             results = await self._run()
         except BaseException:
@@ -92,7 +98,7 @@ class TransferEngine:
                 "answering")
 
     async def _run(self) -> list[FileResult]:
-        lanes = LaneLimit(self._settings.max_connections)
+        lanes = LaneLimit(self._settings.max_connections, starts_at=PLANNED_CONNECTIONS)
         failures = await self._lookup.head_all(self._fetcher.submit, lanes)
         if failures:
             offline = (self._local.offline_results(self._transfers, failures)
@@ -122,7 +128,8 @@ class TransferEngine:
         single, several = split_by_parts(transfers, self._fetcher.part_size)
         assert self._fetcher.pool is not None
         # GETs start on a few connections and take more while the process has CPU to spare.
-        limit = ConnectionLimit.for_store(self._settings.max_connections, self._lookup.nearby)
+        limit = ConnectionLimit.for_store(self._settings.max_connections, self._lookup.nearby,
+                                          granted=PLANNED_CONNECTIONS)
         logger.debug("GETs start on %d of %d connections", limit.allowed, limit.most)
         self._fetcher.gets = Throttle(self._fetcher.pool, limit)
         groups = [[transfer] for transfer in several] + ([single] if single else [])

@@ -2,10 +2,11 @@
 whose number follows what the process can use.
 
 Each lane is one hop between the loop and a thread, not one per job: a hop costs more GIL time
-than a small request. How many lanes run is ``LaneLimit``'s call. It starts at the connection
-budget, which a distant or throttled store needs. Once the process keeps a whole core busy, the
-GIL is the bottleneck: then every extra thread only adds hand-offs of it (on two cores, 256
-small files took 0.47 s on 16 threads and 0.39 s on 4), so lanes are halved while the rate holds.
+than a small request. How many lanes run is ``LaneLimit``'s call. It starts high (16 of the
+default 32 connections), which a distant or throttled store needs. Once the process keeps a
+whole core busy, the GIL is the bottleneck: then every extra thread only adds hand-offs of it
+(on two cores, 256 small files took 0.47 s on 16 threads and 0.39 s on 4), so lanes are halved
+while the rate holds.
 """
 
 from __future__ import annotations
@@ -31,14 +32,14 @@ _JOBS_PER_HOP = 8
 
 class LaneLimit:
     """How many lanes may run, measured in windows of at least 16 jobs and 20 ms. It starts at
-    the budget.
+    ``starts_at`` (the budget by default).
 
     * The process used at least 0.9 of a core: halve the lanes (not below 4).
     * The window after a halving was more than a quarter slower: undo it, and halve no more.
     * The process used less than half a core, so the store is what it waits for: double the
-      lanes, up to the budget.
-    * In between: double them to see, and undo it for good unless the next window is at least
-      a quarter faster.
+      lanes, up to ``granted`` (the budget by default).
+    * In between, or waiting beyond ``granted``: double them to see, and undo it for good
+      unless the next window is at least a quarter faster.
 
     A job's ``amount`` (bytes, for parts) is what the rate counts.
     """
@@ -48,11 +49,12 @@ class LaneLimit:
     _WINDOW_JOBS = _WINDOW_JOBS
     _WINDOW_SECONDS = _WINDOW_SECONDS
 
-    def __init__(self, most: int, *, starts_at: int | None = None,
+    def __init__(self, most: int, *, starts_at: int | None = None, granted: int | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  cpu: Callable[[], float] = time.process_time) -> None:
         self.most = max(1, most)
         self.fewest = min(_FEWEST, self.most)
+        self.granted = self.most if granted is None else max(1, min(self.most, granted))
         starts_at = starts_at or self._STARTS_AT
         self.allowed = self.most if starts_at is None else min(self.most, starts_at)
         self._clock, self._cpu = clock, cpu
@@ -111,7 +113,7 @@ class LaneLimit:
               and not self._settled):
             self._before_halving = (self.allowed, rate)
             self.allowed = max(self.fewest, self.allowed // 2)
-        elif busy < _IDLE and self.allowed < self.most:
+        elif busy < _IDLE and self.allowed < self.granted:
             self.allowed = self._grown()
         elif busy < _SATURATED and self.allowed < self.most and not self._topped:
             self._before_trying = (self.allowed, rate)
@@ -122,7 +124,7 @@ class LaneLimit:
 
     def _grown(self) -> int:
         """What a process waiting for the store gets."""
-        return self._doubled()
+        return min(self.granted, self._doubled())
 
 
 class ConnectionLimit(LaneLimit):
@@ -132,8 +134,11 @@ class ConnectionLimit(LaneLimit):
     * it starts at 8 (at 4 for a nearby store: ``for_store``), and goes down to 4: a process
       reading 4 connections over loopback on 2 cores already keeps a core busy, and every
       thread more only slows it (16 × 32 MiB took 0.31 s on 16 connections, 0.26 s on 4 or 8);
-    * a process still waiting for the store takes the whole budget at once, since each of a
-      real store's connections is capped: doubling cost a capped 1 GiB a window at each step;
+    * a process still waiting for the store takes ``granted`` connections at once (16, from
+      the engine), since each of a real store's connections is capped: doubling cost a capped
+      1 GiB a window at each step. Beyond that it doubles on trial: a process that waits
+      cannot tell a store capping each connection (32 took a 40 MB/s-capped 1 GiB from
+      1.82 to 1.26 s) from a server sharing its cores (SeaweedFS on loopback, slower on 32);
     * it halves only after two busy windows in a row, and its windows are longer: a store that
       sends in bursts (a proxy's rate cap) kept a core busy in one 20 ms window out of two;
     * a change is judged only once the GETs running match it (``_in_effect``).
@@ -160,17 +165,17 @@ class ConnectionLimit(LaneLimit):
         return False
 
     def _grown(self) -> int:
-        return self.most
+        return self.granted
 
     @classmethod
-    def for_store(cls, most: int, nearby: bool) -> ConnectionLimit:
+    def for_store(cls, most: int, nearby: bool, granted: int | None = None) -> ConnectionLimit:
         """The limit for a store that is ``nearby`` (it answered a HEAD within a few
         milliseconds: on this machine or next to it) or not. No round trip caps a nearby
         store's connections, so the first window's reads go over 4, leaving the CPU to reading
         them (over loopback, 16 × 32 MiB 0.227 → 0.200 s, the mixed set 0.260 → 0.236 s, 1 GiB
         0.437 → 0.416 s). A distant store gets 8 at first: one capping each connection at
         90 MB/s, as S3 does, took 5-8% longer from 4."""
-        return cls(most, starts_at=_FEWEST if nearby else cls._STARTS_AT)
+        return cls(most, starts_at=_FEWEST if nearby else cls._STARTS_AT, granted=granted)
 
 
 class Lanes(Generic[T, R]):
@@ -245,7 +250,9 @@ class Lanes(Generic[T, R]):
 
     def _grow(self, allowed: int) -> None:
         with self._lock:
-            missing = min(allowed, len(self._items) - self._next) - self._running
+            # Lanes running take the items left one by one: new ones join them, up to the limit
+            # and never more than there are items left.
+            missing = min(allowed - self._running, len(self._items) - self._next)
             if missing <= 0 or self._error is not None or self._stop.is_set():
                 return
             self._running += missing

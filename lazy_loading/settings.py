@@ -31,7 +31,7 @@ def parse_size(value: str | int) -> int:
 class LazyLoadingSettings:
     """Engine settings; each field maps to ``LAZY_LOADING_<FIELD>`` (see README table)."""
 
-    max_connections: int = 16
+    max_connections: int = 32
     part_size: int | None = None
     stall_timeout: float = 15.0
     min_rate: int = 1024

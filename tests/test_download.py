@@ -575,6 +575,24 @@ def test_a_store_that_answers_slowly_keeps_every_connection_busy_to_the_end(
     assert all((tmp_path / key).read_bytes() == body for key, body in objects.items())
 
 
+def test_by_default_heads_start_on_16_lanes_and_a_slow_store_gets_32(
+    s3: S3Store, tmp_path: Path
+) -> None:
+    """Lanes start on 16 of the default 32 connections: more only share the GIL from a store
+    that keeps up. A store that keeps every HEAD waiting 1 s gets the other 32 at once."""
+    objects = _small_files(48)
+    _, env = _setup(s3, objects)
+    s3.faults.add(Rule("headers", method="HEAD", times=None, seconds=1.0))
+    LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    waiting = s3.faults.ledger.slow_answers_waiting
+    arrived = s3.faults.ledger.slow_answers_at
+    assert len(waiting) == 48
+    assert arrived[15] - arrived[0] < 0.9, "fewer than 16 HEADs at first"
+    assert arrived[16] - arrived[0] >= 0.9, "more than 16 HEADs at first"
+    assert max(waiting) == 32, waiting
+    assert all((tmp_path / key).read_bytes() == body for key, body in objects.items())
+
+
 def test_a_store_that_answers_slowly_gets_every_connection_for_a_files_parts(
     s3: S3Store, tmp_path: Path
 ) -> None:
@@ -584,7 +602,7 @@ def test_a_store_that_answers_slowly_gets_every_connection_for_a_files_parts(
     slow machine cannot make this fail). The store runs in this process: the second keeps its
     CPU time per part small next to the wait."""
     s3.faults.add(Rule("headers", method="HEAD", times=None, seconds=0.05))
-    waiting, arrived = _slow_gets_of_32_parts(s3, tmp_path, seed=77, slow_heads=1)
+    waiting, arrived = _slow_gets_of_parts(s3, tmp_path, seed=77, slow_heads=1)
     assert arrived[7] - arrived[0] < 0.9, "fewer than 8 GETs at first"
     assert arrived[8] - arrived[0] >= 0.9, "more than 8 GETs at first"
     assert max(waiting) == 16, waiting
@@ -600,25 +618,38 @@ def test_gets_from_a_nearby_store_start_on_four_connections(
     import lazy_loading.lookup
 
     monkeypatch.setattr(lazy_loading.lookup, "NEARBY_SECONDS", 60.0)
-    waiting, arrived = _slow_gets_of_32_parts(s3, tmp_path, seed=78)
+    waiting, arrived = _slow_gets_of_parts(s3, tmp_path, seed=78)
     assert arrived[3] - arrived[0] < 0.9, "fewer than 4 GETs at first"
     assert arrived[4] - arrived[0] >= 0.9, "more than 4 GETs at first"
     assert max(waiting) == 16, waiting
 
 
-def _slow_gets_of_32_parts(s3: S3Store, tmp_path: Path, seed: int, slow_heads: int = 0
-                           ) -> tuple[list[int], list[float]]:
-    """One 32 MiB file fetched as 32 parts on a budget of 16, each GET answered in 1 s: for
-    each GET, how many slow answers were waiting as it began, and when it arrived (the first
-    ``slow_heads`` slow answers, the HEADs, left out). Checks all 32 came and the file is
-    right."""
-    objects = {"model.bin": payload(32 * MiB, seed=seed)}
-    _, env = _setup(s3, objects, LAZY_LOADING_MAX_CONNECTIONS="16", LAZY_LOADING_PART_SIZE="1MiB")
+def test_by_default_a_store_that_keeps_each_connection_waiting_gets_more_than_16(
+    s3: S3Store, tmp_path: Path
+) -> None:
+    """The default budget is 32 connections: a distant store that keeps every GET waiting
+    (as one that caps each connection does) gets 16 once the first 8 have shown it, then up
+    to 32 on trial (kept while they pay: ``tests/test_lanes.py``)."""
+    s3.faults.add(Rule("headers", method="HEAD", times=None, seconds=0.05))
+    waiting, _ = _slow_gets_of_parts(s3, tmp_path, seed=79, parts=64, slow_heads=1, budget=None)
+    assert max(waiting) > 16, waiting
+
+
+def _slow_gets_of_parts(s3: S3Store, tmp_path: Path, seed: int, parts: int = 32,
+                        slow_heads: int = 0, budget: str | None = "16"
+                        ) -> tuple[list[int], list[float]]:
+    """One file fetched as ``parts`` parts of 1 MiB on a ``budget`` of connections (None: the
+    default), each GET answered in 1 s: for each GET, how many slow answers were waiting as it
+    began, and when it arrived (the first ``slow_heads`` slow answers, the HEADs, left out).
+    Checks every part came and the file is right."""
+    objects = {"model.bin": payload(parts * MiB, seed=seed)}
+    budgets = {} if budget is None else {"LAZY_LOADING_MAX_CONNECTIONS": budget}
+    _, env = _setup(s3, objects, LAZY_LOADING_PART_SIZE="1MiB", **budgets)
     s3.faults.add(Rule("headers", method="GET", times=None, seconds=1.0))
     LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
     waiting = s3.faults.ledger.slow_answers_waiting[slow_heads:]
     arrived = s3.faults.ledger.slow_answers_at[slow_heads:]
-    assert len(waiting) == 32
+    assert len(waiting) == parts
     assert (tmp_path / "model.bin").read_bytes() == objects["model.bin"]
     return waiting, arrived
 

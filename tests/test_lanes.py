@@ -76,6 +76,22 @@ def test_gets_start_on_eight_connections_and_a_waiting_process_takes_them_all() 
     assert [clocks.window(limit, 16, 0.1, 0.2) for _ in range(2)] == [16, 16]
 
 
+@pytest.mark.parametrize(("faster", "settles_on"), [(2, 32), (1, 16)])
+def test_a_waiting_process_is_granted_16_connections_and_keeps_32_only_if_they_pay(
+        faster: int, settles_on: int) -> None:
+    """Waiting for the store cannot tell a store that caps each connection, which 32 serve
+    twice as fast, from a busy server sharing our cores, which they only slow down."""
+    mib = 1 << 20
+    clocks = _Clocks()
+    limit = ConnectionLimit(32, starts_at=8, granted=16, clock=lambda: clocks.wall,
+                            cpu=lambda: clocks.cpu)
+    assert clocks.window(limit, 16, 0.1, 0.2, amount=mib) == 16, "granted at once"
+    assert clocks.window(limit, 16, 0.1, 0.2, amount=mib) == 32, "still waiting: try 32"
+    assert clocks.window(limit, 16, 0.1, 0.2, amount=faster * mib) == 32, "the 32 start"
+    assert [clocks.window(limit, 16, 0.1, 0.2, amount=faster * mib)
+            for _ in range(3)] == [settles_on] * 3
+
+
 def test_a_busy_process_goes_down_to_four_connections() -> None:
     limit, clocks = _limit(kind=ConnectionLimit)
     assert [clocks.window(limit, 16, 0.1, 1.3) for _ in range(4)] == [8, 4, 4, 4]

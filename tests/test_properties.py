@@ -37,7 +37,9 @@ def test_auto_part_size_keeps_every_connection_busy(total: int, connections: int
     part = choose_part_size([total], connections, None)
     assert 4 * MiB <= part <= 64 * MiB and part % MiB == 0
     parts = -(-total // part)
-    assert parts >= min(connections, -(-total // (4 * MiB))), "idle connections with work left"
+    planned = min(connections, 16)
+    assert parts >= min(planned, -(-total // (4 * MiB))), "idle connections with work left"
+    assert part == choose_part_size([total], planned, None), "parts cut for more than 16"
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -64,10 +66,11 @@ def test_auto_part_size_keeps_files_whole_only_when_the_balance_holds(
     """Files up to 64 MiB stay whole when they balance the connections as well as two rounds
     of parts would; never at the cost of a busier connection."""
     part = choose_part_size(sizes, connections, None)
-    wanted = max(4 * MiB, min(64 * MiB, _whole_mib(_ceil_div(sum(sizes), 2 * connections))))
+    planned = min(connections, 16)
+    wanted = max(4 * MiB, min(64 * MiB, _whole_mib(_ceil_div(sum(sizes), 2 * planned))))
     whole = max((s for s in sizes if s <= 64 * MiB), default=0)
     assert part in (wanted, _whole_mib(whole))
-    assert _busiest(sizes, part, connections) <= _busiest(sizes, wanted, connections)
+    assert _busiest(sizes, part, planned) <= _busiest(sizes, wanted, planned)
 
 
 def test_as_many_equal_files_as_connections_are_fetched_whole() -> None:
@@ -75,6 +78,14 @@ def test_as_many_equal_files_as_connections_are_fetched_whole() -> None:
     assert choose_part_size([32 * MiB] * 3, 16, None) == 4 * MiB, "3 files keep 3 of 16 busy"
     assert choose_part_size([1024 * MiB], 16, None) == 32 * MiB, "1 GiB still in 2 rounds"
     assert choose_part_size([32 * MiB] * 20, 16, None) == 20 * MiB, "20 whole: 4 go twice"
+
+
+def test_a_budget_above_16_connections_cuts_the_parts_it_would_for_16() -> None:
+    """More connections pay only when the store caps each one, and then the GETs share the
+    same parts; from a store that keeps up, more parts only cost requests."""
+    assert choose_part_size([32 * MiB] * 16, 32, None) == 32 * MiB, "16 files cut in two"
+    assert choose_part_size([1024 * MiB], 32, None) == 32 * MiB
+    assert choose_part_size([1024 * MiB], 256, None) == 32 * MiB
 
 
 @given(total=st.integers(0, 10**13), connections=st.integers(1, 256),
