@@ -98,7 +98,8 @@ class TransferEngine:
                 "answering")
 
     async def _run(self) -> list[FileResult]:
-        lanes = LaneLimit(self._settings.max_connections, starts_at=PLANNED_CONNECTIONS)
+        lanes = LaneLimit(self._settings.max_connections, starts_at=PLANNED_CONNECTIONS,
+                          granted=PLANNED_CONNECTIONS)
         failures = await self._lookup.head_all(self._fetcher.submit, lanes)
         if failures:
             offline = (self._local.offline_results(self._transfers, failures)

@@ -579,7 +579,8 @@ def test_by_default_heads_start_on_16_lanes_and_a_slow_store_gets_32(
     s3: S3Store, tmp_path: Path
 ) -> None:
     """Lanes start on 16 of the default 32 connections: more only share the GIL from a store
-    that keeps up. A store that keeps every HEAD waiting 1 s gets the other 32 at once."""
+    that keeps up. A store that keeps every HEAD waiting 1 s gets the other 32 at once, on
+    trial."""
     objects = _small_files(48)
     _, env = _setup(s3, objects)
     s3.faults.add(Rule("headers", method="HEAD", times=None, seconds=1.0))
