@@ -139,7 +139,7 @@ class ConnectionLimit(LaneLimit):
       the engine), since each of a real store's connections is capped: doubling cost a capped
       1 GiB a window at each step. Beyond that it doubles on trial: a process that waits
       cannot tell a store capping each connection (32 took a 40 MB/s-capped 1 GiB from
-      1.82 to 1.26 s) from a server sharing its cores (SeaweedFS on loopback, slower on 32);
+      1.78 to 1.20 s) from a server sharing its cores (SeaweedFS on loopback, slower on 32);
     * it halves only after two busy windows in a row, and its windows are longer: a store that
       sends in bursts (a proxy's rate cap) kept a core busy in one 20 ms window out of two;
     * a change is judged only once the GETs running match it (``_in_effect``).

@@ -46,8 +46,9 @@ _ROUNDS = 2
 # Parts are cut, and lanes start, for at most this many connections. From a store that keeps
 # up, the process's CPU is the limit well before it (on 2 cores GETs settle on 4 to 8), and
 # parts cut for more connections only add requests: 16 × 32 MiB took 0.33 s cut for 32 and
-# 0.22 s whole. A budget above it is taken only by GETs while the process waits for the store,
-# one that caps each connection, and they share the same parts.
+# 0.22 s whole. A budget above it is taken only on trial while the process waits for the store
+# (``lanes.LaneLimit.granted``), which pays where the store caps each connection; the GETs
+# beyond 16 then share the same parts.
 PLANNED_CONNECTIONS = 16
 
 
