@@ -62,7 +62,7 @@ class RemoteLookup:
                 return None
             entries.append(entry)
         remotes = await in_own_thread(head_without_client, self._transfers, self._clients,
-                                      self._settings)
+                                      self._settings, self._timed)
         if remotes is None:
             return None
         for transfer, remote in zip(self._transfers, remotes, strict=True):

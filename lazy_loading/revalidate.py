@@ -24,6 +24,7 @@ import re
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
@@ -52,6 +53,8 @@ from .sigv4 import SigV4Signer, host_header
 logger = logging.getLogger("lazy_loading")
 
 NEARBY_SECONDS = 0.005  # a HEAD answered this fast: the store is on this machine or next to it
+
+_Head = Callable[[FileTransfer], "RemoteObject | None"]
 _CHECKSUM_HEADERS = {"ChecksumCRC64NVME": "x-amz-checksum-crc64nvme",
                      "ChecksumCRC32C": "x-amz-checksum-crc32c",
                      "ChecksumCRC32": "x-amz-checksum-crc32",
@@ -278,16 +281,21 @@ class SignedRequests:
             return None
 
 
-def head_without_client(transfers: list[FileTransfer], clients: S3ClientFactory,
-                        settings: LazyLoadingSettings) -> list[RemoteObject] | None:
+def head_without_client(
+    transfers: list[FileTransfer], clients: S3ClientFactory, settings: LazyLoadingSettings,
+    timed: Callable[[_Head], _Head] = lambda head: head,
+) -> list[RemoteObject] | None:
     """Every transfer's object as a plain signed HEAD sees it, or None when that cannot be
-    had cheaply (an AWS endpoint, an error, a non-200): then use the normal path."""
+    had cheaply (an AWS endpoint, an error, a non-200): then use the normal path. Each HEAD
+    goes through ``timed``, so that a warm start that finds a change still tells the GETs
+    after it how near the store is."""
     if not transfers or any(t.repository.endpoint_url is None for t in transfers):
         return None
     requests: SignedRequests | None = None
     try:
         requests = SignedRequests(transfers, clients, settings)
 
+        @timed
         def head(t: FileTransfer) -> RemoteObject | None:
             assert requests is not None
             found = requests.head(t)

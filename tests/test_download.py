@@ -636,6 +636,28 @@ def test_by_default_a_store_that_keeps_each_connection_waiting_gets_more_than_16
     assert max(waiting) > 16, waiting
 
 
+def test_a_warm_start_that_finds_a_change_starts_gets_on_four_from_a_nearby_store(
+    s3: S3Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A warm start sends every HEAD itself, so the HEAD stage after it sends none: its HEADs
+    must tell the GETs how near the store is. "Nearby" is widened to a minute, as above."""
+    import lazy_loading.lookup
+
+    monkeypatch.setattr(lazy_loading.lookup, "NEARBY_SECONDS", 60.0)
+    bucket, env = _setup(s3, {"model.bin": payload(32 * MiB, seed=80)},
+                         LAZY_LOADING_MAX_CONNECTIONS="16", LAZY_LOADING_PART_SIZE="1MiB")
+    LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    changed = payload(32 * MiB, seed=81)
+    s3.put(bucket, "model.bin", changed)
+    s3.faults.add(Rule("headers", method="GET", times=None, seconds=1.0))
+    LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    arrived = s3.faults.ledger.slow_answers_at
+    assert len(arrived) == 32
+    assert arrived[3] - arrived[0] < 0.9, "fewer than 4 GETs at first"
+    assert arrived[4] - arrived[0] >= 0.9, "more than 4 GETs at first"
+    assert (tmp_path / "model.bin").read_bytes() == changed
+
+
 def _slow_gets_of_parts(s3: S3Store, tmp_path: Path, seed: int, parts: int = 32,
                         slow_heads: int = 0, budget: str | None = "16"
                         ) -> tuple[list[int], list[float]]:
