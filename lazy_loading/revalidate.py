@@ -53,8 +53,6 @@ from .sigv4 import SigV4Signer, host_header
 logger = logging.getLogger("lazy_loading")
 
 NEARBY_SECONDS = 0.005  # a HEAD answered this fast: the store is on this machine or next to it
-
-_Head = Callable[[FileTransfer], "RemoteObject | None"]
 _CHECKSUM_HEADERS = {"ChecksumCRC64NVME": "x-amz-checksum-crc64nvme",
                      "ChecksumCRC32C": "x-amz-checksum-crc32c",
                      "ChecksumCRC32": "x-amz-checksum-crc32",
@@ -279,6 +277,9 @@ class SignedRequests:
         except Exception as exc:  # the normal path reports whatever this was
             logger.debug("quick HEAD failed (%s)", type(exc).__name__)
             return None
+
+
+_Head = Callable[[FileTransfer], RemoteObject | None]
 
 
 def head_without_client(
