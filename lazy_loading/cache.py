@@ -29,7 +29,7 @@ import struct
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -145,14 +145,21 @@ class DebrisIndex:
     def remove_stale_records(self, state_dir: Path, target: Path) -> None:
         """Remove the temp files a killed writer of ``target``'s records left behind (call it
         holding the target's lock: every writer of a target's records holds it)."""
-        for record in (Manifest(state_dir).path(target),
-                       ResumeJournal.path_for(state_dir, target)):
-            directory = record.parent
+        name = target_id(target)
+        for directory, suffix in _record_dirs(state_dir):
             grouped = self._grouped(f"records:{directory}", lambda d=directory: os.listdir(d),
                                     _record_temp_group)
-            for stale in grouped.get(record.name, []):
+            # Usually there is no debris at all: no path is built for each file then.
+            for stale in grouped.get(f"{name}{suffix}", []) if grouped else []:
                 with contextlib.suppress(OSError):
                     (directory / stale).unlink()
+
+
+@functools.lru_cache(maxsize=64)
+def _record_dirs(state_dir: Path) -> tuple[tuple[Path, str], ...]:
+    """The state dirs holding a target's records, and each record's suffix after the target's
+    id (``Manifest.path``, ``ResumeJournal.path_for``)."""
+    return ((state_dir / MANIFEST_DIR, ".json"), (state_dir / JOURNAL_DIR, ".log"))
 
 
 def _temp_group(name: str) -> str | None:
@@ -224,6 +231,9 @@ class ManifestEntry:
         return cls(**{**raw, "checksum": tuple(checksum) if checksum else None})
 
 
+_ENTRY_FIELDS = tuple(field.name for field in fields(ManifestEntry))
+
+
 class Manifest:
     """The record of published files: one small JSON document per target.
 
@@ -268,7 +278,9 @@ class Manifest:
 
     @staticmethod
     def _document(target: Path, entry: ManifestEntry) -> dict[str, Any]:
-        return {"version": MANIFEST_VERSION, "target": str(target), "entry": asdict(entry)}
+        # ``asdict`` deep-copies every field, a tenth of a small file's own Python work.
+        return {"version": MANIFEST_VERSION, "target": str(target),
+                "entry": {name: getattr(entry, name) for name in _ENTRY_FIELDS}}
 
     def attach(self, fd: int, target: Path, entry: ManifestEntry) -> bool:
         """Record ``entry`` on the temp file (open as ``fd``) that is about to be renamed onto
@@ -507,4 +519,9 @@ def target_lock(state_dir: Path, target: Path) -> TargetLock:
         return TargetLock(state_dir / LOCKS_DIR / f"{name}.lock")
     # 60 bits of the target's id: a shared byte between two targets of one code dir would only
     # make one wait for the other.
-    return TargetLock(state_dir / LOCKS_DIR / SHARED_LOCK_FILE, offset=int(name[:15], 16))
+    return TargetLock(_shared_lock_file(state_dir), offset=int(name[:15], 16))
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_lock_file(state_dir: Path) -> Path:
+    return state_dir / LOCKS_DIR / SHARED_LOCK_FILE

@@ -151,7 +151,7 @@ class _SignedSession:
             "ContentLength": int(length) if length and length.isdigit() else None,
             "ContentRange": fields.get("Content-Range"),
         }
-        if modified:
+        if modified and not parsed["ETag"]:  # only compared without an ETag (``s3io``)
             with contextlib.suppress(ValueError, TypeError):
                 parsed["LastModified"] = _http_date(modified)
         return parsed, response

@@ -51,7 +51,7 @@ class SigV4Signer:
         if key is None:
             key = ("AWS4" + self._secret).encode()
             for part in (day, self._region, self._service, "aws4_request"):
-                key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+                key = hmac.digest(key, part.encode(), "sha256")
             self._keys = {day: key}
         return key
 
@@ -83,7 +83,7 @@ class SigV4Signer:
         scope = f"{day}/{self._region}/{self._service}/aws4_request"
         to_sign = "\n".join([_ALGORITHM, stamp, scope,
                              hashlib.sha256(request.encode()).hexdigest()])
-        signature = hmac.new(self._key(day), to_sign.encode(), hashlib.sha256).hexdigest()
+        signature = hmac.digest(self._key(day), to_sign.encode(), "sha256").hex()
         signed["Authorization"] = (f"{_ALGORITHM} Credential={self._access_key}/{scope}, "
                                    f"SignedHeaders={names}, Signature={signature}")
         return signed
