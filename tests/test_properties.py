@@ -249,3 +249,31 @@ def test_the_misspelled_variable_check_suggests_what_difflib_suggests(word: str)
     expected = difflib.get_close_matches(word, sorted(environ._known), n=1, cutoff=0.8)
     found = environ._closest_known(word, environ._counted(frozenset(environ._known)))
     assert found == (expected[0] if expected else None)
+
+
+_CREDENTIAL_NAMES = ["X-Amz-Security-Token", "x-amz-security-token", "Signature",
+                     "X-Amz-Signature", "signature", "aws_secret_access_key",
+                     "AWS_SECRET_ACCESS_KEY", "awsSecretAccessKey", "awssecretaccesskey",
+                     "awsSessionToken", "AwsSessionToken", "Sig"]
+_CREDENTIAL_TEXT = st.lists(
+    st.one_of(
+        st.tuples(st.sampled_from(_CREDENTIAL_NAMES), st.sampled_from(["", "", "'", '"']),
+                  st.sampled_from(["=", "=", ":", " = "]), st.sampled_from(["", "", "'", "b'"]),
+                  st.sampled_from(["0123456789abcdef0123", "0123456789abcdef0123",
+                                   "wJalrXUtnFEMI", "}"])
+                  ).map("".join),
+        st.sampled_from([" ", ",", "}", "nature=", "x", "'"]),
+    ), max_size=6).map("".join)
+
+
+@settings(max_examples=500)
+@given(text=_CREDENTIAL_TEXT)
+def test_the_quick_check_before_the_credential_patterns_skips_no_match(text: str) -> None:
+    """Log records are searched for credentials by six patterns only when one search finds
+    what they all contain: that search must never skip a text any pattern would mask."""
+    from lazy_loading.redact import _MASK, _PATTERNS, redact
+
+    every_pattern = text
+    for pattern in _PATTERNS:
+        every_pattern = pattern.sub(lambda m: m.group(1) + _MASK, every_pattern)
+    assert redact(text) == every_pattern
