@@ -114,8 +114,8 @@ class _SignedSession:
             return None
         if response.status != 200:
             return None
-        headers = response.headers
-        etag, length = headers.get("ETag"), headers.get("Content-Length")
+        headers = response.first
+        etag, length = headers.get("etag"), headers.get("content-length")
         where = f"s3://{self._repository.bucket_name}/{key} at {describe_endpoint(self._repository)}"
         if not etag:
             return FatalFailure(f"{where}: {NO_ETAG}")
@@ -124,7 +124,7 @@ class _SignedSession:
         fields: dict[str, object] = {name: headers.get(header)
                                      for name, header in _CHECKSUM_HEADERS.items()}
         fields.update(ETag=etag, ChecksumType=headers.get("x-amz-checksum-type"))
-        modified = headers.get("Last-Modified")
+        modified = headers.get("last-modified")
         try:  # the form botocore's parsed HEAD gives, which the GETs are compared against
             last_modified = str(_http_date(modified)) if modified else None
         except (ValueError, TypeError):
@@ -143,13 +143,13 @@ class _SignedSession:
         if not whole:
             headers["Range"] = f"bytes={byte_range.start}-{byte_range.end}"
         response = self._send("GET", remote.key, headers)
-        fields = response.headers
-        length = fields.get("Content-Length")
-        modified = fields.get("Last-Modified")
+        fields = response.first
+        length = fields.get("content-length")
+        modified = fields.get("last-modified")
         parsed: dict[str, Any] = {
-            "ETag": fields.get("ETag"),
+            "ETag": fields.get("etag"),
             "ContentLength": int(length) if length and length.isdigit() else None,
-            "ContentRange": fields.get("Content-Range"),
+            "ContentRange": fields.get("content-range"),
         }
         if modified and not parsed["ETag"]:  # only compared without an ETag (``s3io``)
             with contextlib.suppress(ValueError, TypeError):

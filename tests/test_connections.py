@@ -26,6 +26,10 @@ def _both(block: bytes) -> tuple[list[tuple[str, str]], list[tuple[str, str]], b
     theirs_fp, ours_fp = io.BytesIO(block), io.BytesIO(block)
     theirs = http.client.parse_headers(theirs_fp)
     ours = parse_headers(ours_fp)
+    for name in {*(name for name, _ in theirs.items()), "absent"}:
+        for spelled in (name, name.lower(), name.upper()):
+            assert ours.first.get(spelled.lower()) == theirs.get(spelled), spelled
+            assert ours.get(spelled) == theirs.get(spelled), spelled
     return list(ours.items()), list(theirs.items()), ours_fp.read(), theirs_fp.read()
 
 
