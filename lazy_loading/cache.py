@@ -278,7 +278,7 @@ class Manifest:
 
     @staticmethod
     def _document(target: Path, entry: ManifestEntry) -> dict[str, Any]:
-        # ``asdict`` deep-copies every field, a tenth of a small file's own Python work.
+        # Field by field: ``asdict`` deep-copies each one (15 µs per record in a loop).
         return {"version": MANIFEST_VERSION, "target": str(target),
                 "entry": {name: getattr(entry, name) for name in _ENTRY_FIELDS}}
 

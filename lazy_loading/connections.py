@@ -40,8 +40,9 @@ def parse_headers(fp: Any, _class: type[ParsedHeaders] = ParsedHeaders) -> Parse
     seventh of the GIL time of a small-file download (py-spy). The same lines, read with the
     same limits (``_read_headers``: at most 100 headers of 64 KiB), kept or skipped by the
     feed parser's rules and stored as its compat32 policy stores them (the name as sent; the
-    value without leading blanks or the final line end, continuation lines kept), into the
-    same ``HTTPMessage``. ``tests/test_connections.py`` compares the two on generated input."""
+    value without leading blanks or the final line end, continuation lines kept), into an
+    ``HTTPMessage`` (``ParsedHeaders``). ``tests/test_connections.py`` compares the two on
+    generated input."""
     message = _class()
     # compat32 stores a header as the pair itself (``header_store_parse``) with no count limit,
     # and gives a value back as is unless it has surrogates, which ISO-8859-1 never makes.

@@ -24,7 +24,7 @@ _PATTERNS = [
 ]
 
 # What every match of a pattern above contains: most records hold none of it, and one search
-# then rules all six out (they took half the cost of a log record).
+# then rules all six out (they took 7.5 µs of a record's 19).
 _ANY_PATTERN = re.compile(
     "X-Amz-Security-Token|Signature=|aws_secret_access_key|awsSecretAccessKey|awsSessionToken",
     re.IGNORECASE)
