@@ -40,6 +40,7 @@ logger = logging.getLogger("lazy_loading")
 MANIFEST_VERSION = 1
 RECORD_ATTRIBUTE = "user.lazy_loading.record"  # the manifest record on a published file
 MANIFEST_DIR, JOURNAL_DIR, LOCKS_DIR = "manifest", "journal", "locks"
+RECORD_SUFFIX, JOURNAL_SUFFIX = ".json", ".log"  # after the target's id, in those dirs
 STATE_SUBDIRS = (MANIFEST_DIR, JOURNAL_DIR, LOCKS_DIR)
 
 
@@ -159,7 +160,7 @@ class DebrisIndex:
 def _record_dirs(state_dir: Path) -> tuple[tuple[Path, str], ...]:
     """The state dirs holding a target's records, and each record's suffix after the target's
     id (``Manifest.path``, ``ResumeJournal.path_for``)."""
-    return ((state_dir / MANIFEST_DIR, ".json"), (state_dir / JOURNAL_DIR, ".log"))
+    return ((state_dir / MANIFEST_DIR, RECORD_SUFFIX), (state_dir / JOURNAL_DIR, JOURNAL_SUFFIX))
 
 
 def _temp_group(name: str) -> str | None:
@@ -250,7 +251,7 @@ class Manifest:
         self.dir = state_dir / MANIFEST_DIR
 
     def path(self, target: Path) -> Path:
-        return self.dir / f"{target_id(target)}.json"
+        return self.dir / f"{target_id(target)}{RECORD_SUFFIX}"
 
     def lookup(self, target: Path) -> ManifestEntry | None:
         """The record of ``target``: its own attribute first, then its record file. Whichever
@@ -330,7 +331,7 @@ class ResumeJournal:
 
     @staticmethod
     def path_for(state_dir: Path, target: Path) -> Path:
-        return state_dir / JOURNAL_DIR / f"{target_id(target)}.log"
+        return state_dir / JOURNAL_DIR / f"{target_id(target)}{JOURNAL_SUFFIX}"
 
     def _identity(self) -> dict[str, Any]:
         r = self.remote
