@@ -134,7 +134,7 @@ PEER_FAILURES: list[str] = []
 CODE_VERSION = "unknown"
 PEERS = ["s5cmd", "rclone", "rclone-tuned", "obstore", "boto3tm", "crt"]  # "the best peer"
 IN_PROCESS = {"ours", "drum", "boto3", "boto3tm", "crt", "obstore", "floor", "floor16",
-              "floor-safe"}
+              "floor-safe", "floor-warm"}
 RCLONE_TUNED = ["--transfers", "16", "--checkers", "16", "--multi-thread-streams", "16"]
 LABELS = {
     "ours-cli": "ours (`drum-servers download`)", "ours": "ours (handler call)",
@@ -143,6 +143,7 @@ LABELS = {
     "s5cmd": "s5cmd", "rclone": "rclone", "rclone-tuned": "rclone, tuned", "floor": "raw HTTP floor",
     "floor16": "raw HTTP floor, 16 connections",
     "floor-safe": "raw floor with the guarantees' steps",
+    "floor-warm": "a warm restart's floor",
     "ours-cli-16": "ours, `LAZY_LOADING_MAX_CONNECTIONS=16`",
 }
 
@@ -504,13 +505,17 @@ def main() -> None:
         warm_sc = Scenario("warm restart, 16 × 32 MiB", mid, False, ["ours"])
         with open_store("nginx", False, tools, data_root, args.work, every_key) as store:
             cold: dict[str, list[dict[str, float]]] = {"ours": [], "ours-cli": []}
-            warm: dict[str, list[dict[str, float]]] = {"ours": [], "ours-cli": []}
+            warm: dict[str, list[dict[str, float]]] = {"ours": [], "ours-cli": [],
+                                                        "floor-warm": []}
             for _ in range(args.reps):
                 for kind in ("ours", "ours-cli"):
                     cold[kind].append(run_candidate(kind, tools, warm_sc, store, target,
                                                     data_root, args.work))
                     warm[kind].append(run_candidate(kind, tools, warm_sc, store, target,
                                                     data_root, args.work, clean=False))
+                warm["floor-warm"].append(run_candidate("floor-warm", tools, warm_sc, store,
+                                                        target, data_root, args.work,
+                                                        clean=False))
             assert store.nginx is not None
             gunicorn = [gunicorn_scenario(warm_sc, store.nginx, args.work)
                         for _ in range(args.reps)]
@@ -689,6 +694,7 @@ def write_results(args: argparse.Namespace, tools: Tools,
     warm_ratio = _median(warm["ours"]) / _median(cold["ours"])
     warm_cli = _median(warm["ours-cli"], "whole") / _median(cold["ours-cli"], "whole")
     warm_bytes = max(r["body_bytes"] for r in warm["ours"] + warm["ours-cli"])
+    warm_floor = _median(warm["floor-warm"])
     g_bytes = max(r["body_bytes"] / r["data_bytes"] for r in gunicorn)
     g_ratio = statistics.median(r["all_ready_seconds"] / r["single_seconds"] for r in gunicorn)
     rss = "–"
@@ -707,6 +713,10 @@ def write_results(args: argparse.Namespace, tools: Tools,
         f"| warm restart of 16 × 32 MiB vs a cold run, handler call | "
         f"{_median(warm['ours']) * 1000:.1f} ms vs {_median(cold['ours']) * 1000:.1f} ms = "
         f"**{warm_ratio:.2%}**, body bytes {warm_bytes} |",
+        f"| a warm restart's floor (`floor-warm`): one signed HEAD per file on one connection "
+        f"and each file's size compared with it; no config, record or ETag check | "
+        f"{warm_floor * 1000:.1f} ms = **{warm_floor / _median(cold['ours']):.2%}** of the cold "
+        f"run; ours takes {_median(warm['ours']) / warm_floor:.2f}× it |",
         f"| the same, whole `drum-servers download` process | "
         f"{_median(warm['ours-cli'], 'whole') * 1000:.1f} ms vs "
         f"{_median(cold['ours-cli'], 'whole') * 1000:.1f} ms = {warm_cli:.2%} |",
