@@ -175,7 +175,8 @@ def _http_floor(spec: dict, connections: int = 4) -> Callable[[], None]:
 
     Not a usable downloader: it shows what this machine allows over loopback HTTP at all, so
     the engine's distance to it can be read. ``floor16`` is the same with our 16 connections,
-    to tell the cost of the engine from the cost of the connection count on two cores.
+    to tell the cost of the engine from the cost of the connection count on two cores. Against
+    a store that checks signatures (``spec["signed"]``) each request is signed, as it must be.
     """
     import http.client
     import queue
@@ -187,14 +188,20 @@ def _http_floor(spec: dict, connections: int = 4) -> Callable[[], None]:
     work: queue.SimpleQueue[tuple[str, int, int, int] | None] = queue.SimpleQueue()
     fds: list[int] = []
     _make_parents(spec["files"])
+    sign = _sigv4(spec) if spec.get("signed") else None
 
     def worker() -> None:
         conn = http.client.HTTPConnection(host.hostname, host.port)
         view = memoryview(bytearray(1024 * 1024))
         while (item := work.get()) is not None:
             path, fd, start, end = item
-            conn.request("GET", path, headers={"Range": f"bytes={start}-{end - 1}"})
+            headers = {"Range": f"bytes={start}-{end - 1}"}
+            if sign is not None:
+                headers.update(sign("GET", path))
+            conn.request("GET", path, headers=headers)
             resp = conn.getresponse()
+            if resp.status != 206:
+                raise SystemExit(f"{path}: HTTP {resp.status} {resp.read()[:300]!r}")
             while start < end:
                 n = resp.readinto(view[: min(len(view), end - start)])
                 os.pwrite(fd, view[:n], start)

@@ -258,7 +258,7 @@ def run_candidate(kind: str, tools: Tools, sc: Scenario, store: Store, target: P
     files = [(key, str(target / "artifacts" / key)) for key, _ in sc.files]
     spec = {"files": [[k, local, size] for (k, local), (_, size) in zip(files, sc.files, strict=True)],
             "bucket": BUCKET, "url": store.url, "key": store.key, "secret": store.secret,
-            "code_dir": str(target)}
+            "code_dir": str(target), "signed": store.name == "SeaweedFS"}
     sha256 = ({k: sha256_of(data_root / BUCKET / k) for k, _ in sc.files} if verify else None)
     env = {**_peer_env(store), **lazy_env(store.url, files, sha256, store.key, store.secret),
            "BENCH_SPEC": json.dumps(spec), "LAZY_LOADING_PROGRESS_INTERVAL": "3600"}
@@ -406,12 +406,14 @@ CAPPED = "1 × 1 GiB, 40 MB/s per connection"
 
 def scenarios(store: str, scale: int) -> list[Scenario]:
     peers = ["ours-cli", "ours", "boto3", *PEERS]
-    on_nginx = ["drum", "floor", "floor16"] if store == "nginx" else []
-    # Per-file steps only weigh on many small files: that floor is run there alone, on both
-    # stores (it signs its requests). The connection budget only weighs on large transfers.
+    on_nginx = ["drum"] if store == "nginx" else []
+    # The raw floors sign their requests where the store checks signatures (SeaweedFS). Per-file
+    # steps only weigh on many small files: that floor is run there alone. The connection
+    # budget only weighs on large transfers.
+    floors = ["floor", "floor16"]
     extra = {SMALL: ["floor-safe"], BIG: ["ours-cli-16"]}
     every_workload = workloads(scale)
-    found = [Scenario(name, files, False, peers + on_nginx + extra.get(name, []))
+    found = [Scenario(name, files, False, peers + on_nginx + floors + extra.get(name, []))
              for name, files in every_workload.items()]
     found.append(Scenario(CAPPED, every_workload[BIG], True, [*peers, "ours-cli-16"]))
     return found
