@@ -79,7 +79,9 @@ def ensure_ours_venv(path: Path) -> Path:
         print("creating this package's venv (a regular install of the checkout) …",
               file=sys.stderr)
         _sh(sys.executable, "-m", "venv", str(path))
-    # A local directory is always reinstalled, so the venv holds this checkout's code.
+    # A local directory is always reinstalled, so the venv holds this checkout's code; setuptools
+    # would package a module deleted since the last build from a stale build/ (as `make smoke`).
+    shutil.rmtree(ROOT / "build", ignore_errors=True)
     _sh(str(python), "-m", "pip", "install", "-q", str(ROOT))
     return python
 
