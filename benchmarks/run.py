@@ -471,8 +471,7 @@ def cold_start(tools: Tools, reps: int) -> dict[str, list[float]]:
                        f"for name in {stdlib!r}.split(','): importlib.import_module(name)"],
         "imports": [str(tools.ours), "-c", ours],
         "imports and a boto3 S3 client": [str(tools.ours), "-c",
-            "import drum_servers.cli, lazy_loading.handler, boto3; "
-            "boto3.client('s3', region_name='us-east-1', aws_access_key_id='a', "
+            f"{ours}, boto3; boto3.client('s3', region_name='us-east-1', aws_access_key_id='a', "
             "aws_secret_access_key='b')"],
     }
     times: dict[str, list[float]] = {name: [] for name in commands}
