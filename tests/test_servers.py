@@ -246,9 +246,17 @@ def test_json_logs_and_metrics_aggregated_across_gunicorn_workers(
 
 @pytest.mark.parametrize("kind", ["uvicorn-fastapi", "gunicorn-flask"])
 def test_openapi_docs_work_and_query_strings_cannot_grow_the_metrics(
-    kind: str, serve: ServerStarter
+    kind: str, serve: ServerStarter, tmp_path: Path
 ) -> None:
-    server = serve(kind)
+    env = {}
+    if kind.startswith("gunicorn"):
+        # Each request is a new connection, which any of the 3 workers may take: the metrics
+        # are read as the README says to run them under gunicorn, aggregated over the workers,
+        # or /metrics from a worker that served no /ping/ shows none.
+        prom_dir = tmp_path / "prom"
+        prom_dir.mkdir()
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(prom_dir)
+    server = serve(kind, **env)
     server.wait_ready()
     if kind == "uvicorn-fastapi":
         schema = server.get("/openapi.json")
