@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 DEMO_STAMP := $(VENV)/.installed-demo
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install test compat lint typecheck pytest smoke parity demo bench bench-nodecache load clean
+.PHONY: install test compat lint typecheck pytest smoke parity demo bench bench-nodecache bench-transport load clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,10 @@ bench: $(TEST_STAMP)
 BENCH_REPS ?= 5
 bench-nodecache: $(TEST_STAMP)
 	$(PY) benchmarks/nodecache.py --reps $(BENCH_REPS)
+
+# Native HTTP transports (awscrt, obstore) against ours on small files (benchmarks/TRANSPORT.md).
+bench-transport: $(TEST_STAMP)
+	$(PY) benchmarks/transport.py
 
 load: $(TEST_STAMP)
 	$(PY) benchmarks/load.py
