@@ -6,6 +6,8 @@ does it (a HEAD asking for the checksum, a temp file created beside the target, 
 the HEAD's ETag, one ``pwrite``, a rename), on 16 threads, through
 
 * ``ours``: the package's own transport (``connections.HostConnections`` and ``sigv4``);
+* ``http.client alone``: one connection per thread, no timeouts, no pool, the same signer (what
+  ``HostConnections`` adds to ``http.client``);
 * ``awscrt.http``: one awscrt connection per thread, the same signer;
 * ``obstore``: obstore's HEAD and GET (its own signer, pool and runtime);
 * ``our HEAD, obstore GET``: the checksum still read by our HEAD, the body by obstore.
@@ -41,10 +43,10 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 THREADS = 16
-ARMS = ("ours", "awscrt.http", "obstore", "our HEAD, obstore GET")
+ARMS = ("ours", "http.client alone", "awscrt.http", "obstore", "our HEAD, obstore GET")
 # Whether the store's full-object checksum reaches the engine: obstore's HEAD answers only size,
 # ETag, version and Last-Modified.
-READS_CHECKSUM = {"ours": "yes", "awscrt.http": "yes", "obstore": "**no**",
+READS_CHECKSUM = {"ours": "yes", "http.client alone": "yes", "awscrt.http": "yes", "obstore": "**no**",
                   "our HEAD, obstore GET": "yes"}
 IMPORTS = {"awscrt.http": "import awscrt.http, awscrt.io", "obstore": "import obstore, obstore.store"}
 
@@ -146,7 +148,7 @@ def _report(results: dict[str, Any], reps: int, peers: Path) -> str:
     lines += [
         "",
         "Import added to a process that has loaded ours: "
-        + ", ".join(f"{name} +{seconds * 1000:.0f} ms" for name, seconds in imports.items())
+        + ", ".join(f"{name} {seconds * 1000:+.0f} ms" for name, seconds in imports.items())
         + ".",
         "",
     ]
@@ -162,6 +164,7 @@ def _versions(peers: Path) -> str:
 
 # ------------------------------------------------------------------ the transports, in the peers' venv
 def _child(reps: int) -> None:
+    import http.client
     from urllib.parse import urlsplit
 
     import awscrt.http
@@ -249,12 +252,29 @@ def _child(reps: int) -> None:
             body = obstore.get(store, name, options={"if_match": etag}).bytes()
             os.pwrite(fd, memoryview(_sized(body, length)), 0)
 
+    def bare_file(conn: http.client.HTTPConnection, index: int, name: str, size: int,
+                  local: str) -> None:
+        path, headers = signed("HEAD", name, {"x-amz-checksum-mode": "ENABLED"})
+        conn.request("HEAD", path, headers=headers)
+        head = conn.getresponse()
+        head.read()
+        assert head.status == 200, head.status
+        with _temp(local, index) as fd:
+            path, headers = signed("GET", name, {"If-Match": head.headers["ETag"]})
+            conn.request("GET", path, headers=headers)
+            response = conn.getresponse()
+            body = response.read()
+            assert response.status == 200, response.status
+            os.pwrite(fd, _sized(body, int(head.headers["Content-Length"])), 0)
+
     def crt_connection() -> Any:
         return awscrt.http.HttpClientConnection.new(parts.hostname, parts.port or 80,
                                                     bootstrap=bootstrap).result(10)
 
     arms: dict[str, tuple[Callable[..., None], Callable[[], Any]]] = {
         "ours": (ours_file, lambda: None),
+        "http.client alone": (bare_file, lambda: http.client.HTTPConnection(
+            parts.hostname or "", parts.port or 80)),
         "awscrt.http": (crt_file, crt_connection),
         "obstore": (obstore_file, lambda: None),
         "our HEAD, obstore GET": (mixed_file, lambda: None),
