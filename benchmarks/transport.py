@@ -105,20 +105,18 @@ def _measure(peers: Path, url: str, key: str, secret: str, server: Any,
     return result
 
 
-def _import_costs(peers: Path, reps: int = 7) -> dict[str, float]:
-    """Seconds each transport's import adds to a process that has imported ours already."""
-    base = "import lazy_loading.handler"
-    timed: dict[str, list[float]] = {name: [] for name in ("", *IMPORTS)}
+def _import_costs(peers: Path, reps: int = 9) -> dict[str, float]:
+    """Seconds each transport's import takes in a fresh process that has imported ours."""
+    timed: dict[str, list[float]] = {name: [] for name in IMPORTS}
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for _ in range(reps):
-        for name in timed:
-            code = base + (f"; {IMPORTS[name]}" if name else "")
-            probe = f"import time; t = time.perf_counter(); {code}; print(time.perf_counter() - t)"
+        for name, statement in IMPORTS.items():
+            probe = ("import time, lazy_loading.handler; t = time.perf_counter(); "
+                     f"{statement}; print(time.perf_counter() - t)")
             out = subprocess.run([str(peers), "-c", probe], env=env, capture_output=True,
                                  text=True, check=True)
             timed[name].append(float(out.stdout))
-    floor = statistics.median(timed[""])
-    return {name: statistics.median(timed[name]) - floor for name in IMPORTS}
+    return {name: statistics.median(seconds) for name, seconds in timed.items()}
 
 
 def _report(results: dict[str, Any], reps: int, peers: Path) -> str:
@@ -148,7 +146,7 @@ def _report(results: dict[str, Any], reps: int, peers: Path) -> str:
     lines += [
         "",
         "Import added to a process that has loaded ours: "
-        + ", ".join(f"{name} {seconds * 1000:+.0f} ms" for name, seconds in imports.items())
+        + ", ".join(f"{name} +{seconds * 1000:.0f} ms" for name, seconds in imports.items())
         + ".",
         "",
     ]
