@@ -6,6 +6,9 @@ does it (a HEAD asking for the checksum, a temp file created beside the target, 
 the HEAD's ETag, one ``pwrite``, a rename), on 16 threads, through
 
 * ``ours``: the package's own transport (``connections.HostConnections`` and ``sigv4``);
+* the whole engine: ``LazyLoadingHandler(...).download_lazy_loading_files()`` on the same files,
+  i.e. that transport plus everything the guarantees add (locks, records, checks, progress,
+  the HEAD stage before any GET, the throttle), for reading the rows above against;
 * ``http.client alone``: one connection per thread, no timeouts, no pool, the same signer (what
   ``HostConnections`` adds to ``http.client``);
 * ``awscrt.http``: one awscrt connection per thread, the same signer;
@@ -43,11 +46,12 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 THREADS = 16
-ARMS = ("ours", "http.client alone", "awscrt.http", "obstore", "our HEAD, obstore GET")
+ENGINE = "the whole engine (handler call)"
+ARMS = (ENGINE, "ours", "http.client alone", "awscrt.http", "obstore", "our HEAD, obstore GET")
 # Whether the store's full-object checksum reaches the engine: obstore's HEAD answers only size,
 # ETag, version and Last-Modified.
-READS_CHECKSUM = {"ours": "yes", "http.client alone": "yes", "awscrt.http": "yes", "obstore": "**no**",
-                  "our HEAD, obstore GET": "yes"}
+READS_CHECKSUM = {ENGINE: "yes", "ours": "yes", "http.client alone": "yes", "awscrt.http": "yes",
+                  "obstore": "**no**", "our HEAD, obstore GET": "yes"}
 IMPORTS = {"awscrt.http": "import awscrt.http, awscrt.io", "obstore": "import obstore, obstore.store"}
 
 
@@ -170,6 +174,7 @@ def _child(reps: int) -> None:
     import obstore
     from obstore.store import S3Store
 
+    from lazy_loading import LazyLoadingHandler
     from lazy_loading.connections import HostConnections
     from lazy_loading.sigv4 import SigV4Signer, host_header
 
@@ -269,18 +274,30 @@ def _child(reps: int) -> None:
         return awscrt.http.HttpClientConnection.new(parts.hostname, parts.port or 80,
                                                     bootstrap=bootstrap).result(10)
 
-    arms: dict[str, tuple[Callable[..., None], Callable[[], Any]]] = {
-        "ours": (ours_file, lambda: None),
-        "http.client alone": (bare_file, lambda: http.client.HTTPConnection(
+    def per_file(one: Callable[..., None], connect: Callable[[], Any]) -> Callable[[], None]:
+        return lambda: _once(items, target, one, connect)
+
+    def engine() -> None:
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        LazyLoadingHandler(code_dir=target).download_lazy_loading_files()
+        for _, _, size, local in items:
+            assert os.path.getsize(local) == size, local
+
+    os.environ.update(_engine_env(url, bucket, key, secret, items))
+    arms: dict[str, Callable[[], None]] = {
+        ENGINE: engine,
+        "ours": per_file(ours_file, lambda: None),
+        "http.client alone": per_file(bare_file, lambda: http.client.HTTPConnection(
             parts.hostname or "", parts.port or 80)),
-        "awscrt.http": (crt_file, crt_connection),
-        "obstore": (obstore_file, lambda: None),
-        "our HEAD, obstore GET": (mixed_file, lambda: None),
+        "awscrt.http": per_file(crt_file, crt_connection),
+        "obstore": per_file(obstore_file, lambda: None),
+        "our HEAD, obstore GET": per_file(mixed_file, lambda: None),
     }
     server = int(spec["server_pid"])
     for _ in range(30):  # SeaweedFS answers 500 for a moment after an upload
         try:
-            _once(items, target, *arms["ours"])
+            arms["ours"]()
             break
         except AssertionError:
             time.sleep(1)
@@ -289,11 +306,24 @@ def _child(reps: int) -> None:
         for arm in (ARMS if rep % 2 == 0 else ARMS[::-1]):
             server_before, used_before = _tree_cpu(server), _own_cpu()
             started = time.perf_counter()
-            _once(items, target, *arms[arm])
+            arms[arm]()
             wall = time.perf_counter() - started
             runs[arm].append([wall, _own_cpu() - used_before, _tree_cpu(server) - server_before])
     ours.close()
     print(json.dumps(runs))
+
+
+def _engine_env(url: str, bucket: str, key: str, secret: str,
+                items: list[tuple[int, str, int, str]]) -> dict[str, str]:
+    """DRUM's variables for the same files, as ``run.lazy_env`` writes them."""
+    data = {"files": [{"remotePath": name, "localPath": local, "repositoryId": "r"}
+                      for _, name, _, local in items],
+            "repositories": [{"repositoryId": "r", "bucketName": bucket, "credentialId": "c",
+                              "endpointUrl": url}]}
+    credential = {"credentialType": "s3", "awsAccessKeyId": key, "awsSecretAccessKey": secret}
+    return {"MLOPS_LAZY_LOADING_DATA": json.dumps(data),
+            "MLOPS_REPOSITORY_SECRET_C": json.dumps(credential),
+            "LAZY_LOADING_PROGRESS_INTERVAL": "3600"}
 
 
 def _once(items: list[tuple[int, str, int, str]], target: Path,
