@@ -61,7 +61,9 @@ class Publisher:
                      multipart: bool, temp: Path, dir_fd: int) -> tuple[ResumeJournal | None, int]:
         target = transfer.target
         try:
-            crc = part_check_algorithm(remote, self._settings)
+            # Only a journal keeps part CRCs: asking for one loads awscrt, which a file of one
+            # part, checked inline with zlib's CRC32 or hashlib, never needs.
+            crc = part_check_algorithm(remote, self._settings) if multipart else None
             journal = (ResumeJournal.resume(self._state_dir, target, remote, part_size, crc,
                                             self._settings.fsync)
                        if multipart else None)

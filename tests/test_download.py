@@ -1134,6 +1134,38 @@ def test_the_download_command_imports_no_validation_library_yaml_or_boto3(
     assert result.stdout.strip() == "loaded: []"
 
 
+def test_small_files_with_a_crc32_are_verified_without_loading_awscrt(
+    s3: S3Store, tmp_path: Path
+) -> None:
+    """awscrt (a 12 MB native library, 30-80 ms to import here) is needed only for CRC32C,
+    CRC64NVME and for combining the CRCs of a file's parts. A file of one part with a CRC32,
+    which boto3 uploads by default and SeaweedFS answers with, is checked with ``zlib`` as its
+    body streams in: an init container must not pay for awscrt to download it."""
+    import subprocess
+    import sys
+
+    bucket = s3.bucket()
+    bodies = {f"m/{i}.bin": payload(50_000 + i, seed=i) for i in range(3)}
+    for key, body in bodies.items():
+        s3.put(bucket, key, body, ChecksumAlgorithm="CRC32")
+    env = lazy_env(s3.url, bucket, {key: key for key in bodies})
+    probe = ("import atexit, sys\n"
+             "atexit.register(lambda: print('awscrt loaded:', 'awscrt' in sys.modules))\n"
+             "from drum_servers.cli import main\n"
+             f"sys.exit(main(['download', '--code-dir', {str(tmp_path)!r}]))\n")
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    from lazy_loading.cache import Manifest
+
+    for key, body in bodies.items():
+        assert (tmp_path / key).read_bytes() == body
+        entry = Manifest(tmp_path / ".lazy_loading").lookup(tmp_path / key)
+        assert entry is not None and entry.checksum is not None
+        assert entry.checksum[0] == "ChecksumCRC32", "the store's CRC32 is what was checked"
+    assert result.stdout.strip() == "awscrt loaded: False"
+
+
 @pytest.mark.parametrize("algorithm", ["CRC32", "CRC32C", "SHA1", "SHA256", "CRC64NVME"])
 def test_multipart_uploads_with_each_checksum_boto3_offers_download(
     algorithm: str, s3: S3Store, tmp_path: Path
