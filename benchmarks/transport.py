@@ -95,8 +95,10 @@ def _parent(reps: int) -> None:
 
 def _measure(peers: Path, url: str, key: str, secret: str, server: Any,
              files: list[tuple[str, int]], reps: int) -> dict[str, list[list[float]]]:
+    import run  # on the path since _parent
+
     target = HERE / ".work" / "transport-target"
-    spec = {"url": url, "bucket": "bench", "files": files, "target": str(target),
+    spec = {"url": url, "bucket": run.BUCKET, "files": files, "target": str(target),
             "server_pid": server.pid}
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRANSPORT_SPEC": json.dumps(spec),
            "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
@@ -284,7 +286,11 @@ def _child(reps: int) -> None:
         for _, _, size, local in items:
             assert os.path.getsize(local) == size, local
 
-    os.environ.update(_engine_env(url, bucket, key, secret, items))
+    sys.path.insert(0, str(HERE))
+    import run
+
+    os.environ.update(run.lazy_env(url, [(name, local) for _, name, _, local in items], None,
+                                   key, secret), LAZY_LOADING_PROGRESS_INTERVAL="3600")
     arms: dict[str, Callable[[], None]] = {
         ENGINE: engine,
         "ours": per_file(ours_file, lambda: None),
@@ -311,19 +317,6 @@ def _child(reps: int) -> None:
             runs[arm].append([wall, _own_cpu() - used_before, _tree_cpu(server) - server_before])
     ours.close()
     print(json.dumps(runs))
-
-
-def _engine_env(url: str, bucket: str, key: str, secret: str,
-                items: list[tuple[int, str, int, str]]) -> dict[str, str]:
-    """DRUM's variables for the same files, as ``run.lazy_env`` writes them."""
-    data = {"files": [{"remotePath": name, "localPath": local, "repositoryId": "r"}
-                      for _, name, _, local in items],
-            "repositories": [{"repositoryId": "r", "bucketName": bucket, "credentialId": "c",
-                              "endpointUrl": url}]}
-    credential = {"credentialType": "s3", "awsAccessKeyId": key, "awsSecretAccessKey": secret}
-    return {"MLOPS_LAZY_LOADING_DATA": json.dumps(data),
-            "MLOPS_REPOSITORY_SECRET_C": json.dumps(credential),
-            "LAZY_LOADING_PROGRESS_INTERVAL": "3600"}
 
 
 def _once(items: list[tuple[int, str, int, str]], target: Path,
