@@ -1109,6 +1109,25 @@ def test_results_follow_the_configs_order_and_describe_their_own_file(
     assert [r.target for r in results] == [code / "artifacts" / key for key in bodies]
 
 
+def _modules_loaded_by_the_download_command(code_dir: Path, env: dict[str, str],
+                                            modules: tuple[str, ...]) -> list[str]:
+    """Run `drum-servers download` in a fresh interpreter, as an init container does; which of
+    ``modules`` it had imported when it exited (successfully: asserted here)."""
+    import subprocess
+    import sys
+
+    probe = ("import atexit, json, sys\n"
+             f"watched = {modules!r}\n"
+             "atexit.register(lambda: print(json.dumps([m for m in watched if m in sys.modules])))\n"
+             "from drum_servers.cli import main\n"
+             f"sys.exit(main(['download', '--code-dir', {str(code_dir)!r}]))\n")
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    loaded: list[str] = json.loads(result.stdout)  # nothing else on stdout
+    return loaded
+
+
 def test_the_download_command_imports_no_validation_library_yaml_or_boto3(
     s3: S3Store, tmp_path: Path
 ) -> None:
@@ -1116,22 +1135,13 @@ def test_the_download_command_imports_no_validation_library_yaml_or_boto3(
     about 100 ms of a start, urllib3 about 30, the IDNA codec (and ``unicodedata``, which it
     loads) about 2 of a warm start's 12. A JSON config needs no YAML, a custom endpoint
     neither boto3 nor urllib3, and an ASCII host name no IDNA."""
-    import subprocess
-    import sys
-
     bucket = s3.bucket()
     s3.put(bucket, "m/w.bin", payload(70_000))
     env = lazy_env(s3.url, bucket, {"m/w.bin": "w.bin"})
-    probe = ("import atexit, sys\n"
-             "heavy = ('pydantic', 'yaml', 'boto3', 's3transfer', 'urllib3', 'encodings.idna')\n"
-             "atexit.register(lambda: print('loaded:', [m for m in heavy if m in sys.modules]))\n"
-             "from drum_servers.cli import main\n"
-             f"sys.exit(main(['download', '--code-dir', {str(tmp_path)!r}]))\n")
-    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode == 0, result.stderr[-2000:]
+    heavy = ("pydantic", "yaml", "boto3", "s3transfer", "urllib3", "encodings.idna")
+    loaded = _modules_loaded_by_the_download_command(tmp_path, env, heavy)
     assert (tmp_path / "w.bin").read_bytes() == payload(70_000)
-    assert result.stdout.strip() == "loaded: []"
+    assert loaded == []
 
 
 def test_small_files_with_a_crc32_are_verified_without_loading_awscrt(
@@ -1141,21 +1151,12 @@ def test_small_files_with_a_crc32_are_verified_without_loading_awscrt(
     CRC64NVME and for combining the CRCs of a file's parts. A file of one part with a CRC32,
     which boto3 uploads by default and SeaweedFS answers with, is checked with ``zlib`` as its
     body streams in: an init container must not pay for awscrt to download it."""
-    import subprocess
-    import sys
-
     bucket = s3.bucket()
     bodies = {f"m/{i}.bin": payload(50_000 + i, seed=i) for i in range(3)}
     for key, body in bodies.items():
         s3.put(bucket, key, body, ChecksumAlgorithm="CRC32")
     env = lazy_env(s3.url, bucket, {key: key for key in bodies})
-    probe = ("import atexit, sys\n"
-             "atexit.register(lambda: print('awscrt loaded:', 'awscrt' in sys.modules))\n"
-             "from drum_servers.cli import main\n"
-             f"sys.exit(main(['download', '--code-dir', {str(tmp_path)!r}]))\n")
-    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode == 0, result.stderr[-2000:]
+    loaded = _modules_loaded_by_the_download_command(tmp_path, env, ("awscrt",))
     from lazy_loading.cache import Manifest
 
     for key, body in bodies.items():
@@ -1163,7 +1164,7 @@ def test_small_files_with_a_crc32_are_verified_without_loading_awscrt(
         entry = Manifest(tmp_path / ".lazy_loading").lookup(tmp_path / key)
         assert entry is not None and entry.checksum is not None
         assert entry.checksum[0] == "ChecksumCRC32", "the store's CRC32 is what was checked"
-    assert result.stdout.strip() == "awscrt loaded: False"
+    assert loaded == []
 
 
 @pytest.mark.parametrize("algorithm", ["CRC32", "CRC32C", "SHA1", "SHA256", "CRC64NVME"])
