@@ -212,6 +212,12 @@ class PooledResponse:
         sock: Any = self._conn.sock if self._conn is not None else None
         return int(sock.fileno()) if sock is not None else -1
 
+    def plain_socket(self) -> socket.socket | None:
+        """The connection's socket when it carries the body as sent (no TLS), for ``splice``."""
+        if self._pool._tls is not None or self._conn is None:
+            return None
+        return cast(socket.socket | None, self._conn.sock)
+
     def release_conn(self) -> None:
         conn, self._conn = self._conn, None
         if conn is None:

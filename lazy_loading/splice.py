@@ -1,0 +1,108 @@
+"""A response body moved from a plaintext socket into a file by ``splice(2)``.
+
+Read through Python, a body is copied twice on its way to disk: from the socket into our
+buffer, then from the buffer into the page cache. ``splice`` has the kernel move the socket's
+pages into a pipe and from the pipe into the file at an offset, so the bytes never enter the
+process. Over loopback on 2 cores, 1 GiB from SeaweedFS on 16 connections took 0.90 against
+1.06 s and 0.98 against 1.25 s, with half the system CPU (a bare client, medians of 7 and 11):
+the server shares those cores. It applies only where nothing needs the bytes in memory (no
+digest to feed), on Linux, and without TLS (the socket then carries the body as sent).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import http.client
+import os
+import select
+import socket
+from typing import Any
+
+MIN_LENGTH = 1 << 20  # shorter bodies: a pipe costs more than the copies it saves
+_PIPE_SIZE = 1 << 20
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+class SplicedBody:
+    """The rest of ``response``'s body, moved by the kernel from ``sock`` into files.
+
+    Any bytes ``http.client`` buffered with the headers are written first, and its length
+    bookkeeping is kept, so the connection goes back to the pool at the end as after a read.
+    """
+
+    def __init__(self, response: http.client.HTTPResponse, sock: socket.socket) -> None:
+        self._response = response
+        self._sock = sock
+        self._buffered_done = False
+        self._pipe = os.pipe2(os.O_CLOEXEC)
+        with contextlib.suppress(OSError):  # above the system's limit: the default 64 KiB
+            fcntl.fcntl(self._pipe[1], _F_SETPIPE_SZ, _PIPE_SIZE)
+
+    def move(self, fd: int, offset: int, count: int) -> int:
+        """Move up to ``count`` bytes of the body into ``fd`` at ``offset``; 0 once the
+        socket has no more (the store closed it, or ``abort`` shut it down). Raises
+        ``TimeoutError`` when nothing arrives within the socket's timeout, as a read would."""
+        response = self._response
+        count = min(count, response.length or 0)
+        if count <= 0 or response.fp is None:
+            return 0
+        if not self._buffered_done:
+            self._buffered_done = True
+            held = response.fp.peek(1)[:count]  # at most one read: what came with the headers
+            if held:
+                data = response.fp.read(len(held))
+                moved = 0
+                while moved < len(data):
+                    moved += os.pwrite(fd, data[moved:], offset + moved)
+                return self._account(len(data))
+        while True:
+            try:
+                got = os.splice(self._sock.fileno(), self._pipe[1], min(count, _PIPE_SIZE))
+                break
+            except BlockingIOError:
+                self._wait()
+        moved = 0
+        while moved < got:
+            moved += os.splice(self._pipe[0], fd, got - moved, offset_dst=offset + moved)
+        return self._account(got)
+
+    def _account(self, n: int) -> int:
+        response = self._response
+        response.length = (response.length or 0) - n
+        if n == 0 or response.length == 0:
+            response._close_conn()  # type: ignore[attr-defined]  # as http.client at the end
+        return n
+
+    def _wait(self) -> None:
+        timeout = self._sock.gettimeout()
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
+        if not poller.poll(None if timeout is None else int(timeout * 1000) + 1):
+            raise TimeoutError("timed out")
+
+    def close(self) -> None:
+        for end in self._pipe:
+            with contextlib.suppress(OSError):
+                os.close(end)
+
+
+def spliced(body: Any) -> SplicedBody | None:
+    """``body`` as a ``SplicedBody`` when the kernel can move it: a plain HTTP/1.1 body of
+    known length (at least ``MIN_LENGTH``) on a socket without TLS, on a system with
+    ``splice``; else None, and the body is read as usual. Out of descriptors for the pipe,
+    it is read as usual too."""
+    plain = getattr(body, "plain_socket", None)
+    response = getattr(body, "_fp", None)
+    if (plain is None or not hasattr(os, "splice") or not hasattr(select, "poll")
+            or not isinstance(response, http.client.HTTPResponse) or response.chunked
+            or response.length is None or response.length < MIN_LENGTH
+            or not hasattr(response.fp, "peek")):
+        return None
+    sock = plain()
+    if sock is None:
+        return None
+    try:
+        return SplicedBody(response, sock)
+    except OSError:
+        return None
