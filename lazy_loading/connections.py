@@ -212,11 +212,16 @@ class PooledResponse:
         sock: Any = self._conn.sock if self._conn is not None else None
         return int(sock.fileno()) if sock is not None else -1
 
-    def plain_socket(self) -> socket.socket | None:
-        """The connection's socket when it carries the body as sent (no TLS), for ``splice``."""
-        if self._pool._tls is not None or self._conn is None:
+    def plain_stream(self) -> tuple[int, float | None] | None:
+        """The descriptor the body arrives on, and its read timeout, when it carries the body
+        as sent (no TLS): for ``splice``. Taken from the response, which holds the socket even
+        when ``http.client`` let go of the connection (a store answering ``Connection: close``)."""
+        if self._pool._tls is not None or self._fp.fp is None:
             return None
-        return cast(socket.socket | None, self._conn.sock)
+        try:
+            return self._fp.fp.fileno(), self._pool._read_timeout
+        except (OSError, ValueError):
+            return None
 
     def release_conn(self) -> None:
         conn, self._conn = self._conn, None

@@ -16,7 +16,6 @@ import fcntl
 import http.client
 import os
 import select
-import socket
 from typing import Any
 
 MIN_LENGTH = 1 << 20  # shorter bodies: a pipe costs more than the copies it saves
@@ -25,15 +24,17 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
 class SplicedBody:
-    """The rest of ``response``'s body, moved by the kernel from ``sock`` into files.
+    """The rest of ``response``'s body, moved by the kernel from the socket ``source`` into
+    files; ``timeout`` is how long the socket may stay silent (None: no limit).
 
     Any bytes ``http.client`` buffered with the headers are written first, and its length
     bookkeeping is kept, so the connection goes back to the pool at the end as after a read.
     """
 
-    def __init__(self, response: http.client.HTTPResponse, sock: socket.socket) -> None:
+    def __init__(self, response: http.client.HTTPResponse, source: int,
+                 timeout: float | None) -> None:
         self._response = response
-        self._sock = sock
+        self._source, self._timeout = source, timeout
         self._buffered_done = False
         self._pipe = os.pipe2(os.O_CLOEXEC)
         with contextlib.suppress(OSError):  # above the system's limit: the default 64 KiB
@@ -58,7 +59,7 @@ class SplicedBody:
                 return self._account(len(data))
         while True:
             try:
-                got = os.splice(self._sock.fileno(), self._pipe[1], min(count, _PIPE_SIZE))
+                got = os.splice(self._source, self._pipe[1], min(count, _PIPE_SIZE))
                 break
             except BlockingIOError:
                 self._wait()
@@ -75,10 +76,11 @@ class SplicedBody:
         return n
 
     def _wait(self) -> None:
-        timeout = self._sock.gettimeout()
+        """Until the socket has bytes (or is closed): a socket with a timeout is non-blocking
+        underneath, so ``splice`` answers EAGAIN instead of waiting."""
         poller = select.poll()
-        poller.register(self._sock, select.POLLIN)
-        if not poller.poll(None if timeout is None else int(timeout * 1000) + 1):
+        poller.register(self._source, select.POLLIN)
+        if not poller.poll(None if self._timeout is None else int(self._timeout * 1000) + 1):
             raise TimeoutError("timed out")
 
     def close(self) -> None:
@@ -92,17 +94,17 @@ def spliced(body: Any) -> SplicedBody | None:
     known length (at least ``MIN_LENGTH``) on a socket without TLS, on a system with
     ``splice``; else None, and the body is read as usual. Out of descriptors for the pipe,
     it is read as usual too."""
-    plain = getattr(body, "plain_socket", None)
+    plain = getattr(body, "plain_stream", None)
     response = getattr(body, "_fp", None)
     if (plain is None or not hasattr(os, "splice") or not hasattr(select, "poll")
             or not isinstance(response, http.client.HTTPResponse) or response.chunked
             or response.length is None or response.length < MIN_LENGTH
             or not hasattr(response.fp, "peek")):
         return None
-    sock = plain()
-    if sock is None:
+    stream = plain()
+    if stream is None:
         return None
     try:
-        return SplicedBody(response, sock)
+        return SplicedBody(response, *stream)
     except OSError:
         return None

@@ -71,6 +71,52 @@ def test_parts_reuse_one_connection(tmp_path: Path) -> None:
     assert len(ports) == 1, f"HEAD and 6 GETs should share one connection, used {len(ports)}"
 
 
+@pytest.fixture
+def spliced(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The byte counts ``os.splice`` moved out of sockets during the test: the kernel's path
+    for a body with no digest to feed (``lazy_loading/splice.py``)."""
+    moved: list[int] = []
+    real = os.splice
+
+    def counting(src: int, dst: int, count: int, *args: Any, **kwargs: Any) -> int:
+        n = real(src, dst, count, *args, **kwargs)
+        if not args and kwargs.get("offset_dst") is None:  # socket to pipe, not pipe to file
+            moved.append(n)
+        return n
+
+    monkeypatch.setattr(os, "splice", counting)
+    return moved
+
+
+# The same faults on both ways a body reaches the file: read into a buffer (the store's CRC32
+# is checked, so every byte is hashed) and moved by the kernel (nothing to hash).
+_BODY_PATHS = pytest.mark.parametrize("checksums", ["true", "false"], ids=["copied", "spliced"])
+
+
+def _took_path(checksums: str, spliced: list[int]) -> bool:
+    return bool(spliced) == (checksums == "false")
+
+
+@pytest.mark.skipif(not hasattr(os, "splice"), reason="splice(2) is Linux's")
+def test_large_bodies_with_nothing_to_hash_are_moved_by_the_kernel_over_one_connection(
+    tmp_path: Path, spliced: list[int]
+) -> None:
+    """A store without checksums (SeaweedFS's multipart objects, an in-cluster MinIO): the
+    kernel moves each 1 MiB part from the socket into the file, the bytes arrive as sent, and
+    the connection still goes back to the pool after each part."""
+    body = payload(6 * MiB + 123, seed=9)
+    with MisbehavingStore({"a.bin": body}) as store:
+        env = lazy_env(store.url, "bucket", {"a.bin": "a.bin"}, LAZY_LOADING_PART_SIZE="1MiB",
+                       LAZY_LOADING_MAX_CONNECTIONS="1")
+        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert (tmp_path / "a.bin").read_bytes() == body
+    assert len({port for _, port in store.requests}) == 1, store.requests
+    assert 5 * MiB < sum(spliced) <= 6 * MiB, \
+        "six 1 MiB parts moved by splice (less what came with their headers); the short last " \
+        "part is read"
+    assert no_debris(tmp_path) == []
+
+
 def test_connections_the_store_dropped_while_idle_are_not_reused(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -190,25 +236,34 @@ def test_5xx_bursts_are_retried(s3: S3Store, tmp_path: Path) -> None:
     assert (tmp_path / "a.bin").read_bytes() == body
 
 
-def test_cut_bodies_are_retried_and_never_published_torn(s3: S3Store, tmp_path: Path) -> None:
+@_BODY_PATHS
+def test_cut_bodies_are_retried_and_never_published_torn(
+    s3: S3Store, tmp_path: Path, checksums: str, spliced: list[int]
+) -> None:
     body = payload(3 * MiB, seed=6)
-    _, env = _setup(s3, {"a.bin": body, "small.bin": b"s" * 5000}, LAZY_LOADING_PART_SIZE="1MiB")
+    _, env = _setup(s3, {"a.bin": body, "small.bin": b"s" * 5000}, LAZY_LOADING_PART_SIZE="1MiB",
+                    LAZY_LOADING_VERIFY_CHECKSUMS=checksums)
     s3.faults.add(Rule("cut", key="a.bin", times=3, after_bytes=300_000))
     s3.faults.add(Rule("cut", key="small.bin", times=2, after_bytes=100))
     LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
     assert (tmp_path / "a.bin").read_bytes() == body
     assert (tmp_path / "small.bin").read_bytes() == b"s" * 5000
+    assert _took_path(checksums, spliced)
 
 
-def test_stalled_body_is_detected_and_retried(s3: S3Store, tmp_path: Path) -> None:
+@_BODY_PATHS
+def test_stalled_body_is_detected_and_retried(
+    s3: S3Store, tmp_path: Path, checksums: str, spliced: list[int]
+) -> None:
     body = payload(2 * MiB, seed=7)
     _, env = _setup(s3, {"a.bin": body}, LAZY_LOADING_PART_SIZE="1MiB",
-                    LAZY_LOADING_STALL_TIMEOUT="1")
+                    LAZY_LOADING_STALL_TIMEOUT="1", LAZY_LOADING_VERIFY_CHECKSUMS=checksums)
     s3.faults.add(Rule("stall", key="a.bin", times=1, after_bytes=1000, seconds=30))
     started = time.monotonic()
     LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
     assert (tmp_path / "a.bin").read_bytes() == body
     assert time.monotonic() - started < 15
+    assert _took_path(checksums, spliced)
 
 
 def test_lying_content_range_is_retried(s3: S3Store, tmp_path: Path) -> None:
@@ -458,9 +513,13 @@ def test_object_replaced_mid_download_restarts_cleanly(s3: S3Store, tmp_path: Pa
     assert no_debris(tmp_path) == []
 
 
-def test_first_fatal_error_cancels_the_rest_promptly(s3: S3Store, tmp_path: Path) -> None:
+@_BODY_PATHS
+def test_first_fatal_error_cancels_the_rest_promptly(
+    s3: S3Store, tmp_path: Path, checksums: str, spliced: list[int]
+) -> None:
     _, env = _setup(s3, {"big.bin": payload(8 * MiB), "bad.bin": payload(2 * MiB, 1)},
-                    LAZY_LOADING_PART_SIZE="1MiB", LAZY_LOADING_MAX_CONNECTIONS="4")
+                    LAZY_LOADING_PART_SIZE="1MiB", LAZY_LOADING_MAX_CONNECTIONS="4",
+                    LAZY_LOADING_VERIFY_CHECKSUMS=checksums)
     s3.faults.add(Rule("throttle", key="big.bin", times=None, rate=256 * 1024))
     s3.faults.add(Rule("status", method="GET", key="bad.bin", times=None, status=403))
     started = time.monotonic()
@@ -470,6 +529,7 @@ def test_first_fatal_error_cancels_the_rest_promptly(s3: S3Store, tmp_path: Path
     assert list(info.value.failures) == ["bad.bin"]
     assert not (tmp_path / "big.bin").exists()
     assert no_debris(tmp_path) == []
+    assert _took_path(checksums, spliced)
 
 
 def _small_files(count: int) -> dict[str, bytes]:
