@@ -33,7 +33,7 @@ from botocore.exceptions import (
 
 from .checksums import DigestSet, pick_s3_checksum
 from .redact import one_line
-from .splice import spliced
+from .splice import SplicedBody, Unsupported, spliced
 
 # Each buffer's bytes are written with one pwrite and checked with one CRC call, and each of
 # those gives up the GIL, which 16 I/O threads then queue for: 4 MiB took 16 x 32 MiB from 0.48 to
@@ -338,6 +338,27 @@ class _RateWindow:
             self._start, self._bytes = now, 0
 
 
+def _move_by_kernel(body: SplicedBody, sink: RangeSink, byte_range: ByteRange,
+                    rate: _RateWindow, where: str) -> int:
+    """The range's bytes moved into the file by ``splice``: all of them, or as many as it
+    moved before it turned out unable to here (the caller reads the rest)."""
+    written = 0
+    while written < byte_range.length:
+        if sink.cancel.is_set():
+            raise Cancelled()
+        try:
+            n = body.move(sink.fd, byte_range.start + written, byte_range.length - written)
+        except Unsupported:
+            break
+        if not n:
+            raise TransientFailure(f"{where}: body ended after {written} of "
+                                   f"{byte_range.length} bytes")
+        sink.on_bytes(n)
+        rate.add(n, where)
+        written += n
+    return written
+
+
 def fetch_range(client: Any, remote: RemoteObject, byte_range: ByteRange, whole: bool,
                 sink: RangeSink, signed: Any = None) -> None:
     """GET one range pinned to the HEAD's ETag and ``pwrite`` it at its offset.
@@ -367,22 +388,13 @@ def fetch_range(client: Any, remote: RemoteObject, byte_range: ByteRange, whole:
         read_into = _reader(body)
         rate = _RateWindow(sink.min_rate, sink.rate_window)
         offset, written = byte_range.start, 0
-        moved = spliced(body) if sink.digests is None else None
-        if moved is not None:
+        kernel = spliced(body) if sink.digests is None else None
+        if kernel is not None:
             try:
-                while written < byte_range.length:
-                    if sink.cancel.is_set():
-                        raise Cancelled()
-                    n = moved.move(sink.fd, offset, byte_range.length - written)
-                    if not n:
-                        raise TransientFailure(f"{where}: body ended after {written} of "
-                                               f"{byte_range.length} bytes")
-                    sink.on_bytes(n)
-                    rate.add(n, where)
-                    offset += n
-                    written += n
+                written = _move_by_kernel(kernel, sink, byte_range, rate, where)
             finally:
-                moved.close()
+                kernel.close()
+            offset += written
         buffer = _buffer(byte_range.length - written)
         chunk_size = len(buffer)
         while written < byte_range.length:

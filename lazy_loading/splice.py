@@ -12,6 +12,7 @@ digest to feed), on Linux, and without TLS (the socket then carries the body as 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import http.client
 import os
@@ -21,6 +22,20 @@ from typing import Any
 MIN_LENGTH = 1 << 20  # shorter bodies: a pipe costs more than the copies it saves
 _PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+# What a kernel or filesystem that cannot splice this pair answers (gVisor's sockets, a FUSE
+# file): the process then reads every body as usual.
+_CANNOT = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
+_unsupported = False
+
+
+class Unsupported(Exception):
+    """``splice`` cannot move bytes between this socket and file: read the rest as usual."""
+
+
+def _give_up() -> Unsupported:
+    global _unsupported
+    _unsupported = True
+    return Unsupported()
 
 
 class SplicedBody:
@@ -48,6 +63,8 @@ class SplicedBody:
         count = min(count, response.length or 0)
         if count <= 0 or response.fp is None:
             return 0
+        if _unsupported:
+            raise Unsupported()
         if not self._buffered_done:
             self._buffered_done = True
             held = response.fp.peek(1)[:count]  # at most one read: what came with the headers
@@ -63,9 +80,22 @@ class SplicedBody:
                 break
             except BlockingIOError:
                 self._wait()
+            except OSError as exc:
+                if exc.errno in _CANNOT:  # nothing left the socket
+                    raise _give_up() from None
+                raise
         moved = 0
         while moved < got:
-            moved += os.splice(self._pipe[0], fd, got - moved, offset_dst=offset + moved)
+            try:
+                moved += os.splice(self._pipe[0], fd, got - moved, offset_dst=offset + moved)
+            except OSError as exc:
+                if exc.errno not in _CANNOT:
+                    raise
+                _give_up()
+                data = os.read(self._pipe[0], got - moved)  # the pipe holds them: no loss
+                while data:
+                    written = os.pwrite(fd, data, offset + moved)
+                    moved, data = moved + written, data[written:]
         return self._account(got)
 
     def _account(self, n: int) -> int:
@@ -96,7 +126,7 @@ def spliced(body: Any) -> SplicedBody | None:
     it is read as usual too."""
     plain = getattr(body, "plain_stream", None)
     response = getattr(body, "_fp", None)
-    if (plain is None or not hasattr(os, "splice") or not hasattr(select, "poll")
+    if (_unsupported or plain is None or not hasattr(os, "splice") or not hasattr(select, "poll")
             or not isinstance(response, http.client.HTTPResponse) or response.chunked
             or response.length is None or response.length < MIN_LENGTH
             or not hasattr(response.fp, "peek")):

@@ -117,6 +117,40 @@ def test_large_bodies_with_nothing_to_hash_are_moved_by_the_kernel_over_one_conn
     assert no_debris(tmp_path) == []
 
 
+@pytest.mark.skipif(not hasattr(os, "splice"), reason="splice(2) is Linux's")
+@pytest.mark.parametrize("refused", ["socket", "file"])
+def test_where_the_kernel_cannot_splice_the_bodies_are_read_as_usual(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refused: str
+) -> None:
+    """gVisor's sockets or a FUSE file answer ``splice`` with EINVAL: nothing is lost (bytes
+    already in the pipe are read out of it) and the process reads every body from then on."""
+    import errno
+
+    from lazy_loading import splice
+
+    monkeypatch.setattr(splice, "_unsupported", False)
+    real = os.splice
+    calls: list[bool] = []
+
+    def refusing(src: int, dst: int, count: int, *args: Any, **kwargs: Any) -> int:
+        to_file = kwargs.get("offset_dst") is not None
+        calls.append(to_file)
+        if to_file == (refused == "file"):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(src, dst, count, *args, **kwargs)
+
+    monkeypatch.setattr(os, "splice", refusing)
+    body = payload(4 * MiB, seed=10)
+    with MisbehavingStore({"a.bin": body}) as store:
+        env = lazy_env(store.url, "bucket", {"a.bin": "a.bin"}, LAZY_LOADING_PART_SIZE="1MiB",
+                       LAZY_LOADING_MAX_CONNECTIONS="1")
+        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert (tmp_path / "a.bin").read_bytes() == body
+    assert len({port for _, port in store.requests}) == 1, "the connection is still reused"
+    assert len(calls) == (1 if refused == "socket" else 2), "tried once, then never again"
+    assert no_debris(tmp_path) == []
+
+
 def test_connections_the_store_dropped_while_idle_are_not_reused(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
