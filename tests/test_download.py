@@ -563,7 +563,9 @@ def test_first_fatal_error_cancels_the_rest_promptly(
     assert list(info.value.failures) == ["bad.bin"]
     assert not (tmp_path / "big.bin").exists()
     assert no_debris(tmp_path) == []
-    assert _took_path(checksums, spliced)
+    # Which path big.bin was on is not asserted: the 403 can stop it while its first part still
+    # writes the bytes that came with the headers, before any splice.
+    assert checksums == "false" or not spliced
 
 
 def _small_files(count: int) -> dict[str, bytes]:
