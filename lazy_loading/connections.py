@@ -191,6 +191,15 @@ class HostConnections:
         conn.close()
 
 
+def count_body_read(response: http.client.HTTPResponse, n: int) -> None:
+    """Account ``n`` bytes of ``response``'s body read outside ``http.client`` (straight from
+    its file, or moved by ``splice``), and do what it does at the end of a body: the
+    connection (not the socket) is then free for the next request on it."""
+    response.length = (response.length or 0) - n
+    if n == 0 or response.length == 0:
+        response._close_conn()  # type: ignore[attr-defined]
+
+
 class PooledResponse:
     """A response whose connection goes back to the pool once its body has been read to the
     end (``release_conn``), and is closed otherwise. ``_fp`` is the ``http.client`` response,

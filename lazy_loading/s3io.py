@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import os
 import re
 import socket
 import sys
@@ -32,8 +31,9 @@ from botocore.exceptions import (
 )
 
 from .checksums import DigestSet, pick_s3_checksum
+from .connections import count_body_read
 from .redact import one_line
-from .splice import SplicedBody, Unsupported, spliced
+from .splice import SplicedBody, Unsupported, pwrite_all, spliced
 
 # Each buffer's bytes are written with one pwrite and checked with one CRC call, and each of
 # those gives up the GIL, which 16 I/O threads then queue for: 4 MiB took 16 x 32 MiB from 0.48 to
@@ -298,11 +298,7 @@ def _reader(body: Any) -> Callable[[memoryview], int]:
             if want <= 0 or fp.fp is None:
                 return 0
             n = int(fp.fp.readinto1(view[:want]))
-            fp.length = (fp.length or 0) - n
-            if n == 0 or fp.length == 0:
-                # What http.client does at the end of a body: the connection (not the socket)
-                # is then free for the next request on it.
-                fp._close_conn()  # type: ignore[attr-defined]
+            count_body_read(fp, n)
             return n
 
         return read_some
@@ -411,9 +407,7 @@ def fetch_range(client: Any, remote: RemoteObject, byte_range: ByteRange, whole:
                 sink.on_bytes(n)
                 rate.add(n, where)
             chunk = buffer[:filled]
-            done = 0
-            while done < filled:
-                done += os.pwrite(sink.fd, chunk[done:], offset + done)
+            pwrite_all(sink.fd, chunk, offset)
             if sink.digests is not None:
                 sink.digests.update(chunk)
             offset += filled

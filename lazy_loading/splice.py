@@ -19,6 +19,8 @@ import os
 import select
 from typing import Any
 
+from .connections import count_body_read
+
 MIN_LENGTH = 1 << 20  # shorter bodies: a pipe costs more than the copies it saves
 _PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -30,6 +32,13 @@ _unsupported = False
 
 class Unsupported(Exception):
     """``splice`` cannot move bytes between this socket and file: read the rest as usual."""
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """``data`` written at ``offset``, however many calls ``pwrite`` takes."""
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
 
 
 def _give_up() -> Unsupported:
@@ -70,10 +79,9 @@ class SplicedBody:
             held = response.fp.peek(1)[:count]  # at most one read: what came with the headers
             if held:
                 data = response.fp.read(len(held))
-                moved = 0
-                while moved < len(data):
-                    moved += os.pwrite(fd, data[moved:], offset + moved)
-                return self._account(len(data))
+                pwrite_all(fd, data, offset)
+                count_body_read(response, len(data))
+                return len(data)
         while True:
             try:
                 got = os.splice(self._source, self._pipe[1], min(count, _PIPE_SIZE))
@@ -93,17 +101,10 @@ class SplicedBody:
                     raise
                 _give_up()
                 data = os.read(self._pipe[0], got - moved)  # the pipe holds them: no loss
-                while data:
-                    written = os.pwrite(fd, data, offset + moved)
-                    moved, data = moved + written, data[written:]
-        return self._account(got)
-
-    def _account(self, n: int) -> int:
-        response = self._response
-        response.length = (response.length or 0) - n
-        if n == 0 or response.length == 0:
-            response._close_conn()  # type: ignore[attr-defined]  # as http.client at the end
-        return n
+                pwrite_all(fd, data, offset + moved)
+                moved += len(data)
+        count_body_read(response, got)
+        return got
 
     def _wait(self) -> None:
         """Until the socket has bytes (or is closed): a socket with a timeout is non-blocking
