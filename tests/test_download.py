@@ -55,16 +55,24 @@ def test_happy_path_nested_dirs_zero_byte_and_multipart(s3: S3Store, tmp_path: P
         "a HEAD saying 0 bytes is confirmed by one GET, never trusted alone"
 
 
+def _one_file_in_1_mib_parts_over_one_connection(tmp_path: Path, body: bytes
+                                                 ) -> MisbehavingStore:
+    """``body`` downloaded as ``a.bin`` from a keep-alive store (moto's server closes every
+    connection), in 1 MiB parts on a budget of one connection; the store, for its requests."""
+    with MisbehavingStore({"a.bin": body}) as store:
+        env = lazy_env(store.url, "bucket", {"a.bin": "a.bin"}, LAZY_LOADING_PART_SIZE="1MiB",
+                       LAZY_LOADING_MAX_CONNECTIONS="1")
+        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    return store
+
+
 def test_parts_reuse_one_connection(tmp_path: Path) -> None:
     """Each part must not pay a new TCP (and, against S3, TLS) handshake.
 
     moto's werkzeug server closes every connection, so this uses a keep-alive HTTP/1.1 store.
     """
     body = payload(6 * MiB, seed=4)
-    with MisbehavingStore({"a.bin": body}) as store:
-        env = lazy_env(store.url, "bucket", {"a.bin": "a.bin"}, LAZY_LOADING_PART_SIZE="1MiB",
-                       LAZY_LOADING_MAX_CONNECTIONS="1")
-        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    store = _one_file_in_1_mib_parts_over_one_connection(tmp_path, body)
     assert (tmp_path / "a.bin").read_bytes() == body
     assert [m for m, _ in store.requests] == ["HEAD"] + ["GET"] * 6
     ports = {port for _, port in store.requests}
@@ -105,10 +113,7 @@ def test_large_bodies_with_nothing_to_hash_are_moved_by_the_kernel_over_one_conn
     kernel moves each 1 MiB part from the socket into the file, the bytes arrive as sent, and
     the connection still goes back to the pool after each part."""
     body = payload(6 * MiB + 123, seed=9)
-    with MisbehavingStore({"a.bin": body}) as store:
-        env = lazy_env(store.url, "bucket", {"a.bin": "a.bin"}, LAZY_LOADING_PART_SIZE="1MiB",
-                       LAZY_LOADING_MAX_CONNECTIONS="1")
-        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    store = _one_file_in_1_mib_parts_over_one_connection(tmp_path, body)
     assert (tmp_path / "a.bin").read_bytes() == body
     assert len({port for _, port in store.requests}) == 1, store.requests
     assert 5 * MiB < sum(spliced) <= 6 * MiB, \
@@ -141,10 +146,7 @@ def test_where_the_kernel_cannot_splice_the_bodies_are_read_as_usual(
 
     monkeypatch.setattr(os, "splice", refusing)
     body = payload(4 * MiB, seed=10)
-    with MisbehavingStore({"a.bin": body}) as store:
-        env = lazy_env(store.url, "bucket", {"a.bin": "a.bin"}, LAZY_LOADING_PART_SIZE="1MiB",
-                       LAZY_LOADING_MAX_CONNECTIONS="1")
-        LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    store = _one_file_in_1_mib_parts_over_one_connection(tmp_path, body)
     assert (tmp_path / "a.bin").read_bytes() == body
     assert len({port for _, port in store.requests}) == 1, "the connection is still reused"
     assert len(calls) == (1 if refused == "socket" else 2), "tried once, then never again"
