@@ -218,19 +218,23 @@ class PooledResponse:
         return self._fp.read(amt)
 
     def fileno(self) -> int:
-        sock: Any = self._conn.sock if self._conn is not None else None
-        return int(sock.fileno()) if sock is not None else -1
+        """The socket the body arrives on, or -1 once the body is over: so that a fatal error
+        elsewhere can shut it down (``s3io._interrupt``). Taken from the response, which holds
+        the socket even when ``http.client`` let go of the connection (a store answering
+        ``Connection: close``, whose ``conn.sock`` is then None)."""
+        fp = self._fp.fp
+        try:
+            return int(fp.fileno()) if fp is not None else -1
+        except (OSError, ValueError):
+            return -1
 
     def plain_stream(self) -> tuple[int, float | None] | None:
         """The descriptor the body arrives on, and its read timeout, when it carries the body
-        as sent (no TLS): for ``splice``. Taken from the response, which holds the socket even
-        when ``http.client`` let go of the connection (a store answering ``Connection: close``)."""
-        if self._pool._tls is not None or self._fp.fp is None:
+        as sent (no TLS): for ``splice``."""
+        if self._pool._tls is not None:
             return None
-        try:
-            return self._fp.fp.fileno(), self._pool._read_timeout
-        except (OSError, ValueError):
-            return None
+        fd = self.fileno()
+        return (fd, self._pool._read_timeout) if fd >= 0 else None
 
     def release_conn(self) -> None:
         conn, self._conn = self._conn, None

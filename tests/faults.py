@@ -226,17 +226,21 @@ class MisbehavingStore:
     keep-alive, path-style HEAD and ranged GET, and one selectable misbehaviour per run.
 
     ``misbehaviour``: None (a well-behaved store), ``"trickle-head"`` (HEAD response headers
-    one byte every ``seconds``) or ``"drop-idle"`` (each connection closed after one response
-    that did not say so, as a store or balancer dropping idle keep-alive connections does).
+    one byte every ``seconds``), ``"drop-idle"`` (each connection closed after one response
+    that did not say so, as a store or balancer dropping idle keep-alive connections does) or
+    ``"stall-and-refuse"`` (GETs of ``stall.bin`` send their headers and 64 KiB, then nothing
+    until the store stops; GETs of ``refused.bin`` answer 403).
+    ``close``: every response says ``Connection: close``, as moto's server does.
     Records ``(method, client port)`` per request, so a test can count TCP connections.
     """
 
     def __init__(self, objects: dict[str, bytes], misbehaviour: str | None = None,
-                 seconds: float = 0.5) -> None:
-        if misbehaviour not in (None, "trickle-head", "drop-idle"):
+                 seconds: float = 0.5, close: bool = False) -> None:
+        if misbehaviour not in (None, "trickle-head", "drop-idle", "stall-and-refuse"):
             raise ValueError(misbehaviour)
         drop_idle = misbehaviour == "drop-idle"
         trickle_head = seconds if misbehaviour == "trickle-head" else 0.0
+        stall_and_refuse = misbehaviour == "stall-and-refuse"
         import contextlib
         import hashlib
         import threading
@@ -244,6 +248,7 @@ class MisbehavingStore:
 
         self.requests: list[tuple[str, int]] = []
         self.stopping = threading.Event()
+        stalling = threading.Event()
         store = self
 
         class _Handler(BaseHTTPRequestHandler):
@@ -264,6 +269,8 @@ class MisbehavingStore:
 
             def _headers(self, status: int, body: bytes, length: int) -> None:
                 self.send_response(status)
+                if close:
+                    self.send_header("Connection", "close")
                 self.send_header("ETag", f'"{hashlib.md5(body).hexdigest()}"')
                 self.send_header("Content-Length", str(length))
                 self.send_header("Last-Modified", "Fri, 27 Nov 2026 00:00:00 GMT")
@@ -291,6 +298,12 @@ class MisbehavingStore:
                 body = self._object()
                 if body is None:
                     return
+                if stall_and_refuse and self.path.endswith("/refused.bin"):
+                    stalling.wait(10)  # refused while a stalled body is being read
+                    self.send_response(403)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 start, end = 0, len(body) - 1
                 if rng := self.headers.get("Range"):
                     first, last = rng.removeprefix("bytes=").split("-")
@@ -299,6 +312,14 @@ class MisbehavingStore:
                 if rng:
                     self.send_header("Content-Range", f"bytes {start}-{end}/{len(body)}")
                 self.end_headers()
+                if stall_and_refuse and self.path.endswith("/stall.bin"):
+                    with contextlib.suppress(OSError):
+                        self.wfile.write(body[start:start + 64 * 1024])
+                        self.wfile.flush()
+                    stalling.set()
+                    store.stopping.wait()
+                    self.close_connection = True
+                    return
                 self.wfile.write(body[start:end + 1])
                 self.close_connection = drop_idle or self.close_connection
 

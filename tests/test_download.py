@@ -570,6 +570,34 @@ def test_first_fatal_error_cancels_the_rest_promptly(
     assert checksums == "false" or not spliced
 
 
+@_BODY_PATHS
+@pytest.mark.parametrize("close", [False, True], ids=["keep-alive", "connection-close"])
+def test_the_first_fatal_error_wakes_a_read_stalled_on_its_store(
+    tmp_path: Path, checksums: str, close: bool
+) -> None:
+    """A store that sends a body's first bytes and then nothing: the 403 of another file must
+    end the run at once, not after the stall timeout. Stores answering ``Connection: close``
+    (moto's server) hand the socket from ``http.client``'s connection to its response."""
+    import hashlib
+
+    stalled, refused = payload(2 * MiB, seed=21), payload(2 * MiB, seed=22)
+    sha256 = {"sha256": hashlib.sha256(stalled).hexdigest()}  # a digest to feed: no splice
+    with MisbehavingStore({"stall.bin": stalled, "refused.bin": refused}, "stall-and-refuse",
+                          close=close) as store:
+        env = lazy_env(store.url, "bucket", {"stall.bin": "stall.bin", "refused.bin": "refused.bin"},
+                       extra_file_fields={"stall.bin": sha256} if checksums == "true" else None,
+                       LAZY_LOADING_PART_SIZE="1MiB", LAZY_LOADING_MAX_CONNECTIONS="4",
+                       LAZY_LOADING_STALL_TIMEOUT="90", LAZY_LOADING_TIMEOUT="300")
+        started = time.monotonic()
+        with pytest.raises(DownloadError) as info:
+            LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+        waited = time.monotonic() - started
+    assert list(info.value.failures) == ["refused.bin"]
+    assert waited < 45, f"waited {waited:.0f} s: the stalled read outlived the fatal error"
+    assert not (tmp_path / "stall.bin").exists()
+    assert no_debris(tmp_path) == []
+
+
 def _small_files(count: int) -> dict[str, bytes]:
     return {f"s{i:02d}.bin": payload(3_000 + i, seed=40 + i) for i in range(count)}
 
