@@ -147,6 +147,9 @@ def lazy_env(url: str, files: list[tuple[str, str]], sha256: dict[str, str] | No
 
 
 PEER_FAILURES: list[str] = []
+# Our runs that logged a warning (a retry, a restarted file): what explains a slow run of ours,
+# since a successful run's log is not kept.
+OUR_WARNINGS: list[str] = []
 CODE_VERSION = "unknown"
 PEERS = ["s5cmd", "rclone", "rclone-tuned", "obstore", "boto3tm", "crt"]  # "the best peer"
 IN_PROCESS = {"ours", "drum", "boto3", "boto3tm", "crt", "obstore", "floor", "floor16",
@@ -285,6 +288,11 @@ def run_candidate(kind: str, tools: Tools, sc: Scenario, store: Store, target: P
     for (_, local), (_, size) in zip(files, sc.files, strict=True):
         if os.path.getsize(local) != size:
             raise SystemExit(f"{kind} wrote {local} with the wrong size ({sc.name})")
+    if kind.startswith("ours"):
+        warned = [line for line in out.stderr.splitlines() if " WARNING " in line]
+        if warned:
+            OUR_WARNINGS.append(f"{LABELS[kind]}, {sc.name} on {store.name}, {whole:.3f} s: "
+                                f"{len(warned)} warning(s), the first: `{warned[0][:300]}`")
     result: dict[str, float] = {"whole": whole}
     if kind in IN_PROCESS:
         result.update(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -722,6 +730,8 @@ def write_results(args: argparse.Namespace, tools: Tools,
     ]
     if PEER_FAILURES:
         lines.append("- Peer runs that failed and were run again: " + "; ".join(PEER_FAILURES))
+    lines.append("- Our runs that logged a warning (a retry, a restarted file): "
+                 + ("; ".join(OUR_WARNINGS) if OUR_WARNINGS else "none"))
     for label, scenarios in tables:
         lines += ["", f"## Whole process on {label}: what a user waits for",
                   "", "Wall time of the process: interpreter, imports, setup and transfer. The "
