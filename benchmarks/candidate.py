@@ -167,12 +167,19 @@ def _obstore(spec: dict) -> Callable[[], None]:
 
 def _run_workers(work: Any, threads: list[Any]) -> None:
     """Start the floors' worker threads, each stopped by a ``None`` after the queued work, and
-    wait for them all."""
+    wait for them all. A worker's error ends the process with its message (a thread's
+    ``SystemExit`` would otherwise vanish, leaving only a file of the wrong size)."""
+    import threading
+
+    errors: list[str] = []
+    threading.excepthook = lambda args: errors.append(f"{args.exc_type.__name__}: {args.exc_value}")
     for thread in threads:
         work.put(None)
         thread.start()
     for thread in threads:
         thread.join()
+    if errors:
+        raise SystemExit(errors[0])
 
 
 def _http_floor(spec: dict, connections: int = 4) -> Callable[[], None]:

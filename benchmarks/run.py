@@ -150,6 +150,12 @@ PEER_FAILURES: list[str] = []
 # Our runs that logged a warning (a retry, a restarted file): what explains a slow run of ours,
 # since a successful run's log is not kept.
 OUR_WARNINGS: list[str] = []
+# Untimed warm-up reads that failed (a store just started and filled can refuse its first ones).
+WARM_UP_FAILURES: list[str] = []
+
+
+class WarmUpFailed(Exception):
+    """An untimed warm-up read failed: noted in RESULTS.md and tried again, never fatal."""
 CODE_VERSION = "unknown"
 PEERS = ["s5cmd", "rclone", "rclone-tuned", "obstore", "boto3tm", "crt"]  # "the best peer"
 IN_PROCESS = {"ours", "drum", "boto3", "boto3tm", "crt", "obstore", "floor", "floor16",
@@ -254,7 +260,7 @@ def _command(kind: str, tools: Tools, store: Store, sc: Scenario, target: Path,
 
 def run_candidate(kind: str, tools: Tools, sc: Scenario, store: Store, target: Path,
                   data_root: Path, work: Path, clean: bool = True,
-                  verify: bool = False) -> dict[str, float]:
+                  verify: bool = False, warm_up: bool = False) -> dict[str, float]:
     """One run in a fresh process: ``whole`` is the process's wall time (interpreter, imports,
     setup, transfer), ``seconds`` the download call alone when the candidate reports it."""
     if clean and target.exists():
@@ -279,6 +285,10 @@ def run_candidate(kind: str, tools: Tools, sc: Scenario, store: Store, target: P
     if out.returncode != 0:
         failure = (f"{kind} failed in {sc.name} on {store.name} (exit {out.returncode}):\n"
                    f"{out.stderr[-3000:]}")
+        if warm_up:
+            last = (out.stderr.strip().splitlines() or ["no output"])[-1][:300]
+            WARM_UP_FAILURES.append(f"{sc.name} on {store.name}: `{last}`")
+            raise WarmUpFailed(failure)
         if kind.startswith("ours") or not clean or len(PEER_FAILURES) >= 5:
             raise SystemExit(failure)
         # A peer's crash is reported, and its run measured again, rather than ending the suite.
@@ -339,9 +349,16 @@ def settle() -> None:
 def warm_up(tools: Tools, sc: Scenario, store: Store, target: Path, data_root: Path,
             work: Path) -> None:
     """Read every object of ``sc`` once, untimed, before its runs. A store just started and
-    filled (SeaweedFS is, for each scenario) makes its first reads slow, and the first run of
+    filled (SeaweedFS is, for each scenario) makes its first reads slow or fail, and the first run of
     the first round was always ours: one took 8.8 s against 0.58-0.67 s for the other four."""
-    run_candidate("floor16", tools, sc, store, target, data_root, work)
+    for attempt in range(3):
+        if attempt:
+            time.sleep(2)
+        try:
+            run_candidate("floor16", tools, sc, store, target, data_root, work, warm_up=True)
+            return
+        except WarmUpFailed as failure:
+            print(failure, file=sys.stderr)
 
 
 def rotate(items: list[str], by: int) -> Iterator[str]:
@@ -743,6 +760,8 @@ def write_results(args: argparse.Namespace, tools: Tools,
         lines.append("- Peer runs that failed and were run again: " + "; ".join(PEER_FAILURES))
     lines.append("- Our runs that logged a warning (a retry, a restarted file): "
                  + ("; ".join(OUR_WARNINGS) if OUR_WARNINGS else "none"))
+    lines.append("- Warm-up reads that failed (and were tried again, up to 3 times): "
+                 + ("; ".join(WARM_UP_FAILURES) if WARM_UP_FAILURES else "none"))
     for label, scenarios in tables:
         lines += ["", f"## Whole process on {label}: what a user waits for",
                   "", "Wall time of the process: interpreter, imports, setup and transfer. The "
