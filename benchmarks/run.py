@@ -152,10 +152,6 @@ PEER_FAILURES: list[str] = []
 OUR_WARNINGS: list[str] = []
 # Untimed warm-up reads that failed (a store just started and filled can refuse its first ones).
 WARM_UP_FAILURES: list[str] = []
-
-
-class WarmUpFailed(Exception):
-    """An untimed warm-up read failed: noted in RESULTS.md and tried again, never fatal."""
 CODE_VERSION = "unknown"
 PEERS = ["s5cmd", "rclone", "rclone-tuned", "obstore", "boto3tm", "crt"]  # "the best peer"
 IN_PROCESS = {"ours", "drum", "boto3", "boto3tm", "crt", "obstore", "floor", "floor16",
@@ -286,9 +282,7 @@ def run_candidate(kind: str, tools: Tools, sc: Scenario, store: Store, target: P
         failure = (f"{kind} failed in {sc.name} on {store.name} (exit {out.returncode}):\n"
                    f"{out.stderr[-3000:]}")
         if warm_up:
-            last = (out.stderr.strip().splitlines() or ["no output"])[-1][:300]
-            WARM_UP_FAILURES.append(f"{sc.name} on {store.name}: `{last}`")
-            raise WarmUpFailed(failure)
+            raise WarmUpFailed(failure, (out.stderr.strip().splitlines() or ["no output"])[-1])
         if kind.startswith("ours") or not clean or len(PEER_FAILURES) >= 5:
             raise SystemExit(failure)
         # A peer's crash is reported, and its run measured again, rather than ending the suite.
@@ -346,11 +340,17 @@ def settle() -> None:
     time.sleep(float(os.environ.get("BENCH_SETTLE", "0.5")))
 
 
+class WarmUpFailed(Exception):
+    """An untimed warm-up read failed: noted in RESULTS.md and tried again, never fatal. Its
+    arguments: the whole failure, and the last line the candidate wrote."""
+
+
 def warm_up(tools: Tools, sc: Scenario, store: Store, target: Path, data_root: Path,
             work: Path) -> None:
     """Read every object of ``sc`` once, untimed, before its runs. A store just started and
-    filled (SeaweedFS is, for each scenario) makes its first reads slow or fail, and the first run of
-    the first round was always ours: one took 8.8 s against 0.58-0.67 s for the other four."""
+    filled (SeaweedFS is, for each scenario) makes its first reads slow or fail, and the first
+    run of the first round was always ours: one took 8.8 s against 0.58-0.67 s for the other
+    four."""
     for attempt in range(3):
         if attempt:
             time.sleep(2)
@@ -358,7 +358,9 @@ def warm_up(tools: Tools, sc: Scenario, store: Store, target: Path, data_root: P
             run_candidate("floor16", tools, sc, store, target, data_root, work, warm_up=True)
             return
         except WarmUpFailed as failure:
-            print(failure, file=sys.stderr)
+            whole, last = failure.args
+            print(whole, file=sys.stderr)
+            WARM_UP_FAILURES.append(f"{sc.name} on {store.name}: `{last[:300]}`")
 
 
 def rotate(items: list[str], by: int) -> Iterator[str]:
