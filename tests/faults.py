@@ -262,10 +262,13 @@ class MisbehavingStore:
                 key = self.path.lstrip("/").split("/", 1)[-1]
                 body = objects.get(key)
                 if body is None:
-                    self.send_response(404)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
+                    self._status_only(404)
                 return body
+
+            def _status_only(self, status: int) -> None:
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
 
             def _headers(self, status: int, body: bytes, length: int) -> None:
                 self.send_response(status)
@@ -300,9 +303,7 @@ class MisbehavingStore:
                     return
                 if stall_and_refuse and self.path.endswith("/refused.bin"):
                     stalling.wait(10)  # refused while a stalled body is being read
-                    self.send_response(403)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
+                    self._status_only(403)
                     return
                 start, end = 0, len(body) - 1
                 if rng := self.headers.get("Range"):
