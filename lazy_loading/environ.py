@@ -3,7 +3,6 @@ otherwise silently ignored, and the model fails later for a reason far from the 
 
 from __future__ import annotations
 
-import difflib
 import functools
 import logging
 from collections import Counter
@@ -34,6 +33,13 @@ def _counted(known: frozenset[str]) -> _KnownCounts:
     return tuple((name, len(name), tuple(Counter(name).items())) for name in sorted(known))
 
 
+def _ratio(a: str, b: str) -> float:
+    """difflib's similarity, imported only by an environment with a name close to ours."""
+    import difflib
+
+    return difflib.SequenceMatcher(None, a, b).ratio()
+
+
 def _closest_known(word: str, known: _KnownCounts) -> str | None:
     """``difflib.get_close_matches(word, sorted(_known), n=1, cutoff=0.8)``, same answer.
 
@@ -55,7 +61,7 @@ def _closest_known(word: str, known: _KnownCounts) -> str | None:
             shared += n if n < have else have
         if 2.0 * shared / total < _CUTOFF:
             continue
-        ratio = difflib.SequenceMatcher(None, name, word).ratio()
+        ratio = _ratio(name, word)
         if ratio >= _CUTOFF and (best is None or (ratio, name) > best):
             best = (ratio, name)
     return best[1] if best is not None else None
@@ -66,8 +72,8 @@ def _suggestion(name: str, known: _KnownCounts) -> str | None:
     if name in _known or name.startswith(SECRET_ENV_PREFIX):
         return None
     if upper.startswith(SECRET_ENV_PREFIX) or (
-        "SECRET" in upper and difflib.SequenceMatcher(
-            None, upper[:len(SECRET_ENV_PREFIX)], SECRET_ENV_PREFIX).ratio() >= _CUTOFF):
+        "SECRET" in upper
+            and _ratio(upper[:len(SECRET_ENV_PREFIX)], SECRET_ENV_PREFIX) >= _CUTOFF):
         return f"{SECRET_ENV_PREFIX}<ID> (upper case)"
     close = _closest_known(upper, known)
     if close is not None:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Mapping, MutableMapping
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import bridge
 from .cache import LOCKS_DIR, SHARED_LOCK_FILE, Manifest, open_lock_file
@@ -26,7 +27,6 @@ from .config import (
 from .engine import FileResult, TransferEngine
 from .environ import warn_about_environ
 from .errors import ConfigError, DownloadError, LazyLoadingError
-from .nodecache import NodeCache, Tampered
 from .paths import (
     STATE_DIR_NAME,
     place_targets,
@@ -44,6 +44,9 @@ from .progress import (
 )
 from .redact import one_line
 from .settings import LazyLoadingSettings
+
+if TYPE_CHECKING:
+    from .nodecache import NodeCache
 
 logger = logging.getLogger("lazy_loading")
 
@@ -209,10 +212,12 @@ class LazyLoadingHandler:
         _check_writable(code_dir)
         clients = S3ClientFactory(config, settings, self._environ)
         try:
-            store = (NodeCache.open(settings.cache_dir, settings.cache_max_bytes)
-                     if settings.cache_dir is not None else None)
-            if store is not None:
-                results = await self._through_store(store, transfers, clients)
+            if settings.cache_dir is not None:  # imported only for a run that has one
+                from .nodecache import NodeCache
+
+                store = NodeCache.open(settings.cache_dir, settings.cache_max_bytes)
+                results = (await self._through_store(store, transfers, clients)
+                           if store is not None else None)
                 if results is not None:
                     return results
             engine = TransferEngine(transfers, clients, settings, code_dir / STATE_DIR_NAME,
@@ -225,6 +230,8 @@ class LazyLoadingHandler:
                              clients: S3ClientFactory) -> list[FileResult] | None:
         """Fill the node cache, then link each artifact into the code dir; ``None`` when the
         store itself fails (full, unwritable), so the caller downloads into the code dir."""
+        from .nodecache import Tampered
+
         stored = [store.for_store(t) for t in transfers]
         store_manifest, manifest = Manifest(store.state_dir), Manifest(self.state_dir)
         for attempt in (1, 2):

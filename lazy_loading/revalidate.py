@@ -28,18 +28,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
-
-from botocore.exceptions import (
-    ClientError,
-    ConnectionClosedError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
-    HTTPClientError,
-    ReadTimeoutError,
-    SSLError,
-)
 
 from .checksums import pick_s3_checksum
 from .client import ERROR_BODY_LIMIT, S3ClientFactory, describe_endpoint, timeouts
@@ -49,6 +39,9 @@ from .plan import FileTransfer
 from .s3io import NO_ETAG, NO_LENGTH, ByteRange, FatalFailure, RemoteObject
 from .settings import LazyLoadingSettings
 from .sigv4 import SigV4Signer, host_header
+
+if TYPE_CHECKING:
+    from botocore.exceptions import ClientError
 
 logger = logging.getLogger("lazy_loading")
 
@@ -162,7 +155,17 @@ class _SignedSession:
 
 def _as_botocore_error(exc: Exception, url: str) -> Exception:
     """What botocore raises for the same failure, so ``s3io.classify`` treats both paths
-    alike. The URL carries no query, hence no signature."""
+    alike. The URL carries no query, hence no signature. botocore's errors are imported here,
+    on a failure: a run that has none does not pay for them."""
+    from botocore.exceptions import (
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        HTTPClientError,
+        ReadTimeoutError,
+        SSLError,
+    )
+
     error: Exception
     if isinstance(exc, ConnectFailure):
         cause = exc.cause
@@ -237,6 +240,8 @@ _XML_CODE = re.compile(rb"<Code>([^<]{1,128})</Code>")
 
 
 def _client_error(status: int, body: bytes, headers: Any) -> ClientError:
+    from botocore.exceptions import ClientError
+
     match = _XML_CODE.search(body[:ERROR_BODY_LIMIT])
     code = match.group(1).decode("utf-8", "replace") if match else str(status)
     return ClientError({"Error": {"Code": code},

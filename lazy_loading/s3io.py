@@ -16,19 +16,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectionClosedError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
-    IncompleteReadError,
-    ReadTimeoutError,
-    ResponseStreamingError,
-    SSLError,
-)
+if TYPE_CHECKING:
+    from botocore.exceptions import ClientError
 
 from .checksums import DigestSet, pick_s3_checksum
 from .connections import count_body_read
@@ -129,7 +120,22 @@ def classify(exc: BaseException, where: str) -> TransferFailure:
     """Turn a botocore/urllib3/OS error into one of our failure kinds with a safe message."""
     if isinstance(exc, TransferFailure):
         return exc
-    if isinstance(exc, ClientError):
+    # botocore's errors can only come from botocore, which imported them: checked without
+    # importing them (about 5 ms of every start) where nothing did.
+    botocore = sys.modules.get("botocore.exceptions")
+    if botocore is not None:
+        failure = _classify_botocore(exc, where, botocore)
+        if failure is not None:
+            return failure
+    if isinstance(exc, (ConnectionError, TimeoutError)) or _is_urllib3_error(exc):
+        return TransientFailure(f"{where}: {type(exc).__name__}")
+    if isinstance(exc, OSError):
+        return FatalFailure(f"{where}: local I/O error: {one_line(exc.strerror or str(exc))}")
+    return FatalFailure(f"{where}: unexpected {type(exc).__name__}")
+
+
+def _classify_botocore(exc: BaseException, where: str, botocore: Any) -> TransferFailure | None:
+    if isinstance(exc, botocore.ClientError):
         status, code = _status(exc)
         label = f"HTTP {status} {code}".strip() if code and code != str(status) else f"HTTP {status}"
         if status == 412 or code == "PreconditionFailed":
@@ -139,30 +145,29 @@ def classify(exc: BaseException, where: str) -> TransferFailure:
         hint = {403: " (check the credentials and bucket policy)",
                 404: " (no such object or bucket)"}.get(status, "")
         return FatalFailure(f"{where}: {label}{hint}")
-    if isinstance(exc, SSLError):
+    if isinstance(exc, botocore.SSLError):
         reason = str(getattr(exc, "kwargs", {}).get("error", "")) or "handshake failed"
         if "match" in reason.lower() and "hostname" in reason.lower():
             reason = "the certificate does not name this host"  # not the whole certificate
         hint = ("; set caBundle on the repository or AWS_CA_BUNDLE, or verifyCertificate: false"
                 if "CERTIFICATE_VERIFY_FAILED" in reason or "certificate" in reason.lower() else "")
         return FatalFailure(f"{where}: TLS error: {one_line(_first_line(reason))}{hint}")
-    if isinstance(exc, EndpointConnectionError):
+    if isinstance(exc, botocore.EndpointConnectionError):
         reason = str(getattr(exc, "kwargs", {}).get("error", "")) or type(exc).__name__
         if "Name or service not known" in reason or "nodename nor servname" in reason \
                 or "Temporary failure in name resolution" in reason:
             return FatalFailure(f"{where}: cannot resolve the endpoint host")
         return TransientFailure(f"{where}: cannot connect to the endpoint", connect_failure=True)
-    if isinstance(exc, ConnectTimeoutError):
+    if isinstance(exc, botocore.ConnectTimeoutError):
         return TransientFailure(f"{where}: connect timed out", connect_failure=True)
-    if isinstance(exc, ReadTimeoutError):
+    if isinstance(exc, botocore.ReadTimeoutError):
         return TransientFailure(f"{where}: stalled (no bytes within the read timeout)")
-    if isinstance(exc, (ConnectionClosedError, IncompleteReadError, ResponseStreamingError)):
+    if isinstance(exc, (botocore.ConnectionClosedError, botocore.IncompleteReadError,
+                        botocore.ResponseStreamingError)):
         return TransientFailure(f"{where}: connection cut mid-body ({type(exc).__name__})")
-    if isinstance(exc, (BotoCoreError, ConnectionError, TimeoutError)) or _is_urllib3_error(exc):
+    if isinstance(exc, botocore.BotoCoreError):
         return TransientFailure(f"{where}: {type(exc).__name__}")
-    if isinstance(exc, OSError):
-        return FatalFailure(f"{where}: local I/O error: {one_line(exc.strerror or str(exc))}")
-    return FatalFailure(f"{where}: unexpected {type(exc).__name__}")
+    return None
 
 
 def _is_urllib3_error(exc: BaseException) -> bool:

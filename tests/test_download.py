@@ -1258,13 +1258,16 @@ def test_the_download_command_imports_no_validation_library_yaml_or_boto3(
     s3: S3Store, tmp_path: Path
 ) -> None:
     """Every init container pays for what `drum-servers download` imports: pydantic alone was
-    about 100 ms of a start, urllib3 about 30, the IDNA codec (and ``unicodedata``, which it
-    loads) about 2 of a warm start's 12. A JSON config needs no YAML, a custom endpoint
-    neither boto3 nor urllib3, and an ASCII host name no IDNA."""
+    about 100 ms of a start, urllib3 about 30, botocore's exceptions about 5, the IDNA codec
+    (and ``unicodedata``, which it loads) about 2 of a warm start's 12. A JSON config needs no
+    YAML, a custom endpoint neither boto3, botocore nor urllib3 (a request that fails there
+    imports botocore's errors then), an ASCII host name no IDNA, and a run without a node
+    cache not its module."""
     bucket = s3.bucket()
     s3.put(bucket, "m/w.bin", payload(70_000))
     env = lazy_env(s3.url, bucket, {"m/w.bin": "w.bin"})
-    heavy = ("pydantic", "yaml", "boto3", "s3transfer", "urllib3", "encodings.idna")
+    heavy = ("pydantic", "yaml", "boto3", "botocore", "s3transfer", "urllib3", "encodings.idna",
+             "lazy_loading.nodecache")
     loaded = _modules_loaded_by_the_download_command(tmp_path, env, heavy)
     assert (tmp_path / "w.bin").read_bytes() == payload(70_000)
     assert loaded == []
