@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from lazy_loading import ConfigError, LazyLoadingError, LazyLoadingHandler, ProgressSnapshot
 from lazy_loading.environ import warn_about_environ
 
-from . import settings as _settings  # noqa: F401 - registers the servers' variable names
+from . import variables as _variables  # noqa: F401 - registers the servers' variable names
 from .signals import stop_signals_exit
 
 logger = logging.getLogger("drum_servers")

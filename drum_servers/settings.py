@@ -10,7 +10,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
-from lazy_loading.environ import register_known
 from lazy_loading.schema import (
     Check,
     Field,
@@ -23,6 +22,8 @@ from lazy_loading.schema import (
     text,
 )
 from lazy_loading.settings import byte_size
+
+from .variables import ENV_NAMES as _ENV_NAMES
 
 
 class ReadinessMode(str, Enum):
@@ -40,31 +41,6 @@ class WorkerClass(str, Enum):
         return "drum_servers.workers.ThreadWorker" if self is WorkerClass.GTHREAD else self.value
 
 
-_ENV_NAMES = {
-    "code_dir": "CODE_DIR",
-    "mode": "LAZY_LOADING_MODE",
-    "url_prefix": "URL_PREFIX",
-    "address": "ADDRESS",
-    "workers": "MAX_WORKERS",
-    "worker_class": "DRUM_GUNICORN_WORKER_CLASS",
-    "timeout": "DRUM_GUNICORN_TIMEOUT",
-    "graceful_timeout": "DRUM_GUNICORN_GRACEFUL_TIMEOUT",
-    "keepalive": "DRUM_GUNICORN_KEEP_ALIVE",
-    "max_requests": "DRUM_GUNICORN_MAX_REQUESTS",
-    "max_requests_jitter": "DRUM_GUNICORN_MAX_REQUESTS_JITTER",
-    "worker_connections": "DRUM_GUNICORN_WORKER_CONNECTIONS",
-    "threads": "DRUM_GUNICORN_THREADS",
-    "read_timeout": "DRUM_GUNICORN_READ_TIMEOUT",
-    "max_concurrent_predictions": "MAX_CONCURRENT_PREDICTIONS",
-    "max_request_body": "MAX_REQUEST_BODY_BYTES",
-    "info_details": "INFO_DETAILS",
-    "with_error_server": "WITH_ERROR_SERVER",
-    "backlog": "DRUM_GUNICORN_BACKLOG",
-    "failure_exit_delay": "LAZY_LOADING_FAILURE_EXIT_DELAY",
-}
-
-
-register_known(_ENV_NAMES.values())
 
 E = TypeVar("E", bound=Enum)
 
