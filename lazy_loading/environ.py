@@ -72,7 +72,7 @@ def _suggestion(name: str, known: _KnownCounts) -> str | None:
     if name in _known or name.startswith(SECRET_ENV_PREFIX):
         return None
     if upper.startswith(SECRET_ENV_PREFIX) or (
-        "SECRET" in upper
+            "SECRET" in upper
             and _ratio(upper[:len(SECRET_ENV_PREFIX)], SECRET_ENV_PREFIX) >= _CUTOFF):
         return f"{SECRET_ENV_PREFIX}<ID> (upper case)"
     close = _closest_known(upper, known)

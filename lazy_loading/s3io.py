@@ -16,15 +16,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from botocore.exceptions import ClientError
 
 from .checksums import DigestSet, pick_s3_checksum
 from .connections import count_body_read
 from .redact import one_line
 from .splice import SplicedBody, Unsupported, pwrite_all, spliced
+
+if TYPE_CHECKING:
+    from botocore.exceptions import ClientError
 
 # Each buffer's bytes are written with one pwrite and checked with one CRC call, and each of
 # those gives up the GIL, which 16 I/O threads then queue for: 4 MiB took 16 x 32 MiB from 0.48 to
@@ -134,7 +135,10 @@ def classify(exc: BaseException, where: str) -> TransferFailure:
     return FatalFailure(f"{where}: unexpected {type(exc).__name__}")
 
 
-def _classify_botocore(exc: BaseException, where: str, botocore: Any) -> TransferFailure | None:
+def _classify_botocore(exc: BaseException, where: str, botocore: ModuleType
+                       ) -> TransferFailure | None:
+    """``classify`` for botocore's errors (``botocore`` is its loaded ``exceptions`` module);
+    None for anything else."""
     if isinstance(exc, botocore.ClientError):
         status, code = _status(exc)
         label = f"HTTP {status} {code}".strip() if code and code != str(status) else f"HTTP {status}"
