@@ -41,7 +41,6 @@ class WorkerClass(str, Enum):
         return "drum_servers.workers.ThreadWorker" if self is WorkerClass.GTHREAD else self.value
 
 
-
 E = TypeVar("E", bound=Enum)
 
 _PREFIX_SEGMENT = re.compile(r"^[A-Za-z0-9._~-]+$")
