@@ -6,7 +6,7 @@ lazy-loading variables for ``ours`` and ``drum``. KIND is one of ``ours``, ``dru
 1.18.1), ``boto3`` (``download_file`` per file), ``boto3tm`` (s3transfer's TransferManager with
 ``max_request_concurrency=10``, what ``aws s3 cp --recursive`` does), ``crt`` (s3transfer's
 CRT transfer manager), ``obstore`` (Rust ``object_store``: async ranged gets + ``pwrite``),
-``floor``, ``floor16``, ``floor-safe`` or ``floor-warm``.
+``floor``, ``floor16``, ``floor-safe``, ``floor-checked`` or ``floor-warm``.
 """
 
 from __future__ import annotations
@@ -74,6 +74,8 @@ def _prepare(kind: str, spec: dict) -> Callable[[], object]:
         return _http_floor(spec, connections=16)
     if kind == "floor-safe":
         return _floor_with_guarantees(spec)
+    if kind == "floor-checked":
+        return _floor_with_every_check(spec)
     if kind == "floor-warm":
         return _warm_floor(spec)
     raise SystemExit(f"unknown candidate {kind}")
@@ -235,7 +237,7 @@ def _http_floor(spec: dict, connections: int = 4) -> Callable[[], None]:
     return run
 
 
-def _sigv4(spec: dict) -> Callable[[str, str], dict[str, str]]:
+def _sigv4(spec: dict) -> Callable[..., dict[str, str]]:
     """The headers that sign a bodiless request to ``path`` (already URL-safe) with SigV4, the
     day's key derived once: the least signing any S3 client does, written here so that the
     floor pays no SDK's overhead for it."""
@@ -247,7 +249,8 @@ def _sigv4(spec: dict) -> Callable[[str, str], dict[str, str]]:
     empty = hashlib.sha256(b"").hexdigest()
     keys: dict[str, bytes] = {}
 
-    def sign(method: str, path: str) -> dict[str, str]:
+    def sign(method: str, path: str, amz: dict[str, str] | None = None) -> dict[str, str]:
+        """``amz``: more ``x-amz-*`` headers to send, signed as S3 requires of them."""
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         day = stamp[:8]
         if day not in keys:
@@ -255,16 +258,20 @@ def _sigv4(spec: dict) -> Callable[[str, str], dict[str, str]]:
             for part in (day, "us-east-1", "s3", "aws4_request"):
                 key = hmac.new(key, part.encode(), hashlib.sha256).digest()
             keys[day] = key
-        canonical = (f"{method}\n{path}\n\nhost:{host}\nx-amz-content-sha256:{empty}\n"
-                     f"x-amz-date:{stamp}\n\nhost;x-amz-content-sha256;x-amz-date\n{empty}")
+        headers = {"host": host, **(amz or {}), "x-amz-content-sha256": empty,
+                   "x-amz-date": stamp}
+        names = ";".join(sorted(headers))
+        canonical = (f"{method}\n{path}\n\n"
+                     + "".join(f"{name}:{headers[name]}\n" for name in sorted(headers))
+                     + f"\n{names}\n{empty}")
         scope = f"{day}/us-east-1/s3/aws4_request"
         to_sign = (f"AWS4-HMAC-SHA256\n{stamp}\n{scope}\n"
                    f"{hashlib.sha256(canonical.encode()).hexdigest()}")
         signature = hmac.new(keys[day], to_sign.encode(), hashlib.sha256).hexdigest()
-        return {"x-amz-content-sha256": empty, "x-amz-date": stamp,
-                "Authorization": f"AWS4-HMAC-SHA256 Credential={spec['key']}/{scope}, "
-                                 f"SignedHeaders=host;x-amz-content-sha256;x-amz-date, "
-                                 f"Signature={signature}"}
+        del headers["host"]
+        headers["Authorization"] = (f"AWS4-HMAC-SHA256 Credential={spec['key']}/{scope}, "
+                                    f"SignedHeaders={names}, Signature={signature}")
+        return headers
 
     return sign
 
@@ -321,6 +328,120 @@ def _floor_with_guarantees(spec: dict, connections: int = 16) -> Callable[[], No
             work.put((index, f"/{spec['bucket']}/{key}", local))
         locks = [os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644) for _ in range(connections)]
         _run_workers(work, [threading.Thread(target=worker, args=(fd,)) for fd in locks])
+        for fd in locks:
+            os.close(fd)
+
+    return run
+
+
+def _floor_with_every_check(spec: dict, connections: int = 16) -> Callable[[], None]:
+    """``floor-safe`` with the checks and the record the same guarantees need, and nothing
+    else: every HEAD answered before any GET starts (a missing object fails the run before any
+    body moves), each asking for the store's checksum (signed, as S3 requires of ``x-amz-*``
+    headers); under the lock, the target looked for (another process may have just fetched it);
+    the directory reached from the code dir without following symlinks, and the temp file
+    created and renamed in it; the GET pinned to the HEAD's ETag with ``If-Match`` and its
+    status, length and ETag checked; the body's CRC32 compared with the store's when it sent
+    one; the file's record (ETag, size, mtime) set on it as an extended attribute before the
+    rename, so a restart can trust it. No retries, progress, logs, config or journal.
+
+    It bounds what any Python downloader keeping every promise this package makes can do
+    here, for reading the small-file rows against the best peer."""
+    import base64
+    import fcntl
+    import http.client
+    import json
+    import queue
+    import struct
+    import threading
+    import zlib
+    from urllib.parse import urlsplit
+
+    host = urlsplit(spec["url"])
+    sign = _sigv4(spec)
+    mode = {"x-amz-checksum-mode": "ENABLED"}
+    files = spec["files"]
+    _make_parents(files)
+    lock_path = os.path.join(spec["code_dir"], ".floor.lock")
+    heads: list[tuple[int, str, str | None]] = [(0, "", None)] * len(files)
+    head_work: queue.SimpleQueue[tuple[int, str] | None] = queue.SimpleQueue()
+    get_work: queue.SimpleQueue[tuple[int, str, str] | None] = queue.SimpleQueue()
+    all_heads = threading.Barrier(connections)
+
+    def lock_byte(kind: int, index: int) -> bytes:  # a one-byte ``struct flock``, 64-bit
+        return struct.pack("hhqqi4x", kind, os.SEEK_SET, index, 1, 0)
+
+    def directory(opened: dict[str, int], parent: str) -> int:
+        if parent not in opened:
+            fd = os.open(spec["code_dir"], os.O_RDONLY | os.O_DIRECTORY)
+            for part in os.path.relpath(parent, spec["code_dir"]).split(os.sep):
+                child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                os.close(fd)
+                fd = child
+            opened[parent] = fd
+        return opened[parent]
+
+    def worker(lock_fd: int) -> None:
+        conn = http.client.HTTPConnection(host.hostname, host.port)
+        try:
+            while (item := head_work.get()) is not None:
+                index, path = item
+                conn.request("HEAD", path, headers={**sign("HEAD", path, mode)})
+                head = conn.getresponse()
+                head.read()
+                if head.status != 200:
+                    raise SystemExit(f"{path}: HEAD answered {head.status}")
+                heads[index] = (int(head.headers["Content-Length"]), head.headers["ETag"],
+                                head.headers.get("x-amz-checksum-crc32"))
+        except BaseException:
+            all_heads.abort()
+            raise
+        try:
+            all_heads.wait()
+        except threading.BrokenBarrierError:  # another worker's HEAD failed: its error says why
+            conn.close()
+            return
+        opened: dict[str, int] = {}
+        while (got := get_work.get()) is not None:
+            index, path, local = got
+            size, etag, crc = heads[index]
+            fcntl.fcntl(lock_fd, fcntl.F_OFD_SETLK, lock_byte(fcntl.F_WRLCK, index))
+            dir_fd = directory(opened, os.path.dirname(local))
+            name = os.path.basename(local)
+            try:
+                os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                raise SystemExit(f"{local}: already there")
+            except FileNotFoundError:
+                pass
+            temp = f".{name}.{index}.partial"
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644,
+                         dir_fd=dir_fd)
+            conn.request("GET", path, headers={"If-Match": etag, **sign("GET", path)})
+            response = conn.getresponse()
+            body = response.read()
+            if (response.status != 200 or len(body) != size
+                    or response.headers["ETag"] != etag):
+                raise SystemExit(f"{path}: GET answered {response.status}, {len(body)} bytes")
+            if crc is not None and zlib.crc32(body).to_bytes(4, "big") != base64.b64decode(crc):
+                raise SystemExit(f"{path}: CRC32 mismatch")
+            os.pwrite(fd, body, 0)
+            record = {"etag": etag, "size": size, "mtime_ns": os.fstat(fd).st_mtime_ns}
+            os.setxattr(fd, "user.floor.record", json.dumps(record).encode())
+            os.close(fd)
+            os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            fcntl.fcntl(lock_fd, fcntl.F_OFD_SETLK, lock_byte(fcntl.F_UNLCK, index))
+        for fd in opened.values():
+            os.close(fd)
+        conn.close()
+
+    def run() -> None:
+        for index, (key, local, _size) in enumerate(files):
+            head_work.put((index, f"/{spec['bucket']}/{key}"))
+            get_work.put((index, f"/{spec['bucket']}/{key}", local))
+        for _ in range(connections):
+            get_work.put(None)
+        locks = [os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644) for _ in range(connections)]
+        _run_workers(head_work, [threading.Thread(target=worker, args=(fd,)) for fd in locks])
         for fd in locks:
             os.close(fd)
 

@@ -157,7 +157,7 @@ WARM_UP_FAILURES: list[str] = []
 CODE_VERSION = "unknown"
 PEERS = ["s5cmd", "rclone", "rclone-tuned", "obstore", "boto3tm", "crt"]  # "the best peer"
 IN_PROCESS = {"ours", "drum", "boto3", "boto3tm", "crt", "obstore", "floor", "floor16",
-              "floor-safe", "floor-warm"}
+              "floor-safe", "floor-checked", "floor-warm"}
 RCLONE_TUNED = ["--transfers", "16", "--checkers", "16", "--multi-thread-streams", "16"]
 LABELS = {
     "ours-cli": "ours (`drum-servers download`)", "ours": "ours (handler call)",
@@ -166,6 +166,7 @@ LABELS = {
     "s5cmd": "s5cmd", "rclone": "rclone", "rclone-tuned": "rclone, tuned", "floor": "raw HTTP floor",
     "floor16": "raw HTTP floor, 16 connections",
     "floor-safe": "raw floor with the guarantees' steps",
+    "floor-checked": "raw floor with the guarantees' steps and checks",
     "floor-warm": "a warm restart's floor",
     "ours-cli-16": "ours, `LAZY_LOADING_MAX_CONNECTIONS=16`",
 }
@@ -490,7 +491,7 @@ def scenarios(store: str, scale: int) -> list[Scenario]:
     # steps only weigh on many small files: that floor is run there alone. The connection
     # budget only weighs on large transfers.
     floors = ["floor", "floor16"]
-    extra = {SMALL: ["floor-safe"], BIG: ["ours-cli-16"]}
+    extra = {SMALL: ["floor-safe", "floor-checked"], BIG: ["ours-cli-16"]}
     every_workload = workloads(scale)
     found = [Scenario(name, files, False, peers + on_nginx + floors + extra.get(name, []))
              for name, files in every_workload.items()]
@@ -699,11 +700,12 @@ def _whole_floor(sc: Scenario) -> str | None:
 
 
 def _whole_table(scenarios: list[Scenario]) -> list[str]:
-    kinds = ["ours-cli", *PEERS, "boto3", "drum", "floor-safe"]
+    kinds = ["ours-cli", *PEERS, "boto3", "drum", "floor-safe", "floor-checked"]
     lines = ["| Workload | " + " | ".join(LABELS[k] for k in kinds)
              + " | raw HTTP floor, whole process | best peer | **ours / best peer** "
-               "| raw floor / best peer | floor with the guarantees' steps / best peer |",
-             "|---|" + "---|" * (len(kinds) + 5)]
+               "| raw floor / best peer | floor with the guarantees' steps / best peer "
+               "| floor with the guarantees' steps and checks / best peer |",
+             "|---|" + "---|" * (len(kinds) + 6)]
     for sc in scenarios:
         cells = [fmt([r["whole"] for r in sc.results[k]]) if k in sc.results else "–"
                  for k in kinds]
@@ -715,10 +717,10 @@ def _whole_table(scenarios: list[Scenario]) -> list[str]:
             (f"{fmt([r['whole'] for r in sc.results[floor]])}, "
              f"{floor.removeprefix('floor') or 4} connections",
              f"{_median(sc.results[floor], 'whole') / peer:.2f}") if floor else ("–", "–"))
-        safe = (f"{_median(sc.results['floor-safe'], 'whole') / peer:.2f}"
-                if "floor-safe" in sc.results else "–")
+        safe = [f"{_median(sc.results[k], 'whole') / peer:.2f}" if k in sc.results else "–"
+                for k in ("floor-safe", "floor-checked")]
         lines.append(f"| {sc.name} | {' | '.join(cells)} | {floor_cell} | {LABELS[best]} "
-                     f"| **{ratio:.2f}** | {floor_ratio} | {safe} |")
+                     f"| **{ratio:.2f}** | {floor_ratio} | {' | '.join(safe)} |")
     return lines
 
 
@@ -741,12 +743,13 @@ def _budget_table(tables: list[tuple[str, list[Scenario]]]) -> list[str]:
 
 
 def _call_table(scenarios: list[Scenario]) -> list[str]:
-    kinds = ["ours", "floor", "floor16", "floor-safe", "obstore", "boto3tm", "crt", "boto3",
-             "drum"]
+    kinds = ["ours", "floor", "floor16", "floor-safe", "floor-checked", "obstore", "boto3tm",
+             "crt", "boto3", "drum"]
     lines = ["| Workload | " + " | ".join(LABELS[k] for k in kinds)
              + " | ours / floor | ours / floor, 16 connections | ours / obstore | ours / upstream"
-             " | floor with the guarantees' steps / obstore |",
-             "|---|" + "---|" * (len(kinds) + 5)]
+             " | floor with the guarantees' steps / obstore"
+             " | floor with the guarantees' steps and checks / obstore |",
+             "|---|" + "---|" * (len(kinds) + 6)]
     for sc in scenarios:
         present = [k for k in kinds if k in sc.results]
         cells = [fmt([r["seconds"] for r in sc.results[k]]) if k in present else "–"
@@ -754,9 +757,11 @@ def _call_table(scenarios: list[Scenario]) -> list[str]:
         ours = _median(sc.results["ours"])
         ratios = [f"**{ours / _median(sc.results[k]):.2f}**" if k in present else "–"
                   for k in ("floor", "floor16", "obstore", "drum")]
-        safe = (f"{_median(sc.results['floor-safe']) / _median(sc.results['obstore']):.2f}"
-                if "floor-safe" in present and "obstore" in present else "–")
-        lines.append(f"| {sc.name} | {' | '.join(cells)} | {' | '.join(ratios)} | {safe} |")
+        safe = [f"{_median(sc.results[k]) / _median(sc.results['obstore']):.2f}"
+                if k in present and "obstore" in present else "–"
+                for k in ("floor-safe", "floor-checked")]
+        lines.append(f"| {sc.name} | {' | '.join(cells)} | {' | '.join(ratios)} "
+                     f"| {' | '.join(safe)} |")
     return lines
 
 
