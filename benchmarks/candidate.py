@@ -276,6 +276,14 @@ def _sigv4(spec: dict) -> Callable[..., dict[str, str]]:
     return sign
 
 
+def _lock_byte(kind: int, index: int) -> bytes:
+    """A one-byte ``struct flock`` (64-bit) at ``index``, as the floors lock one byte per file
+    in one shared lock file, like this package's target locks."""
+    import struct
+
+    return struct.pack("hhqqi4x", kind, os.SEEK_SET, index, 1, 0)
+
+
 def _floor_with_guarantees(spec: dict, connections: int = 16) -> Callable[[], None]:
     """The raw floor for whole small files, plus the steps this package's guarantees cost per
     file and nothing else: a HEAD before the GET (a missing object fails before any body
@@ -289,7 +297,6 @@ def _floor_with_guarantees(spec: dict, connections: int = 16) -> Callable[[], No
     import fcntl
     import http.client
     import queue
-    import struct
     import threading
     from urllib.parse import urlsplit
 
@@ -299,9 +306,6 @@ def _floor_with_guarantees(spec: dict, connections: int = 16) -> Callable[[], No
     _make_parents(spec["files"])
     lock_path = os.path.join(spec["code_dir"], ".floor.lock")
 
-    def lock_byte(kind: int, index: int) -> bytes:  # a one-byte ``struct flock``, 64-bit
-        return struct.pack("hhqqi4x", kind, os.SEEK_SET, index, 1, 0)
-
     def worker(lock_fd: int) -> None:
         conn = http.client.HTTPConnection(host.hostname, host.port)
         while (item := work.get()) is not None:
@@ -310,7 +314,7 @@ def _floor_with_guarantees(spec: dict, connections: int = 16) -> Callable[[], No
             head = conn.getresponse()
             head.read()
             size = int(head.headers["Content-Length"])
-            fcntl.fcntl(lock_fd, fcntl.F_OFD_SETLK, lock_byte(fcntl.F_WRLCK, index))
+            fcntl.fcntl(lock_fd, fcntl.F_OFD_SETLK, _lock_byte(fcntl.F_WRLCK, index))
             temp = f"{local}.{index}.partial"
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             conn.request("GET", path, headers=sign("GET", path))
@@ -320,7 +324,7 @@ def _floor_with_guarantees(spec: dict, connections: int = 16) -> Callable[[], No
             os.pwrite(fd, body, 0)
             os.close(fd)
             os.rename(temp, local)
-            fcntl.fcntl(lock_fd, fcntl.F_OFD_SETLK, lock_byte(fcntl.F_UNLCK, index))
+            fcntl.fcntl(lock_fd, fcntl.F_OFD_SETLK, _lock_byte(fcntl.F_UNLCK, index))
         conn.close()
 
     def run() -> None:
@@ -352,7 +356,6 @@ def _floor_with_every_check(spec: dict, connections: int = 16) -> Callable[[], N
     import http.client
     import json
     import queue
-    import struct
     import threading
     import zlib
     from urllib.parse import urlsplit
@@ -367,9 +370,6 @@ def _floor_with_every_check(spec: dict, connections: int = 16) -> Callable[[], N
     head_work: queue.SimpleQueue[tuple[int, str] | None] = queue.SimpleQueue()
     get_work: queue.SimpleQueue[tuple[int, str, str] | None] = queue.SimpleQueue()
     all_heads = threading.Barrier(connections)
-
-    def lock_byte(kind: int, index: int) -> bytes:  # a one-byte ``struct flock``, 64-bit
-        return struct.pack("hhqqi4x", kind, os.SEEK_SET, index, 1, 0)
 
     def directory(opened: dict[str, int], parent: str) -> int:
         if parent not in opened:
@@ -386,7 +386,7 @@ def _floor_with_every_check(spec: dict, connections: int = 16) -> Callable[[], N
         try:
             while (item := head_work.get()) is not None:
                 index, path = item
-                conn.request("HEAD", path, headers={**sign("HEAD", path, mode)})
+                conn.request("HEAD", path, headers=sign("HEAD", path, mode))
                 head = conn.getresponse()
                 head.read()
                 if head.status != 200:
@@ -405,7 +405,7 @@ def _floor_with_every_check(spec: dict, connections: int = 16) -> Callable[[], N
         while (got := get_work.get()) is not None:
             index, path, local = got
             size, etag, crc = heads[index]
-            fcntl.fcntl(lock_fd, fcntl.F_OFD_SETLK, lock_byte(fcntl.F_WRLCK, index))
+            fcntl.fcntl(lock_fd, fcntl.F_OFD_SETLK, _lock_byte(fcntl.F_WRLCK, index))
             dir_fd = directory(opened, os.path.dirname(local))
             name = os.path.basename(local)
             try:
@@ -429,7 +429,7 @@ def _floor_with_every_check(spec: dict, connections: int = 16) -> Callable[[], N
             os.setxattr(fd, "user.floor.record", json.dumps(record).encode())
             os.close(fd)
             os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-            fcntl.fcntl(lock_fd, fcntl.F_OFD_SETLK, lock_byte(fcntl.F_UNLCK, index))
+            fcntl.fcntl(lock_fd, fcntl.F_OFD_SETLK, _lock_byte(fcntl.F_UNLCK, index))
         for fd in opened.values():
             os.close(fd)
         conn.close()
