@@ -158,6 +158,8 @@ CODE_VERSION = "unknown"
 PEERS = ["s5cmd", "rclone", "rclone-tuned", "obstore", "boto3tm", "crt"]  # "the best peer"
 IN_PROCESS = {"ours", "drum", "boto3", "boto3tm", "crt", "obstore", "floor", "floor16",
               "floor-safe", "floor-checked", "floor-warm"}
+# The raw floors keeping this package's promises: their steps, then their steps and checks.
+GUARANTEE_FLOORS = ["floor-safe", "floor-checked"]
 RCLONE_TUNED = ["--transfers", "16", "--checkers", "16", "--multi-thread-streams", "16"]
 LABELS = {
     "ours-cli": "ours (`drum-servers download`)", "ours": "ours (handler call)",
@@ -491,7 +493,7 @@ def scenarios(store: str, scale: int) -> list[Scenario]:
     # steps only weigh on many small files: that floor is run there alone. The connection
     # budget only weighs on large transfers.
     floors = ["floor", "floor16"]
-    extra = {SMALL: ["floor-safe", "floor-checked"], BIG: ["ours-cli-16"]}
+    extra = {SMALL: GUARANTEE_FLOORS, BIG: ["ours-cli-16"]}
     every_workload = workloads(scale)
     found = [Scenario(name, files, False, peers + on_nginx + floors + extra.get(name, []))
              for name, files in every_workload.items()]
@@ -700,7 +702,7 @@ def _whole_floor(sc: Scenario) -> str | None:
 
 
 def _whole_table(scenarios: list[Scenario]) -> list[str]:
-    kinds = ["ours-cli", *PEERS, "boto3", "drum", "floor-safe", "floor-checked"]
+    kinds = ["ours-cli", *PEERS, "boto3", "drum", *GUARANTEE_FLOORS]
     lines = ["| Workload | " + " | ".join(LABELS[k] for k in kinds)
              + " | raw HTTP floor, whole process | best peer | **ours / best peer** "
                "| raw floor / best peer | floor with the guarantees' steps / best peer "
@@ -718,7 +720,7 @@ def _whole_table(scenarios: list[Scenario]) -> list[str]:
              f"{floor.removeprefix('floor') or 4} connections",
              f"{_median(sc.results[floor], 'whole') / peer:.2f}") if floor else ("–", "–"))
         safe = [f"{_median(sc.results[k], 'whole') / peer:.2f}" if k in sc.results else "–"
-                for k in ("floor-safe", "floor-checked")]
+                for k in GUARANTEE_FLOORS]
         lines.append(f"| {sc.name} | {' | '.join(cells)} | {floor_cell} | {LABELS[best]} "
                      f"| **{ratio:.2f}** | {floor_ratio} | {' | '.join(safe)} |")
     return lines
@@ -743,8 +745,8 @@ def _budget_table(tables: list[tuple[str, list[Scenario]]]) -> list[str]:
 
 
 def _call_table(scenarios: list[Scenario]) -> list[str]:
-    kinds = ["ours", "floor", "floor16", "floor-safe", "floor-checked", "obstore", "boto3tm",
-             "crt", "boto3", "drum"]
+    kinds = ["ours", "floor", "floor16", *GUARANTEE_FLOORS, "obstore", "boto3tm", "crt", "boto3",
+             "drum"]
     lines = ["| Workload | " + " | ".join(LABELS[k] for k in kinds)
              + " | ours / floor | ours / floor, 16 connections | ours / obstore | ours / upstream"
              " | floor with the guarantees' steps / obstore"
@@ -759,7 +761,7 @@ def _call_table(scenarios: list[Scenario]) -> list[str]:
                   for k in ("floor", "floor16", "obstore", "drum")]
         safe = [f"{_median(sc.results[k]) / _median(sc.results['obstore']):.2f}"
                 if k in present and "obstore" in present else "–"
-                for k in ("floor-safe", "floor-checked")]
+                for k in GUARANTEE_FLOORS]
         lines.append(f"| {sc.name} | {' | '.join(cells)} | {' | '.join(ratios)} "
                      f"| {' | '.join(safe)} |")
     return lines
