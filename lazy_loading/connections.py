@@ -1,93 +1,49 @@
 """Keep-alive HTTP/1.1 connections to one host, for the signed requests of ``revalidate``.
 
-``http.client`` connections in a small pool, rather than urllib3's: over loopback on 2 cores,
-urllib3's pool, header containers and response wrapper took about 0.3 ms of GIL per request
-(a HEAD in 0.55 ms against 0.22 ms with ``http.client`` alone), which, with a HEAD and a GET per
-small file, was about a fifth of a 256-small-file download; and its connection setup imports
-the IDNA codec, 3 ms of every warm start. What those requests need is kept: idle connections
-reused until the server drops them (checked before each reuse, as urllib3 does), separate connect
-and read timeouts, and TLS through one ``ssl`` context. Proxies never come here: a proxied
-endpoint takes the boto3 path. Response headers are read by ``parse_headers`` below rather than
-by the ``email`` package, inside ``http.client``'s own ``begin``.
+Requests are written and responses read on the socket here, rather than through
+``http.client`` or urllib3. Over loopback on 2 cores:
+
+* urllib3's pool, header containers and response wrapper took about 0.3 ms of GIL per request
+  (a HEAD in 0.55 ms against 0.22 ms with ``http.client`` alone), and its connection setup
+  imports the IDNA codec, 3 ms of every warm start;
+* ``http.client`` itself then took about 180 µs of CPU per request, 80 µs more than one
+  ``sendall`` and one ``recv_into`` parsed here (512 signed requests against SeaweedFS, one
+  thread): a request line and each header checked and sent through ``putheader`` and
+  ``_output``, and a ``makefile`` reader per response read line by line. With a HEAD and a GET
+  per small file, that was about a seventh of a 256-small-file download's CPU.
+
+What ``http.client`` does for these requests is kept: its limits (a status or header line of at
+most 64 KiB, at most 100 header lines), its header reading (``email``'s rules, as
+``_header_pairs`` says), its framing (Content-Length, chunked, or to the close; none for a
+HEAD, a 1xx, 204 or 304; a 100 Continue skipped), its keep-alive rules (HTTP/1.0,
+``Connection: close``), its request checks (no line break in a header value, no control
+character or space in the path), ``Accept-Encoding: identity``, ``TCP_NODELAY``, TLS through
+one ``ssl`` context checking the host name, and its exceptions, so errors classify as before.
+Added: idle connections reused until the server drops them (checked before each reuse, as
+urllib3 does), separate connect and read timeouts, and a connection carrying bytes past a
+response never reused. Proxies never come here: a proxied endpoint takes the boto3 path.
 """
 
 from __future__ import annotations
 
+import errno
 import http.client
 import re
 import select
 import socket
 import ssl
 import threading
-import types
-from typing import Any, cast
 
+_MAX_LINE = 65536  # http.client's _MAXLINE
+_MAX_HEADERS = 100  # http.client's _MAXHEADERS
+_RECEIVE = 65536  # bytes asked for per recv while the head arrives
+_BLANK_LINE = re.compile(rb"\n\r?\n")  # a line end followed by an empty line
 # A header line as the ``email`` package's feed parser recognises one (its ``headerRE``);
 # any other line ends the headers there, as it does in that parser.
 _HEADER_LINE = re.compile(r"From |[\041-\071\073-\176]*:|[\t ]")
-
-
-class ParsedHeaders(http.client.HTTPMessage):
-    """The ``HTTPMessage`` http.client gives, plus ``first``: each header's first value by
-    lowercased name, what ``get`` answers. ``get`` lowercases every header's name at each call,
-    and a small file's two responses are looked up about twenty times."""
-
-    first: dict[str, str]
-
-
-def parse_headers(fp: Any, _class: type[ParsedHeaders] = ParsedHeaders) -> ParsedHeaders:
-    """``http.client.parse_headers`` without the ``email`` feed parser, which took about a
-    seventh of the GIL time of a small-file download (py-spy). The same lines, read with the
-    same limits (``_read_headers``: at most 100 headers of 64 KiB), kept or skipped by the
-    feed parser's rules and stored as its compat32 policy stores them (the name as sent; the
-    value without leading blanks or the final line end, continuation lines kept), into an
-    ``HTTPMessage`` (``ParsedHeaders``). ``tests/test_connections.py`` compares the two on
-    generated input."""
-    message = _class()
-    # compat32 stores a header as the pair itself (``header_store_parse``) with no count limit,
-    # and gives a value back as is unless it has surrogates, which ISO-8859-1 never makes.
-    stored: list[tuple[str, str]] = message._headers  # type: ignore[attr-defined]
-    first: dict[str, str] = {}
-    name: str | None = None
-    value: list[str] = []
-    for raw in http.client._read_headers(fp):  # type: ignore[attr-defined]
-        line = raw.decode("iso-8859-1")
-        if not _HEADER_LINE.match(line):
-            break  # the blank line, or what the feed parser would take for the body
-        if line[0] in " \t":
-            if name is not None:  # a continuation of nothing is skipped
-                value.append(line)
-            continue
-        if name is not None:
-            joined = "".join(value).rstrip("\r\n")
-            stored.append((name, joined))
-            first.setdefault(name.lower(), joined)
-            name = None
-        colon = line.find(":")
-        if line.startswith("From ") or colon <= 0:
-            continue  # an envelope line, or no name: skipped
-        name, value = line[:colon], [line[colon + 1:].lstrip(" \t")]
-    if name is not None:
-        joined = "".join(value).rstrip("\r\n")
-        stored.append((name, joined))
-        first.setdefault(name.lower(), joined)
-    message.first = first
-    return message
-
-
-def _begin_with_our_parser() -> Any:
-    """``http.client``'s own ``HTTPResponse.begin`` (whatever the Python version's is), with
-    ``parse_headers`` above in place of its module's: nothing of the status line, 100-continue,
-    length, chunking or keep-alive handling is copied here."""
-    begin = http.client.HTTPResponse.begin
-    namespace = {**vars(http.client), "parse_headers": parse_headers}
-    return types.FunctionType(begin.__code__, namespace, begin.__name__, begin.__defaults__,
-                              begin.__closure__)
-
-
-class _Response(http.client.HTTPResponse):
-    begin = _begin_with_our_parser()
-
+_LINES = re.compile(r"[^\n]*\n")
+_UNSAFE_PATH = re.compile(r"[\x00-\x20\x7f]")  # http.client's _contains_disallowed_url_pchar_re
+_NO_BODY = (204, 304)
 
 # A reused connection the server had closed: nothing of the response arrived.
 _CLOSED_UNDER_US = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
@@ -101,6 +57,364 @@ class ConnectFailure(Exception):
         self.cause = cause
 
 
+class Headers:
+    """A response's header lines as sent (``items``), and each header's first value by
+    lowercased name (``first``, what ``get`` answers)."""
+
+    __slots__ = ("_pairs", "first")
+
+    def __init__(self, pairs: list[tuple[str, str]], first: dict[str, str]) -> None:
+        self._pairs = pairs
+        self.first = first
+
+    def items(self) -> list[tuple[str, str]]:
+        return list(self._pairs)
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        return self.first.get(name.lower(), default)
+
+
+def _header_pairs(block: str) -> Headers:
+    """The header lines of ``block`` (each ending in a line feed) as ``http.client`` stores
+    them through the ``email`` feed parser and its compat32 policy: kept or skipped by that
+    parser's rules, the name as sent, the value without leading blanks or the final line end,
+    continuation lines kept. ``tests/test_connections.py`` compares the two on generated
+    input."""
+    pairs: list[tuple[str, str]] = []
+    first: dict[str, str] = {}
+    name: str | None = None
+    value: list[str] = []
+    for line in _LINES.findall(block):
+        if not _HEADER_LINE.match(line):
+            break  # what the feed parser would take for the body
+        if line[0] in " \t":
+            if name is not None:  # a continuation of nothing is skipped
+                value.append(line)
+            continue
+        if name is not None:
+            joined = "".join(value).rstrip("\r\n")
+            pairs.append((name, joined))
+            first.setdefault(name.lower(), joined)
+            name = None
+        colon = line.find(":")
+        if line.startswith("From ") or colon <= 0:
+            continue  # an envelope line, or no name: skipped
+        name, value = line[:colon], [line[colon + 1:].lstrip(" \t")]
+    if name is not None:
+        joined = "".join(value).rstrip("\r\n")
+        pairs.append((name, joined))
+        first.setdefault(name.lower(), joined)
+    return Headers(pairs, first)
+
+
+class _Connection:
+    """One socket, and the bytes received on it past what its responses have read."""
+
+    __slots__ = ("pending", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.pending: memoryview | bytes = b""
+
+    def receive(self, most: int) -> bytes | memoryview:
+        """What was received already, else one ``recv`` (b"" once the peer closed)."""
+        pending = self.pending
+        if pending:
+            self.pending = pending[most:]
+            return pending[:most]
+        return self.sock.recv(most)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _request(method: str, path: str, headers: dict[str, str]) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", *(f"{name}: {value}" for name, value in headers.items()),
+             "Accept-Encoding: identity", "", ""]
+    text = "\r\n".join(lines)
+    ends = len(lines) - 1
+    if text.count("\n") != ends or text.count("\r") != ends:
+        raise ValueError("a header value with a line break")
+    if _UNSAFE_PATH.search(path) or not path.isascii():
+        raise http.client.InvalidURL(f"URL can't contain control characters: {path!r}")
+    return text.encode("iso-8859-1")
+
+
+def _read_head(conn: _Connection, method: str) -> Response:
+    """The status line and headers of the next response on ``conn``; what follows them stays
+    in ``conn.pending``. A 100 Continue is skipped, as ``http.client`` does."""
+    data = bytes(conn.pending)
+    conn.pending = b""
+    start = 0
+    while True:
+        end = data.find(b"\n", start)
+        if end < 0:
+            if len(data) - start > _MAX_LINE:
+                raise http.client.LineTooLong("status line")
+            more = conn.sock.recv(_RECEIVE)
+            if not more:
+                if len(data) == start:
+                    raise http.client.RemoteDisconnected(
+                        "Remote end closed connection without response")
+                raise http.client.IncompleteRead(data[start:])
+            data += more
+            continue
+        if end + 1 - start > _MAX_LINE:
+            raise http.client.LineTooLong("status line")
+        blank = _BLANK_LINE.search(data, end)
+        while blank is None:
+            lines = data.count(b"\n", end + 1)
+            if lines > _MAX_HEADERS:
+                raise http.client.HTTPException(f"got more than {_MAX_HEADERS} headers")
+            if len(data) - data.rfind(b"\n") - 1 > _MAX_LINE:
+                raise http.client.LineTooLong("header line")
+            more = conn.sock.recv(_RECEIVE)
+            if not more:
+                raise http.client.IncompleteRead(data[start:])
+            data += more
+            blank = _BLANK_LINE.search(data, end)
+        block = data[end + 1:blank.start() + 1]
+        if block.count(b"\n") > _MAX_HEADERS:
+            raise http.client.HTTPException(f"got more than {_MAX_HEADERS} headers")
+        status_line = str(data[start:end + 1], "iso-8859-1")
+        version, status, reason = _status(status_line)
+        start = blank.end()
+        if status != http.client.CONTINUE:
+            break
+    if max(map(len, block.split(b"\n"))) + 1 > _MAX_LINE:
+        raise http.client.LineTooLong("header line")
+    conn.pending = memoryview(data)[start:] if start < len(data) else b""
+    return Response(conn, method, version, status, reason.strip(),
+                    _header_pairs(str(block, "iso-8859-1")))
+
+
+def _status(line: str) -> tuple[str, int, str]:
+    """``http.client``'s ``_read_status`` on a status line that arrived."""
+    try:
+        version, status, reason = line.split(None, 2)
+    except ValueError:
+        try:
+            version, status = line.split(None, 1)
+            reason = ""
+        except ValueError:
+            version = ""
+    if not version.startswith("HTTP/"):
+        raise http.client.BadStatusLine(line)
+    try:
+        code = int(status)
+    except ValueError:
+        raise http.client.BadStatusLine(line) from None
+    if code < 100 or code > 999:
+        raise http.client.BadStatusLine(line)
+    return version, code, reason
+
+
+class Response:
+    """A response whose body is read here (``readinto1``, ``read``), or moved by the kernel
+    (``take_pending``, ``consumed``). Its connection goes back to the pool when the body was
+    read to its end and nothing came after it (``release_conn``); it is closed otherwise."""
+
+    def __init__(self, conn: _Connection, method: str, version: str, status: int, reason: str,
+                 headers: Headers) -> None:
+        self._conn: _Connection | None = conn  # None once given back or closed
+        self._pool: HostConnections | None = None
+        self.status, self.reason, self.headers = status, reason, headers
+        self.first = headers.first
+        if version in ("HTTP/1.0", "HTTP/0.9"):
+            http11 = False
+        elif version.startswith("HTTP/1."):
+            http11 = True
+        else:
+            raise http.client.UnknownProtocol(version)
+        encoding = self.first.get("transfer-encoding")
+        self.chunked = bool(encoding) and encoding.lower() == "chunked"  # type: ignore[union-attr]
+        self._chunk_left: int | None = None
+        self.will_close = _will_close(self.first, http11)
+        self.remaining: int | None = None  # body bytes still to come, when known
+        length = self.first.get("content-length")
+        if length and not self.chunked:
+            try:
+                self.remaining = int(length)
+            except ValueError:
+                pass
+            else:
+                if self.remaining < 0:
+                    self.remaining = None
+        if status in _NO_BODY or 100 <= status < 200 or method == "HEAD":
+            self.remaining = 0
+        if not self.will_close and not self.chunked and self.remaining is None:
+            self.will_close = True
+        self._ended = self.remaining == 0
+
+    @property
+    def complete(self) -> bool:
+        """The body was read to its end."""
+        return self._ended
+
+    def readinto1(self, view: memoryview) -> int:
+        """At most one ``recv`` of a body of known length into ``view``; 0 at its end, or
+        when the store closed the connection before it (then ``remaining`` is not 0)."""
+        want = min(len(view), self.remaining or 0)
+        conn = self._conn
+        if want <= 0 or conn is None:
+            return 0
+        pending = conn.pending
+        if pending:
+            n = min(want, len(pending))
+            view[:n] = pending[:n]
+            conn.pending = pending[n:]
+        else:
+            n = conn.sock.recv_into(view, want)
+        self.consumed(n)
+        return n
+
+    def take_pending(self, most: int) -> bytes:
+        """Body bytes that arrived with the headers (at most ``most``), counted as read."""
+        conn = self._conn
+        if conn is None or not conn.pending or self.remaining is None:
+            return b""
+        data = bytes(conn.pending[:min(most, self.remaining)])
+        conn.pending = conn.pending[len(data):]
+        self.consumed(len(data))
+        return data
+
+    def consumed(self, n: int) -> None:
+        """Account ``n`` bytes of a body of known length read or moved (0: the peer closed)."""
+        if self.remaining is None:
+            return
+        self.remaining -= n
+        if self.remaining == 0:
+            self._ended = True
+        elif n == 0:
+            self.will_close = True
+
+    def read(self, amt: int | None = None) -> bytes:
+        """Up to ``amt`` bytes of the body (all of it for None); fewer only at its end."""
+        if self._conn is None or self._ended:
+            return b""
+        if self.chunked:
+            return self._read_chunked(amt)
+        out = bytearray()
+        while amt is None or len(out) < amt:
+            most = _RECEIVE if amt is None else amt - len(out)
+            if self.remaining is not None:
+                most = min(most, self.remaining)
+                if most <= 0:
+                    break
+            data = self._conn.receive(most)
+            if not data:
+                if self.remaining is None:  # a body to the close: this is its end
+                    self._ended = True
+                self.will_close = True
+                break
+            out += data
+            self.consumed(len(data))
+        return bytes(out)
+
+    def _read_chunked(self, amt: int | None) -> bytes:
+        conn = self._conn
+        assert conn is not None
+        out = bytearray()
+        while amt is None or len(out) < amt:
+            if not self._chunk_left:
+                if self._chunk_left == 0:
+                    self._exact(conn, 2)  # the CRLF after a chunk's data
+                size_line = self._line(conn, "chunk size")
+                try:
+                    self._chunk_left = int(size_line.split(b";", 1)[0], 16)
+                except ValueError:  # as http.client: a short or garbled size line
+                    self.will_close = True
+                    raise http.client.IncompleteRead(bytes(out)) from None
+                if self._chunk_left < 0:
+                    self.will_close = True
+                    raise http.client.IncompleteRead(bytes(out))
+                if self._chunk_left == 0:
+                    while self._line(conn, "trailer line") not in (b"\r\n", b"\n", b""):
+                        pass
+                    self._ended = True
+                    break
+            most = self._chunk_left if amt is None else min(self._chunk_left, amt - len(out))
+            data = self._exact(conn, most)
+            out += data
+            self._chunk_left -= len(data)
+        return bytes(out)
+
+    def _exact(self, conn: _Connection, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            data = conn.receive(n - len(out))
+            if not data:
+                self.will_close = True
+                raise http.client.IncompleteRead(bytes(out), n - len(out))
+            out += data
+        return bytes(out)
+
+    def _line(self, conn: _Connection, what: str) -> bytes:
+        """One line of a chunked body's framing, its end included (b"" at the close); what
+        arrived past it stays pending."""
+        line = bytearray()
+        while not line.endswith(b"\n"):
+            data = bytes(conn.receive(_MAX_LINE + 1 - len(line)))
+            if not data:
+                break
+            cut = data.find(b"\n") + 1
+            if 0 < cut < len(data):
+                conn.pending = memoryview(data[cut:] + bytes(conn.pending))
+                data = data[:cut]
+            line += data
+            if len(line) > _MAX_LINE:
+                self.will_close = True
+                raise http.client.LineTooLong(what)
+        return bytes(line)
+
+    def fileno(self) -> int:
+        """The socket the body arrives on, or -1 once the body is over or the connection let
+        go: so that a fatal error elsewhere can shut it down (``s3io._interrupt``)."""
+        conn = self._conn
+        if conn is None or self._ended:
+            return -1
+        try:
+            return conn.sock.fileno()
+        except (OSError, ValueError):
+            return -1
+
+    def plain_stream(self) -> tuple[int, float | None] | None:
+        """The descriptor the body arrives on, and its read timeout, when it carries the body
+        as sent (no TLS): for ``splice``."""
+        pool = self._pool
+        if pool is None or pool._tls is not None:
+            return None
+        fd = self.fileno()
+        return (fd, pool._read_timeout) if fd >= 0 else None
+
+    def release_conn(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if self._ended and not self.will_close and not conn.pending and self._pool is not None:
+            self._pool._give_back(conn)
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+def _will_close(first: dict[str, str], http11: bool) -> bool:
+    """``http.client``'s ``_check_close``."""
+    connection = first.get("connection")
+    if http11:
+        return bool(connection) and "close" in connection.lower()  # type: ignore[union-attr]
+    if first.get("keep-alive"):
+        return False
+    if connection and "keep-alive" in connection.lower():
+        return False
+    proxy = first.get("proxy-connection")
+    return not (proxy and "keep-alive" in proxy.lower())
+
+
 class HostConnections:
     """Up to ``maxsize`` idle keep-alive connections to one ``host:port``, shared by threads."""
 
@@ -109,33 +423,35 @@ class HostConnections:
         self._host, self._port, self._tls = host, port, tls
         self._connect_timeout, self._read_timeout = connect_timeout, read_timeout
         self._maxsize = maxsize
-        self._idle: list[http.client.HTTPConnection] = []
+        self._idle: list[_Connection] = []
         self._lock = threading.Lock()
 
-    def request(self, method: str, path: str, headers: dict[str, str]) -> PooledResponse:
+    def request(self, method: str, path: str, headers: dict[str, str]) -> Response:
         """Send a bodiless request and read the response's status line and headers; the body
         is left for the caller to read. Raises ``ConnectFailure`` when no connection could be
-        made, else what ``http.client`` or the socket raised."""
+        made, else what the socket raised or an ``http.client`` exception for what the store
+        sent."""
+        request = _request(method, path, headers)
         conn, reused = self._take()
         try:
-            return self._exchange(conn, method, path, headers)
+            return self._exchange(conn, method, request)
         except _CLOSED_UNDER_US:
             if not reused:
                 raise
         # The server closed the idle connection as we sent on it (the check before reuse can
         # only see a close that already arrived): once more on a new one, as browsers and
         # urllib3's retries do. HEAD and GET are idempotent.
-        return self._exchange(self._connect(), method, path, headers)
+        return self._exchange(self._connect(), method, request)
 
-    def _exchange(self, conn: http.client.HTTPConnection, method: str, path: str,
-                  headers: dict[str, str]) -> PooledResponse:
+    def _exchange(self, conn: _Connection, method: str, request: bytes) -> Response:
         try:
-            conn.request(method, path, headers=headers)
-            response = conn.getresponse()
+            conn.sock.sendall(request)
+            response = _read_head(conn, method)
         except BaseException:
             conn.close()
             raise
-        return PooledResponse(self, conn, response)
+        response._pool = self
+        return response
 
     def close(self) -> None:
         with self._lock:
@@ -143,7 +459,7 @@ class HostConnections:
         for conn in idle:
             conn.close()
 
-    def _take(self) -> tuple[http.client.HTTPConnection, bool]:
+    def _take(self) -> tuple[_Connection, bool]:
         """An idle connection still open (and True), else a new one."""
         while True:
             with self._lock:
@@ -154,36 +470,36 @@ class HostConnections:
                 return conn, True
             conn.close()
 
-    def _connect(self) -> http.client.HTTPConnection:
-        conn: http.client.HTTPConnection = (
-            http.client.HTTPSConnection(self._host, self._port, timeout=self._connect_timeout,
-                                        context=self._tls)
-            if self._tls is not None
-            else http.client.HTTPConnection(self._host, self._port,
-                                            timeout=self._connect_timeout))
-        conn.response_class = _Response
-        conn._create_connection = self._open_socket  # type: ignore[attr-defined]
+    def _connect(self) -> _Connection:
         try:
-            conn.connect()
+            sock = self._open_socket()
         except Exception as exc:
-            conn.close()
             raise ConnectFailure(exc) from None
-        assert conn.sock is not None
-        conn.sock.settimeout(self._read_timeout)
-        return conn
+        try:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError as exc:
+                if exc.errno != errno.ENOPROTOOPT:
+                    raise
+            if self._tls is not None:
+                sock = self._tls.wrap_socket(sock, server_hostname=self._host)
+        except Exception as exc:
+            sock.close()
+            raise ConnectFailure(exc) from None
+        sock.settimeout(self._read_timeout)
+        return _Connection(sock)
 
-    def _open_socket(self, address: tuple[str, int], timeout: float,
-                     source_address: tuple[str, int] | None = None) -> socket.socket:
+    def _open_socket(self) -> socket.socket:
         """``socket.create_connection`` with an ASCII host name given as bytes: given a
         ``str``, ``getaddrinfo`` encodes it with the IDNA codec, whose import (with
         ``unicodedata``) took 2-3 ms of every start. The codec leaves ASCII names as they are,
         so the resolver sees the same name; TLS still checks the ``str`` name."""
-        host, port = address
+        host = self._host
         return socket.create_connection(
-            (host.encode("ascii") if host.isascii() else host, port),  # type: ignore[arg-type]
-            timeout, source_address)
+            (host.encode("ascii") if host.isascii() else host, self._port),  # type: ignore[arg-type]
+            self._connect_timeout)
 
-    def _give_back(self, conn: http.client.HTTPConnection) -> None:
+    def _give_back(self, conn: _Connection) -> None:
         with self._lock:
             if len(self._idle) < self._maxsize:
                 self._idle.append(conn)
@@ -191,75 +507,9 @@ class HostConnections:
         conn.close()
 
 
-def count_body_read(response: http.client.HTTPResponse, n: int) -> None:
-    """Account ``n`` bytes of ``response``'s body read outside ``http.client`` (straight from
-    its file, or moved by ``splice``), and do what it does at the end of a body: the
-    connection (not the socket) is then free for the next request on it."""
-    response.length = (response.length or 0) - n
-    if n == 0 or response.length == 0:
-        response._close_conn()  # type: ignore[attr-defined]
-
-
-class PooledResponse:
-    """A response whose connection goes back to the pool once its body has been read to the
-    end (``release_conn``), and is closed otherwise. ``_fp`` is the ``http.client`` response,
-    which ``s3io`` reads from directly."""
-
-    def __init__(self, pool: HostConnections, conn: http.client.HTTPConnection,
-                 response: http.client.HTTPResponse) -> None:
-        self._pool = pool
-        self._conn: http.client.HTTPConnection | None = conn  # None once given back or closed
-        self._fp = response
-        self.status = response.status
-        self.headers = response.msg
-        self.first = cast(ParsedHeaders, response.msg).first
-
-    def read(self, amt: int | None = None) -> bytes:
-        return self._fp.read(amt)
-
-    def fileno(self) -> int:
-        """The socket the body arrives on, or -1 once the body is over: so that a fatal error
-        elsewhere can shut it down (``s3io._interrupt``). Taken from the response, which holds
-        the socket even when ``http.client`` let go of the connection (a store answering
-        ``Connection: close``, whose ``conn.sock`` is then None)."""
-        fp = self._fp.fp
-        try:
-            return int(fp.fileno()) if fp is not None else -1
-        except (OSError, ValueError):
-            return -1
-
-    def plain_stream(self) -> tuple[int, float | None] | None:
-        """The descriptor the body arrives on, and its read timeout, when it carries the body
-        as sent (no TLS): for ``splice``."""
-        if self._pool._tls is not None:
-            return None
-        fd = self.fileno()
-        return (fd, self._pool._read_timeout) if fd >= 0 else None
-
-    def release_conn(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        if self._fp.length == 0 and not self._fp.isclosed():
-            self._fp.read()  # a HEAD's or an empty body: http.client marks the end on a read
-        if self._fp.isclosed() and not self._fp.will_close:
-            self._pool._give_back(conn)
-        else:
-            conn.close()
-
-    def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
-        self._fp.close()
-
-
-def _dropped(conn: http.client.HTTPConnection) -> bool:
+def _dropped(conn: _Connection) -> bool:
     """An idle keep-alive connection with something to read was closed by the server (or
     holds junk): either way it cannot carry the next request."""
-    sock = conn.sock
-    if sock is None:
-        return True
     poller = select.poll()
-    poller.register(sock, select.POLLIN)
+    poller.register(conn.sock, select.POLLIN)
     return bool(poller.poll(0))

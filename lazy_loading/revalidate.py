@@ -6,8 +6,8 @@ session) was about a third of each request's GIL time, and importing it a third 
 start. Building a boto3 client costs about 60 ms of CPU (parsing S3's 1.4 MB model and endpoint
 rules), several times everything else a warm start does. For custom endpoints, where the URL is
 simply ``<endpoint>/<bucket>/<key>`` (path style, as our clients use there), requests are signed
-here (``sigv4``) and sent over one pool of keep-alive ``http.client`` connections per
-repository (``connections``).
+here (``sigv4``) and sent over one pool of keep-alive connections per repository
+(``connections``).
 
 This path can only skip work: a HEAD that gets anything but a 200 carrying an ETag and a length
 returns None and the engine takes its normal path (client, HEAD with retries, download), which

@@ -20,7 +20,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from .checksums import DigestSet, pick_s3_checksum
-from .connections import count_body_read
+from .connections import Response
 from .redact import one_line
 from .splice import SplicedBody, Unsupported, pwrite_all, spliced
 
@@ -293,24 +293,31 @@ def _reader(body: Any) -> Callable[[memoryview], int]:
 
     ``readinto1`` returns as soon as some bytes arrived, so progress moves while a slow store
     trickles and the rate rule can see it; a plain ``readinto`` would block until the whole
-    buffer is full. It reads straight from the HTTP response under urllib3's (bare, or
-    wrapped in botocore's ``StreamingBody``), keeping ``http.client``'s own Content-Length
-    bookkeeping: ``StreamingBody.read`` and urllib3's ``readinto`` each allocate and copy every
-    chunk, which on 2 cores costs more than the socket. Any other body type falls back to
-    ``read``.
+    buffer is full. A signed request's ``Response`` reads so itself. A botocore body is read
+    straight from the ``http.client`` response under urllib3's (bare, or wrapped in botocore's
+    ``StreamingBody``), keeping ``http.client``'s own Content-Length bookkeeping:
+    ``StreamingBody.read`` and urllib3's ``readinto`` each allocate and copy every chunk, which
+    on 2 cores costs more than the socket. Any other body (chunked, or to the close) is read
+    with ``read``.
     """
-    fp = getattr(getattr(body, "_raw_stream", body), "_fp", None)
-    if (isinstance(fp, http.client.HTTPResponse)
-            and not fp.chunked and fp.length is not None and hasattr(fp.fp, "readinto1")):
-        def read_some(view: memoryview) -> int:
-            want = min(len(view), fp.length or 0)
-            if want <= 0 or fp.fp is None:
-                return 0
-            n = int(fp.fp.readinto1(view[:want]))
-            count_body_read(fp, n)
-            return n
+    if isinstance(body, Response):
+        if body.remaining is not None:
+            return body.readinto1
+    else:
+        fp = getattr(getattr(body, "_raw_stream", body), "_fp", None)
+        if (isinstance(fp, http.client.HTTPResponse)
+                and not fp.chunked and fp.length is not None and hasattr(fp.fp, "readinto1")):
+            def read_some(view: memoryview) -> int:
+                want = min(len(view), fp.length or 0)
+                if want <= 0 or fp.fp is None:
+                    return 0
+                n = int(fp.fp.readinto1(view[:want]))
+                fp.length = (fp.length or 0) - n
+                if n == 0 or fp.length == 0:  # as http.client at a body's end: the
+                    fp._close_conn()  # type: ignore[attr-defined]  # connection is free again
+                return n
 
-        return read_some
+            return read_some
 
     def read_into(view: memoryview) -> int:
         data = body.read(len(view))

@@ -14,12 +14,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import http.client
 import os
 import select
 from typing import Any
 
-from .connections import count_body_read
+from .connections import Response
 
 MIN_LENGTH = 1 << 20  # shorter bodies: a pipe costs more than the copies it saves
 _PIPE_SIZE = 1 << 20
@@ -51,15 +50,14 @@ class SplicedBody:
     """The rest of ``response``'s body, moved by the kernel from the socket ``source`` into
     files; ``timeout`` is how long the socket may stay silent (None: no limit).
 
-    Any bytes ``http.client`` buffered with the headers are written first, and its length
-    bookkeeping is kept, so the connection goes back to the pool at the end as after a read.
+    Any body bytes that arrived with the headers are written first, and the response counts
+    every byte moved, so its connection goes back to the pool at the end as after a read.
     """
 
-    def __init__(self, response: http.client.HTTPResponse, source: int,
+    def __init__(self, response: Response, source: int,
                  timeout: float | None) -> None:
         self._response = response
         self._source, self._timeout = source, timeout
-        self._buffered_done = False
         self._pipe = os.pipe2(os.O_CLOEXEC)
         with contextlib.suppress(OSError):  # above the system's limit: the default 64 KiB
             fcntl.fcntl(self._pipe[1], _F_SETPIPE_SZ, _PIPE_SIZE)
@@ -69,19 +67,15 @@ class SplicedBody:
         socket has no more (the store closed it, or ``abort`` shut it down). Raises
         ``TimeoutError`` when nothing arrives within the socket's timeout, as a read would."""
         response = self._response
-        count = min(count, response.length or 0)
-        if count <= 0 or response.fp is None:
+        count = min(count, response.remaining or 0)
+        if count <= 0 or response.fileno() < 0:
             return 0
         if _unsupported:
             raise Unsupported()
-        if not self._buffered_done:
-            self._buffered_done = True
-            held = response.fp.peek(1)[:count]  # at most one read: what came with the headers
-            if held:
-                data = response.fp.read(len(held))
-                pwrite_all(fd, data, offset)
-                count_body_read(response, len(data))
-                return len(data)
+        held = response.take_pending(count)  # what came with the headers goes first
+        if held:
+            pwrite_all(fd, held, offset)
+            return len(held)
         while True:
             try:
                 got = os.splice(self._source, self._pipe[1], min(count, _PIPE_SIZE))
@@ -103,7 +97,7 @@ class SplicedBody:
                 data = os.read(self._pipe[0], got - moved)  # the pipe holds them: no loss
                 pwrite_all(fd, data, offset + moved)
                 moved += len(data)
-        count_body_read(response, got)
+        response.consumed(got)
         return got
 
     def _wait(self) -> None:
@@ -125,17 +119,14 @@ def spliced(body: Any) -> SplicedBody | None:
     known length (at least ``MIN_LENGTH``) on a socket without TLS, on a system with
     ``splice``; else None, and the body is read as usual. Out of descriptors for the pipe,
     it is read as usual too."""
-    plain = getattr(body, "plain_stream", None)
-    response = getattr(body, "_fp", None)
-    if (_unsupported or plain is None or not hasattr(os, "splice") or not hasattr(select, "poll")
-            or not isinstance(response, http.client.HTTPResponse) or response.chunked
-            or response.length is None or response.length < MIN_LENGTH
-            or not hasattr(response.fp, "peek")):
+    if (_unsupported or not isinstance(body, Response) or not hasattr(os, "splice")
+            or not hasattr(select, "poll") or body.remaining is None
+            or body.remaining < MIN_LENGTH):
         return None
-    stream = plain()
+    stream = body.plain_stream()
     if stream is None:
         return None
     try:
-        return SplicedBody(response, *stream)
+        return SplicedBody(body, *stream)
     except OSError:
         return None

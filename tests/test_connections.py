@@ -1,15 +1,19 @@
-"""The signed requests' own header parser reads every response exactly as http.client does."""
+"""The signed requests' own HTTP/1.1 client reads every response exactly as http.client does."""
 
 from __future__ import annotations
 
 import http.client
 import io
+import socket
+import threading
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lazy_loading.connections import parse_headers
+from lazy_loading import connections
+from lazy_loading.connections import HostConnections, Response, _Connection, _read_head
 
 _NAME = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E, blacklist_characters=":"),
                 min_size=0, max_size=12)
@@ -22,15 +26,28 @@ _LINE = st.one_of(
 )
 
 
+def _received(data: bytes, method: str = "GET") -> tuple[Response, _Connection]:
+    """Our response to ``data``, all of it already received (no socket read needed)."""
+    left, right = socket.socketpair()
+    right.close()
+    conn = _Connection(left)
+    conn.pending = data
+    return _read_head(conn, method), conn
+
+
 def _both(block: bytes) -> tuple[list[tuple[str, str]], list[tuple[str, str]], bytes, bytes]:
-    theirs_fp, ours_fp = io.BytesIO(block), io.BytesIO(block)
+    theirs_fp = io.BytesIO(block)
     theirs = http.client.parse_headers(theirs_fp)
-    ours = parse_headers(ours_fp)
-    for name in {*(name for name, _ in theirs.items()), "absent"}:
-        for spelled in (name, name.lower(), name.upper()):
-            assert ours.first.get(spelled.lower()) == theirs.get(spelled), spelled
-            assert ours.get(spelled) == theirs.get(spelled), spelled
-    return list(ours.items()), list(theirs.items()), ours_fp.read(), theirs_fp.read()
+    response, conn = _received(b"HTTP/1.1 200 OK\r\n" + block)
+    try:
+        ours = response.headers
+        for name in {*(name for name, _ in theirs.items()), "absent"}:
+            for spelled in (name, name.lower(), name.upper()):
+                assert ours.first.get(spelled.lower()) == theirs.get(spelled), spelled
+                assert ours.get(spelled) == theirs.get(spelled), spelled
+        return ours.items(), list(theirs.items()), bytes(conn.pending), theirs_fp.read()
+    finally:
+        conn.close()
 
 
 @settings(max_examples=400, deadline=None)
@@ -48,10 +65,10 @@ def test_an_s3_response_and_its_lookups() -> None:
              b"00:00:00 GMT\r\nX-Folded: one\r\n two\r\n\r\n")
     ours, theirs, _, _ = _both(block)
     assert ours == theirs
-    message = parse_headers(io.BytesIO(block))
-    assert isinstance(message, http.client.HTTPMessage)
-    assert message.get("etag") == '"9b2cf535f27731c974343645a3985328"'
-    assert message.get_all("Content-Length") == ["262144", "1"]
+    response, conn = _received(b"HTTP/1.1 200 OK\r\n" + block)
+    conn.close()
+    assert response.headers.get("etag") == '"9b2cf535f27731c974343645a3985328"'
+    assert response.remaining == 262144, "the first Content-Length, as http.client reads it"
 
 
 @pytest.mark.parametrize("block, error", [
@@ -60,4 +77,160 @@ def test_an_s3_response_and_its_lookups() -> None:
 ])
 def test_limits_on_header_lines_and_count_are_http_clients(block: bytes, error: type) -> None:
     with pytest.raises(error):
-        parse_headers(io.BytesIO(block))
+        http.client.parse_headers(io.BytesIO(block))
+    with pytest.raises(error):
+        _received(b"HTTP/1.1 200 OK\r\n" + block)
+
+
+def test_a_hundred_header_lines_are_still_read() -> None:
+    block = b"".join(b"H%d: v\r\n" % i for i in range(100)) + b"\r\n"
+    response, conn = _received(b"HTTP/1.1 200 OK\r\n" + block)
+    conn.close()
+    assert len(response.headers.items()) == 100
+
+
+# Whole responses as a store might send them, each read by http.client and by us from a socket.
+_RESPONSES = {
+    "length": (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", "GET"),
+    "chunked, extensions and trailers": (
+        b"HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"
+        b"5;name=value\r\n<Erro\r\n0a\r\nr>Access</\r\n7\r\nError>\n\r\n0\r\nX-Trailer: 1\r\n\r\n",
+        "GET"),
+    "to the close": (b"HTTP/1.1 500 Internal\r\nContent-Type: text/xml\r\n\r\n<Error/>", "GET"),
+    "HTTP/1.0 without keep-alive": (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", "GET"),
+    "HTTP/1.0 with keep-alive": (
+        b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 2\r\n\r\nok", "GET"),
+    "Connection: close": (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+                          "GET"),
+    "100 Continue first": (
+        b"HTTP/1.1 100 Continue\r\nX-A: 1\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        "GET"),
+    "a HEAD with a length": (b"HTTP/1.1 200 OK\r\nContent-Length: 262144\r\nETag: \"e\"\r\n\r\n",
+                             "HEAD"),
+    "204": (b"HTTP/1.1 204 No Content\r\nContent-Length: 9\r\n\r\n", "GET"),
+    "a negative length": (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\nuntil close", "GET"),
+    "bare line feeds": (b"HTTP/1.1 200 OK\nContent-Length: 3\n\nabc", "GET"),
+    "a reason with spaces": (b"HTTP/1.1 404 Not  Found here \r\nContent-Length: 0\r\n\r\n", "GET"),
+}
+
+
+def _responses(data: bytes, method: str, receive: int) -> Iterator[tuple[object, ...]]:
+    """(status, reason, headers, body, will_close) from http.client, then from us, each over a
+    socket the store wrote ``data`` to and closed."""
+    for ours in (False, True):
+        left, right = socket.socketpair()
+        try:
+            right.sendall(data)
+            right.close()
+            if ours:
+                conn = _Connection(left)
+                mine = _read_head(conn, method)
+                body = b""
+                while piece := mine.read(receive):
+                    body += piece
+                yield mine.status, mine.reason, mine.headers.items(), body, mine.will_close
+            else:
+                theirs = http.client.HTTPResponse(left, method=method)
+                theirs.begin()
+                body = theirs.read()
+                yield theirs.status, theirs.reason, list(theirs.msg.items()), body, theirs.will_close
+        finally:
+            left.close()
+
+
+@pytest.mark.parametrize("receive", [1, 3, 65536], ids=["1-byte reads", "3-byte reads", "64 KiB"])
+@pytest.mark.parametrize("name", list(_RESPONSES))
+def test_each_framing_reads_as_http_client_reads_it(name: str, receive: int,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(connections, "_RECEIVE", receive)  # the head arrives in pieces too
+    data, method = _RESPONSES[name]
+    theirs, ours = _responses(data, method, receive)
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("data, error", [
+    (b"", http.client.RemoteDisconnected),
+    (b"HTTP/1.1 200 OK\r\nContent-Len", http.client.IncompleteRead),
+    (b"HTTP/1.1 20 OK\r\n\r\n", http.client.BadStatusLine),
+    (b"ICY 200 OK\r\n\r\n", http.client.BadStatusLine),
+    (b"HTTP/2 200 OK\r\n\r\n", http.client.UnknownProtocol),
+    (b"HTTP/1.1 " + b"2" * 70_000 + b"\r\n\r\n", http.client.LineTooLong),
+])
+def test_a_broken_head_raises_what_http_client_raises(data: bytes, error: type) -> None:
+    left, right = socket.socketpair()
+    with left:
+        right.sendall(data)
+        right.close()
+        with pytest.raises(error):
+            _read_head(_Connection(left), "GET")
+
+
+@pytest.mark.parametrize("chunks", [
+    b"5\r\nabc",  # the store closed inside a chunk
+    b"zz\r\n",  # not a size
+    b"-5\r\nabc\r\n0\r\n\r\n",  # a negative size
+])
+def test_a_broken_chunked_body_is_an_incomplete_read(chunks: bytes) -> None:
+    response, conn = _received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks)
+    with conn.sock, pytest.raises(http.client.IncompleteRead):
+        response.read()
+    assert response.will_close
+
+
+def test_a_header_value_with_a_line_break_is_never_sent() -> None:
+    server = socket.create_server(("127.0.0.1", 0))
+    with server:
+        pool = HostConnections("127.0.0.1", server.getsockname()[1], None, 5.0, 5.0, 1)
+        for headers in ({"If-Match": '"e"\r\nX-Injected: 1'}, {"If-Match": '"e"\nX: 1'},
+                        {"If-Match": '"e"\r'}):
+            with pytest.raises(ValueError):
+                pool.request("GET", "/bucket/key", headers)
+        with pytest.raises(http.client.InvalidURL):
+            pool.request("GET", "/bucket/a key", {})
+        server.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            server.accept()  # nothing was sent: no connection was even opened
+        pool.close()
+
+
+def test_a_connection_is_reused_only_after_a_body_read_to_its_end() -> None:
+    """Keep-alive as a store expects it: the next request goes on the same connection once a
+    response was read whole; bytes past a response (a store's junk) retire the connection."""
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    requests: list[bytes] = []
+    answers = [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+               b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokJUNK",
+               b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
+
+    def serve() -> None:
+        server.settimeout(10)
+        while answers:
+            sock, _ = server.accept()
+            accepted.append(sock)
+            sock.settimeout(10)
+            while answers:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                requests.append(data)
+                sock.sendall(answers.pop(0))
+                if len(requests) == 2:  # the junk after it retires this connection
+                    break
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    with server:
+        pool = HostConnections("127.0.0.1", server.getsockname()[1], None, 5.0, 5.0, 4)
+        for _ in range(3):
+            response = pool.request("GET", "/b/k", {"Host": "x"})
+            assert response.read() == b"ok"
+            response.release_conn()
+        thread.join(10)
+        pool.close()
+        for sock in accepted:
+            sock.close()
+    assert len(requests) == 3
+    assert len(accepted) == 2, "one connection for the first two, a new one after the junk"
+    assert requests[0].startswith(b"GET /b/k HTTP/1.1\r\nHost: x\r\n")
+    assert b"Accept-Encoding: identity\r\n" in requests[0]
