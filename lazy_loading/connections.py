@@ -42,6 +42,10 @@ _BLANK_LINE = re.compile(rb"\n\r?\n")  # a line end followed by an empty line
 # any other line ends the headers there, as it does in that parser.
 _HEADER_LINE = re.compile(r"From |[\041-\071\073-\176]*:|[\t ]")
 _LINES = re.compile(r"[^\n]*\n")
+# Header lines as stores send them: a name, a colon, a value, each on its own line. A block of
+# only these reads the same through one ``findall``; anything else takes the feed parser's rules.
+_PLAIN_BLOCK = re.compile(r"(?:[\041-\071\073-\176]+:[^\r\n]*\r?\n)*")
+_PLAIN_LINE = re.compile(r"([\041-\071\073-\176]+):[ \t]*([^\r\n]*)\r?\n")
 _UNSAFE_PATH = re.compile(r"[\x00-\x20\x7f]")  # http.client's _contains_disallowed_url_pchar_re
 _NO_BODY = (204, 304)
 
@@ -80,7 +84,10 @@ def _header_pairs(block: str) -> Headers:
     parser's rules, the name as sent, the value without leading blanks or the final line end,
     continuation lines kept. ``tests/test_connections.py`` compares the two on generated
     input."""
-    pairs: list[tuple[str, str]] = []
+    if _PLAIN_BLOCK.fullmatch(block):
+        pairs: list[tuple[str, str]] = _PLAIN_LINE.findall(block)
+        return Headers(pairs, {name.lower(): value for name, value in reversed(pairs)})
+    pairs = []
     first: dict[str, str] = {}
     name: str | None = None
     value: list[str] = []
