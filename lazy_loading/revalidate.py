@@ -17,7 +17,6 @@ then reports any error properly. An endpoint reached through a proxy takes the c
 from __future__ import annotations
 
 import contextlib
-import http.client
 import logging
 import os
 import re
@@ -177,7 +176,7 @@ def _as_botocore_error(exc: Exception, url: str) -> Exception:
             error = EndpointConnectionError(endpoint_url=url, error=cause)
     elif isinstance(exc, TimeoutError):
         error = ReadTimeoutError(endpoint_url=url, error=exc)
-    elif isinstance(exc, (http.client.HTTPException, OSError)):
+    elif isinstance(exc, OSError):  # connections' ProtocolError too
         error = ConnectionClosedError(endpoint_url=url, error=exc)
     else:
         error = HTTPClientError(error=exc)

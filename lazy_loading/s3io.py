@@ -8,7 +8,6 @@ endpoint, bucket and key, never a credential.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import re
 import socket
 import sys
@@ -303,9 +302,9 @@ def _reader(body: Any) -> Callable[[memoryview], int]:
     if isinstance(body, Response):
         if body.remaining is not None:
             return body.readinto1
-    else:
+    elif (client := sys.modules.get("http.client")) is not None:  # botocore imported it
         fp = getattr(getattr(body, "_raw_stream", body), "_fp", None)
-        if (isinstance(fp, http.client.HTTPResponse)
+        if (isinstance(fp, client.HTTPResponse)
                 and not fp.chunked and fp.length is not None and hasattr(fp.fp, "readinto1")):
             def read_some(view: memoryview) -> int:
                 want = min(len(view), fp.length or 0)
@@ -314,7 +313,7 @@ def _reader(body: Any) -> Callable[[memoryview], int]:
                 n = int(fp.fp.readinto1(view[:want]))
                 fp.length = (fp.length or 0) - n
                 if n == 0 or fp.length == 0:  # as http.client at a body's end: the
-                    fp._close_conn()  # type: ignore[attr-defined]  # connection is free again
+                    fp._close_conn()  # connection is free again
                 return n
 
             return read_some

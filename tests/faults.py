@@ -229,15 +229,20 @@ class MisbehavingStore:
     one byte every ``seconds``), ``"drop-idle"`` (each connection closed after one response
     that did not say so, as a store or balancer dropping idle keep-alive connections does) or
     ``"stall-and-refuse"`` (GETs of ``stall.bin`` send their headers and 64 KiB, then nothing
-    until the store stops; GETs of ``refused.bin`` answer 403).
+    until the store stops; GETs of ``refused.bin`` answer 403) or ``"chunked-cut-once"`` (GETs
+    answer chunked, without a length, as a proxy re-encoding bodies does; each object's first
+    GET is cut inside its first chunk, the connection closed).
     ``close``: every response says ``Connection: close``, as moto's server does.
     Records ``(method, client port)`` per request, so a test can count TCP connections.
     """
 
     def __init__(self, objects: dict[str, bytes], misbehaviour: str | None = None,
                  seconds: float = 0.5, close: bool = False) -> None:
-        if misbehaviour not in (None, "trickle-head", "drop-idle", "stall-and-refuse"):
+        if misbehaviour not in (None, "trickle-head", "drop-idle", "stall-and-refuse",
+                                "chunked-cut-once"):
             raise ValueError(misbehaviour)
+        chunked = misbehaviour == "chunked-cut-once"
+        cut: set[str] = set()
         drop_idle = misbehaviour == "drop-idle"
         trickle_head = seconds if misbehaviour == "trickle-head" else 0.0
         stall_and_refuse = misbehaviour == "stall-and-refuse"
@@ -309,6 +314,24 @@ class MisbehavingStore:
                 if rng := self.headers.get("Range"):
                     first, last = rng.removeprefix("bytes=").split("-")
                     start, end = int(first), int(last)
+                if chunked:
+                    self.send_response(206 if rng else 200)
+                    self.send_header("ETag", f'"{hashlib.md5(body).hexdigest()}"')
+                    self.send_header("Transfer-Encoding", "chunked")
+                    if rng:
+                        self.send_header("Content-Range", f"bytes {start}-{end}/{len(body)}")
+                    self.end_headers()
+                    part = body[start:end + 1]
+                    if self.path not in cut:
+                        cut.add(self.path)
+                        self.wfile.write(b"%x\r\n" % len(part) + part[:len(part) // 2])
+                        self.close_connection = True
+                        return
+                    for at in range(0, len(part), 1000):
+                        piece = part[at:at + 1000]
+                        self.wfile.write(b"%x;ext=1\r\n" % len(piece) + piece + b"\r\n")
+                    self.wfile.write(b"0\r\nX-Trailer: 1\r\n\r\n")
+                    return
                 self._headers(206 if rng else 200, body, end - start + 1)
                 if rng:
                     self.send_header("Content-Range", f"bytes {start}-{end}/{len(body)}")

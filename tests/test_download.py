@@ -173,6 +173,26 @@ def test_connections_the_store_dropped_while_idle_are_not_reused(
     assert sorted(m for m, _ in store.requests) == ["GET"] * 9 + ["HEAD"] * 14, store.requests
 
 
+def test_a_chunked_body_cut_short_is_fetched_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A proxy that re-encodes bodies chunked, and drops a connection inside one: the file is
+    fetched again and published whole, as any connection cut is, never failed for good nor
+    published short."""
+    import logging
+
+    objects = {"small.bin": payload(5000, seed=1), "big.bin": payload(3 * MiB, seed=2)}
+    with MisbehavingStore(objects, "chunked-cut-once") as store, \
+            caplog.at_level(logging.WARNING, logger="lazy_loading"):
+        env = lazy_env(store.url, "bucket", {k: k for k in objects},
+                       LAZY_LOADING_PART_SIZE="1MiB")
+        results = LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert all((tmp_path / key).read_bytes() == body for key, body in objects.items())
+    assert {r.status for r in results} == {"fetched"}
+    assert "retrying" in caplog.text
+    assert no_debris(tmp_path) == []
+
+
 def test_second_call_in_process_returns_at_once(s3: S3Store, tmp_path: Path) -> None:
     _, env = _setup(s3, {"a.bin": payload(1000)})
     handler = LazyLoadingHandler(code_dir=tmp_path, environ=env)
