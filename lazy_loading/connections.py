@@ -38,7 +38,10 @@ import threading
 
 _MAX_LINE = 65536  # http.client's _MAXLINE
 _MAX_HEADERS = 100  # http.client's _MAXHEADERS
-_RECEIVE = 65536  # bytes asked for per recv while the head arrives
+# Bytes asked for per recv while a head arrives (what ``http.client``'s buffered reader asks
+# for): a head is smaller, and the body after it is better read straight into the caller's
+# buffer than copied through ours.
+_RECEIVE = 8192
 _BLANK_LINE = re.compile(rb"\n\r?\n")  # a line end followed by an empty line
 # A header line as the ``email`` package's feed parser recognises one (its ``headerRE``);
 # any other line ends the headers there, as it does in that parser.
@@ -340,21 +343,21 @@ class Response:
             return b""
         if self.chunked:
             return self._read_chunked(amt)
+        if self.remaining is not None:  # into one buffer, as few recvs as the socket needs
+            buffer = bytearray(self.remaining if amt is None else min(amt, self.remaining))
+            with memoryview(buffer) as view:
+                filled = 0
+                while filled < len(buffer) and (n := self.readinto1(view[filled:])):
+                    filled += n
+            del buffer[filled:]
+            return bytes(buffer)
         out = bytearray()
         while amt is None or len(out) < amt:
-            most = _RECEIVE if amt is None else amt - len(out)
-            if self.remaining is not None:
-                most = min(most, self.remaining)
-                if most <= 0:
-                    break
-            data = self._conn.receive(most)
-            if not data:
-                if self.remaining is None:  # a body to the close: this is its end
-                    self._ended = True
-                self.will_close = True
+            data = self._conn.receive(65536 if amt is None else amt - len(out))
+            if not data:  # a body to the close: this is its end
+                self._ended = self.will_close = True
                 break
             out += data
-            self.consumed(len(data))
         return bytes(out)
 
     def _read_chunked(self, amt: int | None) -> bytes:
