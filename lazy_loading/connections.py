@@ -191,38 +191,35 @@ def _request(method: str, path: str, headers: dict[str, str]) -> bytes:
 
 def _read_head(conn: _Connection, method: str) -> Response:
     """The status line and headers of the next response on ``conn``; what follows them stays
-    in ``conn.pending``. A 100 Continue is skipped, as ``http.client`` does."""
-    data = bytes(conn.pending)
+    in ``conn.pending``. A 100 Continue is skipped, as ``http.client`` does. Each byte is
+    looked at a bounded number of times, however the store splits its head into packets: a
+    head trickled a byte at a time costs time, never CPU growing with its square."""
+    data = bytearray(conn.pending)
     conn.pending = b""
     start = 0
     while True:
         end = data.find(b"\n", start)
-        if end < 0:
+        while end < 0:
             if len(data) - start > _MAX_LINE:
                 raise LineTooLong("status line")
-            more = conn.sock.recv(_RECEIVE)
-            if not more:
-                if len(data) == start:
-                    raise RemoteDisconnected(
-                        "Remote end closed connection without response")
-                raise IncompleteRead(data[start:])
-            data += more
-            continue
+            scanned = _receive_more(conn, data, start)
+            end = data.find(b"\n", scanned)
         if end + 1 - start > _MAX_LINE:
             raise LineTooLong("status line")
         blank = _BLANK_LINE.search(data, end)
+        lines, line_start, counted = 0, end + 1, end + 1
         while blank is None:
-            lines = data.count(b"\n", end + 1)
+            lines += data.count(b"\n", counted)  # in the bytes not yet looked at
+            newest = data.rfind(b"\n", counted)
+            line_start = newest + 1 if newest >= 0 else line_start
+            counted = len(data)
             if lines > _MAX_HEADERS:
                 raise TooManyHeaders(f"got more than {_MAX_HEADERS} headers")
-            if len(data) - data.rfind(b"\n") - 1 > _MAX_LINE:
+            if len(data) - line_start > _MAX_LINE:
                 raise LineTooLong("header line")
-            more = conn.sock.recv(_RECEIVE)
-            if not more:
-                raise IncompleteRead(data[start:])
-            data += more
-            blank = _BLANK_LINE.search(data, end)
-        block = data[end + 1:blank.start() + 1]
+            scanned = _receive_more(conn, data, start)
+            blank = _BLANK_LINE.search(data, max(end, scanned - 2))  # a blank line is 3 bytes at most
+        block = bytes(data[end + 1:blank.start() + 1])
         if block.count(b"\n") > _MAX_HEADERS:
             raise TooManyHeaders(f"got more than {_MAX_HEADERS} headers")
         status_line = str(data[start:end + 1], "iso-8859-1")
@@ -232,9 +229,22 @@ def _read_head(conn: _Connection, method: str) -> Response:
             break
     if max(map(len, block.split(b"\n"))) + 1 > _MAX_LINE:
         raise LineTooLong("header line")
-    conn.pending = memoryview(data)[start:] if start < len(data) else b""
+    conn.pending = memoryview(bytes(data[start:])) if start < len(data) else b""
     return Response(conn, method, version, status, reason.strip(),
                     _header_pairs(str(block, "iso-8859-1")))
+
+
+def _receive_more(conn: _Connection, data: bytearray, start: int) -> int:
+    """Append one ``recv`` to ``data``; returns its length before. The store closing the
+    connection ends the response: before any byte of it, as ``RemoteDisconnected``."""
+    more = conn.sock.recv(_RECEIVE)
+    if not more:
+        if len(data) == start:
+            raise RemoteDisconnected("Remote end closed connection without response")
+        raise IncompleteRead(bytes(data[start:]))
+    before = len(data)
+    data += more
+    return before
 
 
 def _status(line: str) -> tuple[str, int, str]:

@@ -89,12 +89,39 @@ def test_an_s3_response_and_its_lookups() -> None:
     (b"".join(b"H%d: v\r\n" % i for i in range(101)) + b"\r\n", http.client.HTTPException,
      TooManyHeaders),
 ])
-def test_limits_on_header_lines_and_count_are_http_clients(block: bytes, theirs: type,
-                                                           ours: type) -> None:
+@pytest.mark.parametrize("receive", [1, 7, 8192])
+def test_limits_on_header_lines_and_count_are_http_clients(
+        block: bytes, theirs: type, ours: type, receive: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same limits whether the head came in one piece or trickled in (``receive`` bytes
+    per read)."""
+    monkeypatch.setattr(connections, "_RECEIVE", receive)
     with pytest.raises(theirs):
         http.client.parse_headers(io.BytesIO(block))
     with pytest.raises(ours):
         _received(b"HTTP/1.1 200 OK\r\n" + block)
+    left, right = socket.socketpair()
+    with left, right:
+        right.sendall(b"HTTP/1.1 200 OK\r\n" + block)
+        with pytest.raises(ours):
+            _read_head(_Connection(left), "GET")
+
+
+@pytest.mark.parametrize("receive", [1, 7, 8192])
+def test_a_head_at_the_limits_is_read_in_any_pieces(receive: int,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """100 header lines, one of them 64 KiB long with its line end, split anywhere."""
+    monkeypatch.setattr(connections, "_RECEIVE", receive)
+    long_value = "v" * (65536 - len("Long: \r\n"))
+    head = ("HTTP/1.1 200 OK\r\n" + "".join(f"H{i}: {i}\r\n" for i in range(99))
+            + f"Long: {long_value}\r\n\r\nbody").encode()
+    left, right = socket.socketpair()
+    with left, right:
+        right.sendall(head)
+        response = _read_head(_Connection(left), "GET")
+    assert len(response.headers.items()) == 100
+    assert response.headers.get("long") == long_value
+    assert response.headers.get("h98") == "98"
 
 
 def test_a_hundred_header_lines_are_still_read() -> None:
