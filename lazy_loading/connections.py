@@ -410,17 +410,22 @@ class Response:
 
     def _line(self, conn: _Connection, what: str) -> bytes:
         """One line of a chunked body's framing, its end included (b"" at the close); what
-        arrived past it stays pending."""
+        arrived past it stays pending. Looked for 256 bytes at a time: the bytes pending
+        after it are never copied for it."""
         line = bytearray()
         while not line.endswith(b"\n"):
-            data = bytes(conn.receive(_MAX_LINE + 1 - len(line)))
-            if not data:
-                break
-            cut = data.find(b"\n") + 1
-            if 0 < cut < len(data):
-                conn.pending = memoryview(data[cut:] + bytes(conn.pending))
-                data = data[:cut]
-            line += data
+            pending = conn.pending
+            if pending:
+                window = bytes(pending[:256])
+                cut = window.find(b"\n") + 1 or len(window)
+                conn.pending = pending[cut:]
+            else:
+                window = conn.sock.recv(256)
+                if not window:
+                    break
+                cut = window.find(b"\n") + 1 or len(window)
+                conn.pending = memoryview(window)[cut:] if cut < len(window) else b""
+            line += window[:cut]
             if len(line) > _MAX_LINE:
                 self.will_close = True
                 raise LineTooLong(what)
