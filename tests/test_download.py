@@ -149,7 +149,10 @@ def test_where_the_kernel_cannot_splice_the_bodies_are_read_as_usual(
     store = _one_file_in_1_mib_parts_over_one_connection(tmp_path, body)
     assert (tmp_path / "a.bin").read_bytes() == body
     assert len({port for _, port in store.requests}) == 1, "the connection is still reused"
-    assert len(calls) == (1 if refused == "socket" else 2), "tried once, then never again"
+    # Tried until refused, then never again. A splice from the socket may first find it empty
+    # (EAGAIN, then a wait): a call, but no refusal.
+    refusing_call = refused == "file"
+    assert calls.count(refusing_call) == 1 and calls[-1] == refusing_call, calls
     assert no_debris(tmp_path) == []
 
 
