@@ -59,7 +59,8 @@ _CONTINUE = 100
 
 class ProtocolError(ConnectionError):
     """What the store sent is not an HTTP/1.1 response, or stopped short of one: the
-    connection is done for, and another attempt may do better."""
+    connection is done for, and another attempt may do better. Its message never carries
+    more than 64 characters of what the store sent (``_quoted``)."""
 
 
 class RemoteDisconnected(ProtocolError):
@@ -241,10 +242,15 @@ def _receive_more(conn: _Connection, data: bytearray, start: int) -> int:
     if not more:
         if len(data) == start:
             raise RemoteDisconnected("Remote end closed connection without response")
-        raise IncompleteRead(bytes(data[start:]))
+        raise IncompleteRead(f"{len(data) - start} bytes of a head")
     before = len(data)
     data += more
     return before
+
+
+def _quoted(text: str) -> str:
+    """At most 64 characters of the store's ``text``, quoted: one bounded line in a message."""
+    return repr(text[:64]) + ("..." if len(text) > 64 else "")
 
 
 def _status(line: str) -> tuple[str, int, str]:
@@ -258,13 +264,13 @@ def _status(line: str) -> tuple[str, int, str]:
         except ValueError:
             version = ""
     if not version.startswith("HTTP/"):
-        raise BadStatusLine(line)
+        raise BadStatusLine(_quoted(line))
     try:
         code = int(status)
     except ValueError:
-        raise BadStatusLine(line) from None
+        raise BadStatusLine(_quoted(line)) from None
     if code < 100 or code > 999:
-        raise BadStatusLine(line)
+        raise BadStatusLine(_quoted(line))
     return version, code, reason
 
 
@@ -284,7 +290,7 @@ class Response:
         elif version.startswith("HTTP/1."):
             http11 = True
         else:
-            raise UnknownProtocol(version)
+            raise UnknownProtocol(_quoted(version))
         encoding = self.first.get("transfer-encoding")
         self.chunked = bool(encoding) and encoding.lower() == "chunked"  # type: ignore[union-attr]
         self._chunk_left: int | None = None
@@ -383,10 +389,10 @@ class Response:
                     self._chunk_left = int(size_line.split(b";", 1)[0], 16)
                 except ValueError:  # as http.client: a short or garbled size line
                     self.will_close = True
-                    raise IncompleteRead(bytes(out)) from None
+                    raise IncompleteRead(f"{len(out)} bytes read") from None
                 if self._chunk_left < 0:
                     self.will_close = True
-                    raise IncompleteRead(bytes(out))
+                    raise IncompleteRead(f"{len(out)} bytes read")
                 if self._chunk_left == 0:
                     while self._line(conn, "trailer line") not in (b"\r\n", b"\n", b""):
                         pass
@@ -404,7 +410,7 @@ class Response:
             data = conn.receive(n - len(out))
             if not data:
                 self.will_close = True
-                raise IncompleteRead(bytes(out), n - len(out))
+                raise IncompleteRead(f"{len(out)} bytes read, {n - len(out)} more expected")
             out += data
         return bytes(out)
 

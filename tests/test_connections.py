@@ -194,6 +194,7 @@ def test_each_framing_reads_as_http_client_reads_it(name: str, receive: int,
     (b"", http.client.RemoteDisconnected, RemoteDisconnected),
     (b"HTTP/1.1 20 OK\r\n\r\n", http.client.BadStatusLine, BadStatusLine),
     (b"ICY 200 OK\r\n\r\n", http.client.BadStatusLine, BadStatusLine),
+    (b"XTTP/1.1 200 " + b"\xff" * 5000 + b"\r\n\r\n", http.client.BadStatusLine, BadStatusLine),
     (b"HTTP/2 200 OK\r\n\r\n", http.client.UnknownProtocol, UnknownProtocol),
     (b"HTTP/1.1 " + b"2" * 70_000 + b"\r\n\r\n", http.client.LineTooLong, LineTooLong),
 ])
@@ -213,6 +214,8 @@ def test_a_broken_head_raises_what_http_client_raises(data: bytes, theirs: type,
                     _read_head(_Connection(left), "GET")
                 assert isinstance(raised.value, ProtocolError)
                 assert isinstance(raised.value, ConnectionError)
+                message = str(raised.value)  # the store's text: one bounded line
+                assert len(message) <= 80 and "\n" not in message and "\r" not in message
 
 
 def test_a_head_cut_short_is_an_incomplete_read() -> None:
@@ -233,9 +236,10 @@ def test_a_head_cut_short_is_an_incomplete_read() -> None:
 ])
 def test_a_broken_chunked_body_is_an_incomplete_read(chunks: bytes) -> None:
     response, conn = _received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks)
-    with conn.sock, pytest.raises(IncompleteRead):
+    with conn.sock, pytest.raises(IncompleteRead) as raised:
         response.read()
     assert response.will_close
+    assert "abc" not in str(raised.value), "a count, not the store's bytes"
 
 
 def test_a_header_value_with_a_line_break_is_never_sent() -> None:
