@@ -291,8 +291,7 @@ class Response:
             http11 = True
         else:
             raise UnknownProtocol(_quoted(version))
-        encoding = self.first.get("transfer-encoding")
-        self.chunked = bool(encoding) and encoding.lower() == "chunked"  # type: ignore[union-attr]
+        self.chunked = self.first.get("transfer-encoding", "").lower() == "chunked"
         self._chunk_left: int | None = None
         self.will_close = _will_close(self.first, http11)
         self.remaining: int | None = None  # body bytes still to come, when known
@@ -310,11 +309,6 @@ class Response:
         if not self.will_close and not self.chunked and self.remaining is None:
             self.will_close = True
         self._ended = self.remaining == 0
-
-    @property
-    def complete(self) -> bool:
-        """The body was read to its end."""
-        return self._ended
 
     def readinto1(self, view: memoryview) -> int:
         """At most one ``recv`` of a body of known length into ``view``; 0 at its end, or
@@ -474,15 +468,12 @@ class Response:
 
 def _will_close(first: dict[str, str], http11: bool) -> bool:
     """``http.client``'s ``_check_close``."""
-    connection = first.get("connection")
+    connection = first.get("connection", "").lower()
     if http11:
-        return bool(connection) and "close" in connection.lower()  # type: ignore[union-attr]
-    if first.get("keep-alive"):
+        return "close" in connection
+    if first.get("keep-alive") or "keep-alive" in connection:
         return False
-    if connection and "keep-alive" in connection.lower():
-        return False
-    proxy = first.get("proxy-connection")
-    return not (proxy and "keep-alive" in proxy.lower())
+    return "keep-alive" not in first.get("proxy-connection", "").lower()
 
 
 class HostConnections:
