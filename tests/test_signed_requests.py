@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 import boto3
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lazy_loading import DownloadError, LazyLoadingHandler
@@ -143,6 +143,61 @@ def test_our_signatures_are_botocores(key: str, secret: str, token: str | None, 
         S3SigV4Auth(Credentials("AKIDEXAMPLE", secret, token), "s3", region).add_auth(expected)
     ours = SigV4Signer("AKIDEXAMPLE", secret, token, region).sign(method, full, headers, now=when)
     assert ours["Authorization"] == expected.headers["Authorization"]
+
+
+_WEEKDAYS = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
+_MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+
+
+def _imf_fixdate(moment: datetime.datetime) -> str:
+    return (f"{_WEEKDAYS[moment.weekday()]}, {moment.day:02d} {_MONTHS[moment.month - 1]} "
+            f"{moment.year:04d} {moment:%H:%M:%S} GMT")
+
+
+@settings(max_examples=400, deadline=None)
+@given(value=st.datetimes(min_value=datetime.datetime(1, 1, 1)).map(_imf_fixdate)
+       | st.builds("{}, {:02d} {} {:04d} {:02d}:{:02d}:{:02d} GMT".format,
+                   st.sampled_from(_WEEKDAYS), st.integers(0, 99), st.sampled_from(_MONTHS),
+                   st.sampled_from([0, 1900, 1999, 2000, 2024, 2026, 2100, 9999]),
+                   st.integers(0, 99), st.integers(0, 99), st.integers(0, 99))
+       | st.sampled_from(["Sunday, 06-Nov-94 08:49:37 GMT", "Sun Nov  6 08:49:37 1994",
+                          "Sun, 06 Nov 1994 08:49:37 +0200", "Sun, 06 Nov 1994 08:49:37 -0000",
+                          "2026-11-29T19:00:00Z", "Sun, 6 Nov 1994 08:49:37 GMT", "yesterday"]))
+@example("Thu, 29 Feb 1900 00:00:00 GMT").via("not a leap year")
+@example("Tue, 29 Feb 2000 12:00:00 GMT").via("a leap year")
+@example("Thu, 29 Feb 2024 12:00:00 GMT").via("a leap year")
+@example("Mon, 29 Feb 2100 12:00:00 GMT").via("not a leap year")
+@example("Thu, 31 Apr 2026 12:00:00 GMT").via("a 30-day month")
+@example("Wed, 31 Dec 2026 23:59:60 GMT").via("a leap second")
+@example("Wed, 31 Dec 2026 24:00:00 GMT").via("hour 24")
+@example("Wed, 00 Dec 2026 12:00:00 GMT").via("day 0")
+def test_last_modified_is_read_as_botocore_reads_it(value: str) -> None:
+    """The signed requests compare ``Last-Modified`` as text of the datetime botocore parses
+    from it (what the boto3 path compares) for the dates S3 servers send, impossible ones
+    included; other forms as the ``email`` package reads them, in UTC when they name no zone,
+    as before. A date neither can read is refused."""
+    from email.utils import parsedate_to_datetime
+
+    from botocore.utils import parse_timestamp
+
+    from lazy_loading.revalidate import _http_date
+
+    def read_as_before() -> str:
+        try:
+            parsed = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return str(parse_timestamp(value))
+        return str(parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.timezone.utc))
+
+    try:
+        expected = read_as_before()
+    except ValueError:
+        with pytest.raises(ValueError):
+            _http_date(value)
+        return
+    assert _http_date(value) == expected
+    if value.endswith(" GMT") and value[3:5] == ", " and value[12] != "0":  # two-digit years
+        assert expected == str(parse_timestamp(value))
 
 
 def test_the_signer_never_shows_its_secret() -> None:
