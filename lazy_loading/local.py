@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import stat
 import threading
 from collections.abc import Callable
@@ -105,10 +104,12 @@ class LocalCopies:
             path, total = needed.get(dev, (anchor, 0))
             needed[dev] = (path, total + t.size)
         for path, total in needed.values():
-            usage = shutil.disk_usage(path)
-            if usage.total == 0:
+            # What ``shutil.disk_usage`` reads, without importing it (with bz2 and lzma): 2 ms
+            # of every start.
+            usage = os.statvfs(path)
+            if usage.f_blocks == 0:
                 continue  # a filesystem with no size to report (ramfs, some FUSE) has no limit
-            free = usage.free
+            free = usage.f_bavail * usage.f_frsize
             if total > free:
                 raise DownloadError(
                     f"not enough free disk space on {path}: the artifacts need "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import random
 import threading
 from collections.abc import Callable
 from typing import TypeVar
@@ -23,7 +22,11 @@ _CONNECT_ATTEMPTS = 3
 
 
 def backoff(attempt: int) -> float:
-    """Full-jitter exponential backoff (AWS architecture blog), attempt counted from 1."""
+    """Full-jitter exponential backoff (AWS architecture blog), attempt counted from 1.
+    ``random`` is imported on the first retry: most runs have none, and every start paid
+    about a millisecond for it."""
+    import random
+
     return random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** attempt))
 
 

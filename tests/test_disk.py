@@ -7,6 +7,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,9 +62,9 @@ def test_disk_full_mid_download_is_clear_and_leaves_nothing_half_written(
     (small_disk / "keep.txt").write_text("unrelated file")
     env = lazy_env(s3.url, bucket, {"a.bin": "a.bin", "b.bin": "b.bin"},
                    LAZY_LOADING_PART_SIZE="1MiB")
-    real = shutil.disk_usage
-    monkeypatch.setattr(shutil, "disk_usage",
-                        lambda p: real(p)._replace(free=1 << 40))  # pre-check says yes
+    real = os.statvfs
+    monkeypatch.setattr(os, "statvfs", lambda p: types.SimpleNamespace(  # pre-check says yes
+        f_blocks=real(p).f_blocks, f_bavail=1 << 40, f_frsize=1))
     with pytest.raises(DownloadError, match=r"No space left on device"):
         LazyLoadingHandler(code_dir=small_disk, environ=env).download_lazy_loading_files()
     assert (small_disk / "keep.txt").read_text() == "unrelated file"
