@@ -174,7 +174,7 @@ def _as_botocore_error(exc: Exception, url: str) -> Exception:
             error = EndpointConnectionError(endpoint_url=url, error=cause)
     elif isinstance(exc, TimeoutError):
         error = ReadTimeoutError(endpoint_url=url, error=exc)
-    elif isinstance(exc, OSError):  # connections' ProtocolError too
+    elif isinstance(exc, OSError):  # http11's ProtocolError too
         error = ConnectionClosedError(endpoint_url=url, error=exc)
     else:
         error = HTTPClientError(error=exc)

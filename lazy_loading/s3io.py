@@ -19,7 +19,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from .checksums import DigestSet, pick_s3_checksum
-from .connections import Response
+from .http11 import Response
 from .redact import one_line
 from .splice import SplicedBody, Unsupported, pwrite_all, spliced
 

@@ -18,7 +18,7 @@ import os
 import select
 from typing import Any
 
-from .connections import Response
+from .http11 import Response
 
 MIN_LENGTH = 1 << 20  # shorter bodies: a pipe costs more than the copies it saves
 _PIPE_SIZE = 1 << 20

@@ -12,10 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lazy_loading import connections
-from lazy_loading.connections import (
+from lazy_loading import http11
+from lazy_loading.connections import HostConnections
+from lazy_loading.http11 import (
     BadStatusLine,
-    HostConnections,
+    Connection,
     IncompleteRead,
     LineTooLong,
     ProtocolError,
@@ -24,8 +25,7 @@ from lazy_loading.connections import (
     TooManyHeaders,
     UnknownProtocol,
     UnsafeRequest,
-    _Connection,
-    _read_head,
+    read_head,
 )
 
 _NAME = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E, blacklist_characters=":"),
@@ -39,13 +39,13 @@ _LINE = st.one_of(
 )
 
 
-def _received(data: bytes, method: str = "GET") -> tuple[Response, _Connection]:
+def _received(data: bytes, method: str = "GET") -> tuple[Response, Connection]:
     """Our response to ``data``, all of it already received (no socket read needed)."""
     left, right = socket.socketpair()
     right.close()
-    conn = _Connection(left)
+    conn = Connection(left)
     conn.pending = data
-    return _read_head(conn, method), conn
+    return read_head(conn, method), conn
 
 
 def _both(block: bytes) -> tuple[list[tuple[str, str]], list[tuple[str, str]], bytes, bytes]:
@@ -95,7 +95,7 @@ def test_limits_on_header_lines_and_count_are_http_clients(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The same limits whether the head came in one piece or trickled in (``receive`` bytes
     per read)."""
-    monkeypatch.setattr(connections, "_RECEIVE", receive)
+    monkeypatch.setattr(http11, "_RECEIVE", receive)
     with pytest.raises(theirs):
         http.client.parse_headers(io.BytesIO(block))
     with pytest.raises(ours):
@@ -104,21 +104,21 @@ def test_limits_on_header_lines_and_count_are_http_clients(
     with left, right:
         right.sendall(b"HTTP/1.1 200 OK\r\n" + block)
         with pytest.raises(ours):
-            _read_head(_Connection(left), "GET")
+            read_head(Connection(left), "GET")
 
 
 @pytest.mark.parametrize("receive", [1, 7, 8192])
 def test_a_head_at_the_limits_is_read_in_any_pieces(receive: int,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """100 header lines, one of them 64 KiB long with its line end, split anywhere."""
-    monkeypatch.setattr(connections, "_RECEIVE", receive)
+    monkeypatch.setattr(http11, "_RECEIVE", receive)
     long_value = "v" * (65536 - len("Long: \r\n"))
     head = ("HTTP/1.1 200 OK\r\n" + "".join(f"H{i}: {i}\r\n" for i in range(99))
             + f"Long: {long_value}\r\n\r\nbody").encode()
     left, right = socket.socketpair()
     with left, right:
         right.sendall(head)
-        response = _read_head(_Connection(left), "GET")
+        response = read_head(Connection(left), "GET")
     assert len(response.headers.items()) == 100
     assert response.headers.get("long") == long_value
     assert response.headers.get("h98") == "98"
@@ -165,8 +165,8 @@ def _responses(data: bytes, method: str, receive: int) -> Iterator[tuple[object,
             right.sendall(data)
             right.close()
             if ours:
-                conn = _Connection(left)
-                mine = _read_head(conn, method)
+                conn = Connection(left)
+                mine = read_head(conn, method)
                 body = b""
                 while piece := mine.read(receive):
                     body += piece
@@ -184,7 +184,7 @@ def _responses(data: bytes, method: str, receive: int) -> Iterator[tuple[object,
 @pytest.mark.parametrize("name", list(_RESPONSES))
 def test_each_framing_reads_as_http_client_reads_it(name: str, receive: int,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(connections, "_RECEIVE", receive)  # the head arrives in pieces too
+    monkeypatch.setattr(http11, "_RECEIVE", receive)  # the head arrives in pieces too
     data, method = _RESPONSES[name]
     theirs, ours = _responses(data, method, receive)
     assert ours == theirs
@@ -211,7 +211,7 @@ def test_a_broken_head_raises_what_http_client_raises(data: bytes, theirs: type,
                     http.client.HTTPResponse(left, method="GET").begin()
             else:
                 with pytest.raises(ours) as raised:
-                    _read_head(_Connection(left), "GET")
+                    read_head(Connection(left), "GET")
                 assert isinstance(raised.value, ProtocolError)
                 assert isinstance(raised.value, ConnectionError)
                 message = str(raised.value)  # the store's text: one bounded line
@@ -226,7 +226,7 @@ def test_a_head_cut_short_is_an_incomplete_read() -> None:
         right.sendall(b"HTTP/1.1 200 OK\r\nContent-Len")
         right.close()
         with pytest.raises(IncompleteRead):
-            _read_head(_Connection(left), "GET")
+            read_head(Connection(left), "GET")
 
 
 @pytest.mark.parametrize("chunks", [
