@@ -30,7 +30,7 @@ from .client import S3ClientFactory
 from .lanes import LaneLimit, Lanes
 from .local import LocalCopies
 from .lookup import RemoteLookup
-from .plan import FileTransfer, split_ranges
+from .plan import FileTransfer, parts_per_get, split_ranges
 from .progress import ProgressTracker, format_bytes
 from .publish import Publisher
 from .results import FileResult
@@ -42,7 +42,7 @@ from .s3io import (
     RangeSink,
     RemoteObject,
     TransferFailure,
-    fetch_range,
+    fetch_ranges,
 )
 from .scheduler import PriorityPool, Throttle
 from .settings import LazyLoadingSettings
@@ -51,6 +51,7 @@ from .verify import PrefixHasher, digests_for, part_check_algorithm
 logger = logging.getLogger("lazy_loading")
 
 _LOCK_WAIT_LOG_EVERY = 10.0
+_WEIGHED_GET = 1 << 20  # a shorter GET's timing is mostly the request's own work, not the store's
 
 T = TypeVar("T")
 
@@ -81,6 +82,7 @@ class _TempFile:
     prefix: PrefixHasher | None
     started: float
     part_crcs: dict[int, int] = field(default_factory=dict)
+    untaken: dict[int, ByteRange] = field(default_factory=dict)  # parts no GET has taken yet
 
     @property
     def multipart(self) -> bool:
@@ -102,6 +104,10 @@ class FileFetcher:
         self._cancel = cancel
         self._publisher = Publisher(state_dir, settings, manifest, cancel)
         self._sinks: set[RangeSink] = set()
+        self._taking = threading.Lock()
+        # How long the last GET of a MiB or more from a nearby store waited for its answer,
+        # and how many seconds each byte of its body took: what ``parts_per_get`` weighs.
+        self._last_get: tuple[float, float] | None = None
         self.part_size = 0  # one per run, set by the engine once every size is known
         self.pool: PriorityPool | None = None
         self.gets: Throttle | None = None  # the run's GETs (parts, lanes) enter the pool here
@@ -244,7 +250,7 @@ class FileFetcher:
         try:
             client, signed = self._transport(transfer)
             for byte_range in opened.todo:
-                self._fetch_part(opened, client, signed, byte_range)
+                self._fetch_parts(opened, client, signed, [byte_range])
             return self._close(opened)
         except BaseException:
             self._abandon(opened)
@@ -305,7 +311,9 @@ class FileFetcher:
         wait until no thread can still write to its descriptor."""
         client, signed = self._transport(opened.transfer)
         assert self.gets is not None, "the engine sets the throttle for the run"
-        futures = [self.gets.submit((r.index, -opened.remote.size), self._fetch_part, opened,
+        with self._taking:
+            opened.untaken = {r.index: r for r in opened.todo}
+        futures = [self.gets.submit((r.index, -opened.remote.size), self._fetch_from, opened,
                                     client, signed, r)
                    for r in opened.todo]
         try:
@@ -315,7 +323,32 @@ class FileFetcher:
             for future in futures:
                 future.cancel()
             await to_thread_settled(wait_futures, futures)
+            with self._taking:
+                opened.untaken.clear()
             raise
+
+    def _fetch_from(self, opened: _TempFile, client: Any, signed: Any, first: ByteRange) -> None:
+        """The GET queued for part ``first``: with the parts after it that no GET has taken,
+        as many as ``parts_per_get`` allows; nothing when an earlier GET took ``first``.
+        A configured part size is each GET's size, as set (a proxy's limit, say)."""
+        taken = self._take(opened, first)
+        if taken:
+            self._fetch_parts(opened, client, signed, taken)
+
+    def _take(self, opened: _TempFile, first: ByteRange) -> list[ByteRange]:
+        last_get = self._last_get
+        most = (parts_per_get(self.part_size, *last_get)
+                if last_get is not None and self._settings.part_size is None else 1)
+        with self._taking:
+            if opened.untaken.pop(first.index, None) is None:
+                return []
+            taken = [first]
+            while len(taken) < most:
+                following = opened.untaken.pop(taken[-1].index + 1, None)
+                if following is None:
+                    break
+                taken.append(following)
+        return taken
 
     # ----------------------------------------------------------------- stages (blocking)
     def _changed(self, transfer: FileTransfer, exc: ObjectChanged, attempt: int) -> None:
@@ -375,22 +408,35 @@ class FileFetcher:
                         transfer.display, format_bytes(resumed_bytes))
         return opened
 
-    def _fetch_part(self, opened: _TempFile, client: Any, signed: Any,
-                    byte_range: ByteRange) -> None:
+    def _fetch_parts(self, opened: _TempFile, client: Any, signed: Any,
+                     ranges: list[ByteRange]) -> None:
+        """Consecutive parts, by one GET: each counted, CRC'd and journaled on its own as soon
+        as its last byte is written, so a retry (or a later run) fetches only the rest."""
         sink, algorithm = opened.sink, opened.part_algorithm
-        written = [0]
         throttle = self.gets
+        pieces: list[tuple[ByteRange, RangeSink, list[int], DigestSet | None]] = []
+        for byte_range in ranges:
+            written = [0]
 
-        def count(n: int) -> None:
-            written[0] += n
-            sink.on_bytes(n)
-            if throttle is not None and n > 0:
-                throttle.progress(n)
+            def count(n: int, written: list[int] = written) -> None:
+                written[0] += n
+                sink.on_bytes(n)
+                if throttle is not None and n > 0:
+                    throttle.progress(n)
 
-        part_digest = DigestSet([algorithm]) if algorithm else None
-        part_sink = sink.with_counter(count, part_digest)
+            part_digest = DigestSet([algorithm]) if algorithm else None
+            pieces.append((byte_range, sink.with_counter(count, part_digest), written,
+                           part_digest))
+        done = 0
 
-        def undo() -> None:
+        def piece_done() -> None:
+            nonlocal done
+            byte_range, _, _, part_digest = pieces[done]
+            done += 1
+            self._part_done(opened, byte_range, part_digest)
+
+        def undo() -> None:  # the piece cut short: its bytes are fetched again
+            _, _, written, part_digest = pieces[done]
             sink.on_bytes(-written[0])
             written[0] = 0
             for digest in (sink.digests, part_digest):
@@ -399,15 +445,21 @@ class FileFetcher:
 
         if sink.cancel.is_set():
             raise Cancelled()
-        self._retrier.call(lambda: fetch_range(client, opened.remote, byte_range,
-                                               not opened.multipart, part_sink, signed),
-                           sink.cancel, on_retry=undo)
+        waited, reading, length = self._retrier.call(lambda: fetch_ranges(
+            client, opened.remote, [(r, piece_sink) for r, piece_sink, _, _ in pieces[done:]],
+            not opened.multipart, signed, piece_done), sink.cancel, on_retry=undo)
+        if length >= _WEIGHED_GET and self._lookup.nearby:
+            self._last_get = (waited, reading / length)
+
+    def _part_done(self, opened: _TempFile, byte_range: ByteRange,
+                   part_digest: DigestSet | None) -> None:
+        algorithm = opened.part_algorithm
         crc = part_digest.value(algorithm) if part_digest and algorithm else None
         if crc is not None:
             opened.part_crcs[byte_range.index] = crc
         if opened.journal is not None:
             if self._settings.fsync:  # the part's bytes reach the disk before its record does
-                os.fdatasync(sink.fd)
+                os.fdatasync(opened.sink.fd)
             opened.journal.mark_done(byte_range.index, crc)
         if opened.prefix is not None:
             opened.prefix.part_done(byte_range.index)

@@ -13,7 +13,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -378,61 +378,72 @@ def fetch_range(client: Any, remote: RemoteObject, byte_range: ByteRange, whole:
     transient failure, never published. ``whole`` fetches without a Range header (single-part
     files), which lets us hash the body inline in order.
     """
+    fetch_ranges(client, remote, [(byte_range, sink)], whole, signed)
+
+
+def fetch_ranges(client: Any, remote: RemoteObject, pieces: Sequence[tuple[ByteRange, RangeSink]],
+                 whole: bool = False, signed: Any = None,
+                 on_piece: Callable[[], None] | None = None) -> tuple[float, float, int]:
+    """``fetch_range`` for consecutive ranges at once: one GET for all of them, each range's
+    bytes counted and hashed by its own sink, and ``on_piece`` called as each one is in.
+
+    A piece is done only once every byte of it has been written; a failure after that leaves
+    the done pieces done, so a retry asks only for the rest. Returns how long the store took
+    to answer, then to send the body, and the body's length.
+    """
+    first, sink = pieces[0]
+    span_end = pieces[-1][0]
+    span = (first if len(pieces) == 1
+            else ByteRange(first.index, first.start, pieces[-1][0].end))
     where = remote.where
     params: dict[str, Any] = {"Bucket": remote.bucket, "Key": remote.key, "IfMatch": remote.etag}
     if not whole:
-        params["Range"] = f"bytes={byte_range.start}-{byte_range.end}"
+        params["Range"] = f"bytes={span.start}-{span.end}"
     body = None
     complete = False
+    asked = time.monotonic()
     try:
         if sink.cancel.is_set():
             raise Cancelled()
         if signed is not None:
-            response, body = signed.get(remote, byte_range, whole)
+            response, body = signed.get(remote, span, whole)
         else:
             response = client.get_object(**params)
             body = response["Body"]
+        answered = time.monotonic()
         sink.track(body)
-        if not _check_headers(response, remote, byte_range, whole, where):
+        if not _check_headers(response, remote, span, whole, where):
             with sink._lock:
-                sink.unproven.add(byte_range.index)
+                sink.unproven.update(byte_range.index for byte_range, _ in pieces)
         read_into = _reader(body)
         rate = _RateWindow(sink.min_rate, sink.rate_window)
-        offset, written = byte_range.start, 0
-        kernel = spliced(body) if sink.digests is None else None
-        if kernel is not None:
-            try:
-                written = _move_by_kernel(kernel, sink, byte_range, rate, where)
-            finally:
-                kernel.close()
-            offset += written
-        buffer = _buffer(byte_range.length - written)
-        chunk_size = len(buffer)
-        while written < byte_range.length:
-            # Fill the buffer from as many reads as it takes, then write it with one pwrite.
-            want, filled = min(chunk_size, byte_range.length - written), 0
-            while filled < want:
-                if sink.cancel.is_set():
-                    raise Cancelled()
-                n = read_into(buffer[filled:want])
-                if not n:
-                    raise TransientFailure(f"{where}: body ended after {written + filled} of "
-                                           f"{byte_range.length} bytes")
-                filled += n
-                sink.on_bytes(n)
-                rate.add(n, where)
-            chunk = buffer[:filled]
-            pwrite_all(sink.fd, chunk, offset)
-            if sink.digests is not None:
-                sink.digests.update(chunk)
-            offset += filled
-            written += filled
-        if read_into(buffer[:1]):
+        spliced_body = (spliced(body) if all(piece_sink.digests is None
+                                             for _, piece_sink in pieces) else None)
+        kernel = spliced_body
+        try:
+            buffer: memoryview | None = None
+            for byte_range, piece_sink in pieces:
+                written = 0
+                if kernel is not None:
+                    written = _move_by_kernel(kernel, piece_sink, byte_range, rate, where)
+                if written < byte_range.length:
+                    kernel = None  # it could not move them all: the body is read from here on
+                    buffer = buffer or _buffer(span.end - byte_range.start + 1 - written)
+                    _read_range(read_into, buffer, piece_sink, byte_range, written, rate, where)
+                if on_piece is not None and byte_range is not span_end:
+                    on_piece()
+        finally:
+            if spliced_body is not None:
+                spliced_body.close()
+        if read_into((buffer or _buffer(1))[:1]):
             if whole and remote.size == 0:
                 raise FatalFailure(f"{where}: HEAD said 0 bytes but the body is not empty; the "
                                    "store or a proxy misreports the size")
-            raise TransientFailure(f"{where}: body longer than {byte_range.length} bytes")
+            raise TransientFailure(f"{where}: body longer than {span.length} bytes")
+        if on_piece is not None:  # the last piece is done once nothing follows it
+            on_piece()
         complete = True
+        return answered - asked, time.monotonic() - answered, span.length
     except (Cancelled, TransferFailure):
         raise
     except Exception as exc:
@@ -443,6 +454,31 @@ def fetch_range(client: Any, remote: RemoteObject, byte_range: ByteRange, whole:
         if body is not None:
             sink.untrack(body)
             _finish_body(body, reuse=complete)
+
+
+def _read_range(read_into: Callable[[memoryview], int], buffer: memoryview, sink: RangeSink,
+                byte_range: ByteRange, written: int, rate: _RateWindow, where: str) -> None:
+    """The rest of ``byte_range`` from ``written`` on, read through ``buffer``: each buffer
+    filled from as many reads as it takes, then written with one ``pwrite``."""
+    offset, chunk_size = byte_range.start + written, len(buffer)
+    while written < byte_range.length:
+        want, filled = min(chunk_size, byte_range.length - written), 0
+        while filled < want:
+            if sink.cancel.is_set():
+                raise Cancelled()
+            n = read_into(buffer[filled:want])
+            if not n:
+                raise TransientFailure(f"{where}: body ended after {written + filled} of "
+                                       f"{byte_range.length} bytes")
+            filled += n
+            sink.on_bytes(n)
+            rate.add(n, where)
+        chunk = buffer[:filled]
+        pwrite_all(sink.fd, chunk, offset)
+        if sink.digests is not None:
+            sink.digests.update(chunk)
+        offset += filled
+        written += filled
 
 
 def _finish_body(body: Any, reuse: bool) -> None:

@@ -1526,3 +1526,96 @@ def test_each_file_is_logged_once_and_a_long_one_also_when_it_starts(
         assert len(about) == 1 and about[0].startswith("fetched "), about
     about_big = [line for line in lines if "big.bin" in line]
     assert [line.split()[0] for line in about_big] == ["fetching", "fetched"], about_big
+
+
+def _nearby_store_slow_to_answer(s3: S3Store, monkeypatch: pytest.MonkeyPatch, body: bytes,
+                                  checksums: str, nearby: bool = True, **env: str
+                                  ) -> dict[str, str]:
+    """``body`` as ``model.bin`` on a store whose first 4 GETs wait 0.3 s for their answer,
+    as a server busy on our cores does; auto parts are cut as small as 1 MiB, and 4
+    connections (no more) cut 32 MiB into 8 parts of 4 MiB. "Nearby" is widened to a minute
+    (or the HEADs are slowed to look distant), so a slow machine's HEAD cannot decide it."""
+    import lazy_loading.lookup
+    import lazy_loading.plan
+
+    monkeypatch.setattr(lazy_loading.plan, "_AUTO_MIN_PART", MiB)
+    if nearby:
+        monkeypatch.setattr(lazy_loading.lookup, "NEARBY_SECONDS", 60.0)
+    else:
+        s3.faults.add(Rule("headers", method="HEAD", times=None, seconds=0.05))
+    bucket = s3.bucket()
+    s3.put(bucket, "model.bin", body, **({"ChecksumAlgorithm": "CRC32"} if checksums == "true"
+                                         else {}))
+    s3.faults.add(Rule("headers", method="GET", key="model.bin", times=4, seconds=0.3))
+    return lazy_env(s3.url, bucket, {"model.bin": "model.bin"},
+                    LAZY_LOADING_MAX_CONNECTIONS="4", LAZY_LOADING_VERIFY_CHECKSUMS=checksums,
+                    **env)
+
+
+def _ranges_asked(s3: S3Store, key: str) -> list[tuple[int, int]]:
+    asked = [r for _, k, r, _ in s3.faults.ledger.requests if k == key and r]
+    return sorted((int(a), int(b)) for a, b in (r.removeprefix("bytes=").split("-")
+                                               for r in asked))
+
+
+@_BODY_PATHS
+def test_parts_from_a_nearby_store_slow_to_answer_are_taken_several_per_get(
+    s3: S3Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checksums: str,
+    spliced: list[int]
+) -> None:
+    """The first 4 parts waited 0.3 s each for an answer, and read in far less: waiting is
+    the store's work per request, so the next GET takes every part left (16 MiB, up to
+    64 MiB). Each range starts and ends at a part's boundary, and no byte is asked twice."""
+    body = payload(32 * MiB, seed=90)
+    env = _nearby_store_slow_to_answer(s3, monkeypatch, body, checksums)
+    LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert (tmp_path / "model.bin").read_bytes() == body
+    ranges = _ranges_asked(s3, "model.bin")
+    assert [(end - start + 1) // MiB for start, end in ranges] == [4, 4, 4, 4, 16], ranges
+    assert [start for start, _ in ranges] == [0] + [end + 1 for _, end in ranges[:-1]]
+    assert s3.faults.ledger.body_bytes["model.bin"] == len(body)
+    assert _took_path(checksums, spliced)
+
+
+def test_parts_from_a_distant_store_are_one_get_each_however_long_it_waits(
+    s3: S3Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A distant store's wait is the network's round trip, and it may cap each connection:
+    its parts keep the GETs they were cut for."""
+    body = payload(32 * MiB, seed=92)
+    env = _nearby_store_slow_to_answer(s3, monkeypatch, body, "false", nearby=False)
+    LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert (tmp_path / "model.bin").read_bytes() == body
+    assert [(end - start + 1) // MiB for start, end in _ranges_asked(s3, "model.bin")] == [4] * 8
+
+
+def test_a_part_size_set_is_every_gets_size(
+    s3: S3Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = payload(32 * MiB, seed=93)
+    env = _nearby_store_slow_to_answer(s3, monkeypatch, body, "false",
+                                       LAZY_LOADING_PART_SIZE="4MiB")
+    LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert (tmp_path / "model.bin").read_bytes() == body
+    assert [(end - start + 1) // MiB for start, end in _ranges_asked(s3, "model.bin")] == [4] * 8
+
+
+@_BODY_PATHS
+def test_a_get_of_several_parts_that_stalls_is_resumed_at_the_part_it_was_in(
+    s3: S3Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checksums: str,
+    spliced: list[int]
+) -> None:
+    """The GET of the last 4 parts (above) stalls 6 MiB in, halfway through its second part
+    (a stall, not a cut: a reset connection loses what the client had not read). Its first
+    part is in, CRC'd and journaled: the retry asks from the second part on, so the store
+    sends 2 MiB more than the file, not 6 MiB."""
+    body = payload(32 * MiB, seed=91)
+    env = _nearby_store_slow_to_answer(s3, monkeypatch, body, checksums,
+                                       LAZY_LOADING_STALL_TIMEOUT="1")
+    s3.faults.add(Rule("stall", key="model.bin", times=1, after_bytes=6 * MiB, seconds=30))
+    LazyLoadingHandler(code_dir=tmp_path, environ=env).download_lazy_loading_files()
+    assert (tmp_path / "model.bin").read_bytes() == body
+    assert s3.faults.ledger.body_bytes["model.bin"] == len(body) + 2 * MiB
+    assert (20 * MiB, 32 * MiB - 1) in _ranges_asked(s3, "model.bin")
+    assert no_debris(tmp_path) == []
+    assert _took_path(checksums, spliced)

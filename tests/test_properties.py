@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from lazy_loading import ConfigError
 from lazy_loading.config import load_config
-from lazy_loading.plan import choose_part_size, split_ranges
+from lazy_loading.plan import choose_part_size, parts_per_get, split_ranges
 from tests.conftest import SECRET_CANARY
 
 MiB = 1024 * 1024
@@ -277,3 +277,21 @@ def test_the_quick_check_before_the_credential_patterns_skips_no_match(text: str
     for pattern in _PATTERNS:
         every_pattern = pattern.sub(lambda m: m.group(1) + _MASK, every_pattern)
     assert redact(text) == every_pattern
+
+
+@given(part=st.integers(1, 5 * 1024).map(lambda n: n * MiB),
+       waited=st.floats(0, 10), per_byte=st.floats(0, 1e-6))
+def test_a_get_takes_at_most_64_mib_of_parts(part: int, waited: float, per_byte: float) -> None:
+    most = parts_per_get(part, waited, per_byte)
+    assert most >= 1
+    if most > 1:
+        assert most * part <= 64 * MiB
+        assert waited > 0.1 * (waited + per_byte * part), "only where waiting weighs"
+
+
+def test_parts_per_get_examples() -> None:
+    per_byte = 0.030 / (13 * MiB)  # SeaweedFS: 13 MiB read in 30 ms, after 15 ms
+    assert parts_per_get(13 * MiB, 0.015, per_byte) == 4  # up to 64 MiB
+    assert parts_per_get(4 * MiB, 0.003, 0.1 / (4 * MiB)) == 1  # 3 ms of 103: kept
+    assert parts_per_get(32 * MiB, 0.002, 0.8 / (32 * MiB)) == 1  # a capped connection
+    assert parts_per_get(1 * MiB, 0.010, 0.010 / MiB) == 9  # a tenth: 9 × 10 ms of reading
