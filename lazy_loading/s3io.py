@@ -370,22 +370,16 @@ def _move_by_kernel(body: SplicedBody, sink: RangeSink, byte_range: ByteRange,
     return written
 
 
-def fetch_range(client: Any, remote: RemoteObject, byte_range: ByteRange, whole: bool,
-                sink: RangeSink, signed: Any = None) -> None:
-    """GET one range pinned to the HEAD's ETag and ``pwrite`` it at its offset.
+def fetch_ranges(client: Any, remote: RemoteObject, pieces: Sequence[tuple[ByteRange, RangeSink]],
+                 whole: bool = False, signed: Any = None,
+                 on_piece: Callable[[], None] | None = None) -> tuple[float, float, int]:
+    """GET consecutive ranges (``pieces``) with one request pinned to the HEAD's ETag and
+    ``pwrite`` each at its offset, its bytes counted and hashed by its own sink, ``on_piece``
+    called as each one is in.
 
     Lengths and Content-Range are checked against what we asked for: a store that lies is a
     transient failure, never published. ``whole`` fetches without a Range header (single-part
     files), which lets us hash the body inline in order.
-    """
-    fetch_ranges(client, remote, [(byte_range, sink)], whole, signed)
-
-
-def fetch_ranges(client: Any, remote: RemoteObject, pieces: Sequence[tuple[ByteRange, RangeSink]],
-                 whole: bool = False, signed: Any = None,
-                 on_piece: Callable[[], None] | None = None) -> tuple[float, float, int]:
-    """``fetch_range`` for consecutive ranges at once: one GET for all of them, each range's
-    bytes counted and hashed by its own sink, and ``on_piece`` called as each one is in.
 
     A piece is done only once every byte of it has been written; a failure after that leaves
     the done pieces done, so a retry asks only for the rest. Returns how long the store took
