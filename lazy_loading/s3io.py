@@ -387,8 +387,7 @@ def fetch_ranges(client: Any, remote: RemoteObject, pieces: Sequence[tuple[ByteR
     """
     first, sink = pieces[0]
     span_end = pieces[-1][0]
-    span = (first if len(pieces) == 1
-            else ByteRange(first.index, first.start, pieces[-1][0].end))
+    span = first if len(pieces) == 1 else ByteRange(first.index, first.start, span_end.end)
     where = remote.where
     params: dict[str, Any] = {"Bucket": remote.bucket, "Key": remote.key, "IfMatch": remote.etag}
     if not whole:
